@@ -1,0 +1,162 @@
+"""The snapshotter: containerd's overlayfs semantics on top of the metadata store.
+
+Owns the on-disk layout under the root and the mounts handed to containerd::
+
+    ROOT/metadata.db          the store (store.py)
+    ROOT/snapshots/ID/fs      a snapshot's files: upperdir while active, a lowerdir once committed
+    ROOT/snapshots/ID/work    overlayfs workdir of an active snapshot
+
+Directory changes follow the store's transactions so that a crash leaves, at worst, directories no
+snapshot owns; those are removed by ``cleanup()``, which also runs at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from snapshotter.diskusage import disk_usage
+from snapshotter.store import Info, Kind, Snapshot, Store, Usage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One entry of containerd's []mount.Mount."""
+
+    type: str
+    source: str
+    options: list[str] = field(default_factory=list)
+
+
+def overlay_supports_index() -> bool:
+    """containerd adds index=off when the kernel knows the option, so that a lower layer shared by
+    several overlays never trips overlayfs' inode index checks."""
+    return Path("/sys/module/overlay/parameters/index").exists()
+
+
+class Snapshotter:
+    """Prepare/View/Mounts/Commit/Remove/Stat/Update/List/Usage/Cleanup for plain layers."""
+
+    def __init__(self, root: Path, *, overlay_options: list[str] | None = None) -> None:
+        self.root = root
+        self.snapshots_dir = root / "snapshots"
+        self.snapshots_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.store = Store(root / "metadata.db")
+        if overlay_options is None:
+            overlay_options = ["index=off"] if overlay_supports_index() else []
+        self.overlay_options = overlay_options
+        # Held while a snapshot directory is created and while cleanup scans, so cleanup never
+        # mistakes a directory being created for an orphan.
+        self._dirs_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.store.close()
+
+    # --- paths and mounts ---------------------------------------------------------------------
+
+    def fs_path(self, sid: int) -> Path:
+        return self.snapshots_dir / str(sid) / "fs"
+
+    def work_path(self, sid: int) -> Path:
+        return self.snapshots_dir / str(sid) / "work"
+
+    def mounts_for(self, snap: Snapshot) -> list[Mount]:
+        if not snap.parent_ids:
+            mode = "ro" if snap.kind == Kind.VIEW else "rw"
+            return [Mount("bind", str(self.fs_path(snap.id)), [mode, "rbind"])]
+        options = list(self.overlay_options)
+        if snap.kind == Kind.ACTIVE:
+            options += [f"workdir={self.work_path(snap.id)}", f"upperdir={self.fs_path(snap.id)}"]
+        elif len(snap.parent_ids) == 1:
+            return [Mount("bind", str(self.fs_path(snap.parent_ids[0])), ["ro", "rbind"])]
+        options.append("lowerdir=" + ":".join(str(self.fs_path(p)) for p in snap.parent_ids))
+        return [Mount("overlay", "overlay", options)]
+
+    # --- the Snapshots API --------------------------------------------------------------------
+
+    def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        return self._create(Kind.ACTIVE, key, parent, labels)
+
+    def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        return self._create(Kind.VIEW, key, parent, labels)
+
+    def _create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        with self._dirs_lock, self.store.create(kind, key, parent, labels) as snap:
+            directory = self.snapshots_dir / str(snap.id)
+            try:
+                if directory.exists():  # left by a crash before its transaction committed
+                    shutil.rmtree(directory)
+                directory.mkdir(mode=0o700)
+                fs = self.fs_path(snap.id)
+                fs.mkdir(mode=0o755)
+                if kind == Kind.ACTIVE:
+                    self.work_path(snap.id).mkdir(mode=0o711)
+                if snap.parent_ids:
+                    # The new upper directory takes the owner of the layer below, as containerd's
+                    # overlay snapshotter does, so that the container's / keeps its owner.
+                    st = self.fs_path(snap.parent_ids[0]).stat()
+                    os.lchown(fs, st.st_uid, st.st_gid)
+            except BaseException:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise
+        return self.mounts_for(snap)
+
+    def mounts(self, key: str) -> list[Mount]:
+        return self.mounts_for(self.store.get_snapshot(key))
+
+    def commit(self, name: str, key: str, labels: Mapping[str, str], parent: str = "") -> Info:
+        info = self.store.get_info(key)
+        usage = disk_usage(self.fs_path(info.id)) if info.kind == Kind.ACTIVE else Usage()
+        return self.store.commit(key, name, labels, usage, parent or None)
+
+    def remove(self, key: str) -> None:
+        sid, _ = self.store.remove(key)
+        self._remove_directory(sid)
+
+    def stat(self, key: str) -> Info:
+        return self.store.get_info(key)
+
+    def update(self, key: str, labels: Mapping[str, str], fieldpaths: list[str]) -> Info:
+        return self.store.update(key, labels, fieldpaths)
+
+    def infos(self) -> list[Info]:
+        return self.store.list_infos()
+
+    def usage(self, key: str) -> Usage:
+        info = self.store.get_info(key)
+        if info.kind == Kind.ACTIVE:
+            return disk_usage(self.fs_path(info.id))
+        return info.usage
+
+    def cleanup(self) -> list[Path]:
+        """Remove snapshot directories that no snapshot owns; return what was removed."""
+        doomed: list[Path] = []
+        with self._dirs_lock:
+            owned = {str(sid) for sid in self.store.ids()}
+            for entry in self.snapshots_dir.iterdir():
+                if entry.name in owned or entry.name.startswith("rm-"):
+                    continue
+                target = self.snapshots_dir / f"rm-{entry.name}"
+                entry.rename(target)
+                doomed.append(target)
+        doomed += [e for e in self.snapshots_dir.iterdir() if e.name.startswith("rm-") and e not in doomed]
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed orphaned snapshot directory", extra={"path": str(path)})
+        return doomed
+
+    def _remove_directory(self, sid: int) -> None:
+        directory = self.snapshots_dir / str(sid)
+        target = self.snapshots_dir / f"rm-{sid}"
+        try:
+            directory.rename(target)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(target, ignore_errors=True)

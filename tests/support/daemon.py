@@ -1,0 +1,105 @@
+"""Run ``lazysnap serve`` as a subprocess and talk to it with the generated gRPC client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+
+SNAPSHOTTER = "lazysnap"
+
+
+class LazysnapDaemon:
+    """One daemon process with its root, socket and log file under ``workdir``."""
+
+    def __init__(self, workdir: Path, *, config: Path | None = None, extra_args: list[str] | None = None):
+        self.workdir = workdir
+        self.root = workdir / "root"
+        self.address = workdir / "lazysnap.sock"
+        self.log_path = workdir / "lazysnap.log"
+        self.config = config
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._channel: grpc.Channel | None = None
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "snapshotter", "serve", "--root", str(self.root)]
+        cmd += ["--address", str(self.address), "--log-level", "debug"]
+        if self.config is not None:
+            cmd += ["--config", str(self.config)]
+        return cmd + self.extra_args
+
+    def start(self, timeout: float = 20.0) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "daemon already running"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"lazysnap exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self.address.exists():
+                try:
+                    channel = grpc.insecure_channel(f"unix:{self.address}")
+                    grpc.channel_ready_future(channel).result(timeout=1)
+                    self._channel = channel
+                    return
+                except grpc.FutureTimeoutError:
+                    channel.close()
+            time.sleep(0.05)
+        raise RuntimeError(f"lazysnap did not start serving in {timeout}s:\n{self.log_tail()}")
+
+    @property
+    def stub(self) -> pb_grpc.SnapshotsStub:
+        assert self._channel is not None, "daemon not started"
+        return pb_grpc.SnapshotsStub(self._channel)
+
+    def _close_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Signal the daemon and wait for it; SIGKILL if it does not exit in time."""
+        self._close_channel()
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError(f"lazysnap ignored signal {sig} for {timeout}s:\n{self.log_tail()}") from None
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    return subprocess.run(
+        [sys.executable, "-m", "snapshotter", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )

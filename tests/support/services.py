@@ -1,0 +1,602 @@
+"""Process wrappers for a loopback registry and a private containerd, for e2e tests.
+
+Every process is started by us and stopped by PID; nothing is ever killed by
+name, because other containerd instances (e.g. a developer's) may be running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.support import mounts, oci
+
+CTR_NAMESPACE = "lztest"
+RUNC_RUNTIME = "io.containerd.runc.v2"
+
+
+class ServiceError(RuntimeError):
+    """A service failed to start or behaved unexpectedly."""
+
+
+class CtrError(subprocess.CalledProcessError):
+    """``ctr`` exited non-zero; ``str()`` includes stdout, stderr and containerd's log tail."""
+
+    def __init__(self, cmd: Sequence[str], returncode: int, stdout: str, stderr: str, log_tail: str) -> None:
+        super().__init__(returncode, list(cmd), stdout, stderr)
+        self.log_tail = log_tail
+
+    def __str__(self) -> str:
+        return (
+            f"{' '.join(self.cmd)} exited {self.returncode}\n"
+            f"--- stdout ---\n{self.stdout}\n--- stderr ---\n{self.stderr}\n"
+            f"--- containerd log (tail) ---\n{self.log_tail}"
+        )
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def log_tail(path: str | os.PathLike[str], lines: int = 40) -> str:
+    """Last ``lines`` lines of a log file (or a note that it is missing)."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as exc:
+        return f"<no log {path}: {exc.strerror}>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def terminate_pid(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM ``pid``, wait up to ``timeout`` s, then SIGKILL. Ignores vanished processes."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie; reaps it if it is our child."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+class _Daemon:
+    """A long-running child process logging to a file, stopped by PID."""
+
+    def __init__(self, workdir: Path, name: str) -> None:
+        self.workdir = workdir
+        self.log_path = workdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self, args: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                list(args),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=dict(env) if env is not None else None,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the running daemon."""
+        return self.proc.pid if self.proc else None
+
+    def running(self) -> bool:
+        """True if the daemon process is still alive."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        """Tail of the daemon's log."""
+        return log_tail(self.log_path, lines)
+
+    def _terminate(self, timeout: float) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+
+class Registry(_Daemon):
+    """CNCF distribution (``docker-registry``) on 127.0.0.1:<free port>, storage under ``workdir``."""
+
+    binary = "/usr/bin/docker-registry"
+
+    def __init__(self, workdir: str | os.PathLike[str]) -> None:
+        super().__init__(Path(workdir), "registry")
+        self.port = 0
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT`` (use with ``--plain-http``)."""
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> Registry:
+        """Write config.yml, start the registry and wait for ``GET /v2/`` to answer 200."""
+        self.port = free_port()
+        storage = self.workdir / "storage"
+        storage.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "config.yml"
+        config.write_text(
+            "version: 0.1\n"
+            "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
+            "storage:\n"
+            f"  filesystem:\n    rootdirectory: {storage}\n"
+            "  delete:\n    enabled: true\n"
+            f"http:\n  addr: 127.0.0.1:{self.port}\n"
+        )
+        # OTEL/bugsnag-free; the registry needs no environment of its own.
+        self._spawn([self.binary, "serve", str(config)])
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if not self.running():
+                raise ServiceError(f"registry exited early:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2) as resp:  # noqa: S310
+                    if resp.status == 200:
+                        return self
+                    last = f"HTTP {resp.status}"
+            except (urllib.error.URLError, OSError) as exc:
+                last = str(exc)
+            time.sleep(0.1)
+        self.stop()
+        raise ServiceError(f"registry not ready on {self.host} after {timeout}s ({last}):\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` s."""
+        self._terminate(timeout)
+
+    def __enter__(self) -> Registry:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class Containerd(_Daemon):
+    """A private containerd whose root, state, sockets and runc state all live in ``workdir``.
+
+    Keep ``workdir`` short (e.g. ``tempfile.mkdtemp(prefix="lz", dir="/tmp")``):
+    unix socket paths are limited to 108 bytes.
+    """
+
+    binary = "containerd"
+    disabled = (
+        "io.containerd.grpc.v1.cri",
+        "io.containerd.snapshotter.v1.btrfs",
+        "io.containerd.snapshotter.v1.zfs",
+        "io.containerd.snapshotter.v1.devmapper",
+        "io.containerd.snapshotter.v1.aufs",
+    )
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        proxy_plugins: Mapping[str, str] | None = None,
+        *,
+        namespace: str = CTR_NAMESPACE,
+        log_level: str = "info",
+    ) -> None:
+        super().__init__(Path(workdir), "containerd")
+        self.proxy_plugins = dict(proxy_plugins or {})
+        self.namespace = namespace
+        self.log_level = log_level
+        self.root = self.workdir / "root"
+        self.state = self.workdir / "state"
+        self.address = str(self.workdir / "c.sock")
+        self.runc_root = self.workdir / "runc"
+        self.fifo_dir = self.workdir / "fifo"
+        #: cgroup (v1 hierarchies and cgroup2 "unified") parent of our containers.
+        self.cgroup_parent = f"/{self.workdir.name}-{namespace}"
+        self.config_path = self.workdir / "config.toml"
+        # (namespace, container id) of containers created through this object.
+        self.containers: set[tuple[str, str]] = set()
+        if len(self.address) + len(".ttrpc") >= 100:
+            raise ValueError(f"workdir too long for unix sockets: {self.workdir}")
+
+    def write_config(self) -> Path:
+        """Write the version-2 config.toml and return its path."""
+        w = self.workdir
+        lines = [
+            "version = 2",
+            f"root = {_toml_str(str(self.root))}",
+            f"state = {_toml_str(str(self.state))}",
+            "disabled_plugins = [" + ", ".join(_toml_str(p) for p in self.disabled) + "]",
+            "",
+            "[grpc]",
+            f"  address = {_toml_str(self.address)}",
+            "[ttrpc]",
+            f"  address = {_toml_str(self.address + '.ttrpc')}",
+            "[debug]",
+            '  address = ""',
+            f"  level = {_toml_str(self.log_level)}",
+            "[metrics]",
+            '  address = ""',
+            "",
+            '[plugins."io.containerd.internal.v1.opt"]',
+            f"  path = {_toml_str(str(w / 'opt'))}",
+            "",
+        ]
+        for name, addr in self.proxy_plugins.items():
+            lines += [f"[proxy_plugins.{_toml_str(name)}]", '  type = "snapshot"', f"  address = {_toml_str(addr)}", ""]
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text("\n".join(lines))
+        return self.config_path
+
+    def start(self, timeout: float = 30.0) -> Containerd:
+        """Write the config, start containerd and wait until ``ctr version`` succeeds."""
+        self.write_config()
+        self._spawn([self.binary, "--config", str(self.config_path)])
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if not self.running():
+                raise ServiceError(f"containerd exited early:\n{self.log_tail()}")
+            if os.path.exists(self.address):
+                proc = subprocess.run(
+                    ["ctr", "--address", self.address, "version"],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                    check=False,
+                )
+                if proc.returncode == 0:
+                    return self
+                last = proc.stderr
+            time.sleep(0.1)
+        self.stop()
+        raise ServiceError(f"containerd not ready after {timeout}s ({last}):\n{self.log_tail()}")
+
+    def ctr(
+        self,
+        *args: str,
+        namespace: str | None = None,
+        check: bool = True,
+        timeout: float = 120,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``ctr --address SOCK -n NS ARGS...``; raise :class:`CtrError` on failure if ``check``."""
+        cmd = ["ctr", "--address", self.address, "-n", namespace or self.namespace, *args]
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=timeout, check=False, input=input, stdin=None
+            )
+        except subprocess.TimeoutExpired as exc:
+            out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+            err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+            raise CtrError(cmd, -1, out, err + f"\n<timed out after {timeout}s>", self.log_tail()) from None
+        if check and proc.returncode != 0:
+            raise CtrError(cmd, proc.returncode, proc.stdout, proc.stderr, self.log_tail())
+        return proc
+
+    def pull(self, ref: str, *, snapshotter: str | None = None, plain_http: bool = True, timeout: float = 120) -> None:
+        """``ctr image pull`` (unpacking into ``snapshotter``, default overlayfs)."""
+        args = ["image", "pull"]
+        if plain_http:
+            args.append("--plain-http")
+        if snapshotter:
+            args += ["--snapshotter", snapshotter]
+        self.ctr(*args, ref, timeout=timeout)
+
+    # -- teardown ---------------------------------------------------------
+
+    def _shim_pids(self) -> set[int]:
+        """PIDs of containerd-shim-runc-v2 processes started by *this* containerd.
+
+        A v2 shim's command line is ``containerd-shim-runc-v2 -namespace NS -id ID
+        -address <our grpc socket>``; the shim's pid file under our state dir is
+        used as well.
+        """
+        pids: set[int] = set()
+        for pidfile in self.state.glob("io.containerd.runtime.v2.task/*/*/shim.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pids.add(int(pidfile.read_text().strip()))
+        for proc_dir in Path("/proc").iterdir():
+            if not proc_dir.name.isdigit():
+                continue
+            try:
+                argv = (proc_dir / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if not argv or not argv[0].endswith(b"containerd-shim-runc-v2"):
+                continue
+            with contextlib.suppress(ValueError, IndexError):
+                if argv[argv.index(b"-address") + 1].decode() == self.address:
+                    pids.add(int(proc_dir.name))
+        # Only keep PIDs that really are shims (pid files may be stale).
+        out: set[int] = set()
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"containerd-shim-runc-v2"):
+                    out.add(pid)
+        return out
+
+    def _task_pids(self) -> set[int]:
+        """Container init PIDs recorded under our state dir."""
+        pids: set[int] = set()
+        for pidfile in self.state.glob("io.containerd.runtime.v2.task/*/*/init.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pids.add(int(pidfile.read_text().strip()))
+        return pids
+
+    def _kill_tasks(self) -> None:
+        if not self.running():
+            return
+        namespaces = {ns for ns, _ in self.containers} | {self.namespace}
+        for ns in namespaces:
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                tasks = self.ctr("task", "ls", "-q", namespace=ns, check=False, timeout=15).stdout.split()
+                for t in tasks:
+                    self.ctr("task", "kill", "-s", "SIGKILL", t, namespace=ns, check=False, timeout=15)
+                for t in tasks:
+                    self.ctr("task", "rm", "-f", t, namespace=ns, check=False, timeout=15)
+                for c in self.ctr("container", "ls", "-q", namespace=ns, check=False, timeout=15).stdout.split():
+                    self.ctr("container", "rm", c, namespace=ns, check=False, timeout=15)
+
+    def stop(self, timeout: float = 10.0) -> list[mounts.Mount]:
+        """Kill tasks, stop containerd and its shims (by PID), unmount everything under workdir.
+
+        Returns mounts that could not be removed (normally empty).
+        """
+        with contextlib.suppress(Exception):
+            self._kill_tasks()
+        task_pids = self._task_pids()
+        self._terminate(timeout)
+        for pid in task_pids:
+            _kill_if_alive(pid)
+        for pid in self._shim_pids():
+            terminate_pid(pid, timeout=5)
+        # Shim sockets live in a global dir, named by a hash of (our address, ns, id).
+        for ns, cid in self.containers:
+            digest = hashlib.sha256(os.path.join(self.address, ns, cid).encode()).hexdigest()
+            with contextlib.suppress(OSError):
+                os.unlink(f"/run/containerd/s/{digest}")
+        self._remove_cgroups()
+        return mounts.unmount_all(self.workdir)
+
+    def _remove_cgroups(self) -> None:
+        """rmdir our (now empty) cgroup parents in every mounted hierarchy."""
+        base = Path("/sys/fs/cgroup")
+        for hierarchy in [base, *(p for p in base.iterdir() if p.is_dir())]:
+            parent = hierarchy / self.cgroup_parent.lstrip("/")
+            if not parent.is_dir():
+                continue
+            for child in parent.iterdir():
+                if child.is_dir():
+                    with contextlib.suppress(OSError):
+                        child.rmdir()
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+    def __enter__(self) -> Containerd:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _kill_if_alive(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
+
+
+_counter = itertools.count()
+
+
+def unique_id(prefix: str = "lz") -> str:
+    """A container/snapshot id unique across calls and processes."""
+    return f"{prefix}-{os.getpid()}-{next(_counter)}-{uuid.uuid4().hex[:8]}"
+
+
+def run_args(containerd: Containerd, cid: str) -> list[str]:
+    """Extra ``ctr run`` flags for container ``cid``, keeping host state inside the workdir.
+
+    runc works here with plain defaults (cgroup v1 hybrid hierarchy, cgroupfs
+    driver, no systemd); these flags only isolate state so teardown is exact:
+    ``--runc-root`` (instead of the shared ``/run/containerd/runc``),
+    ``--fifo-dir`` (instead of ``/run/containerd/fifo``) and a cgroup parent
+    private to this containerd instance (removed in :meth:`Containerd.stop`).
+    """
+    return [
+        "--runtime",
+        RUNC_RUNTIME,
+        "--runc-root",
+        str(containerd.runc_root),
+        "--fifo-dir",
+        str(containerd.fifo_dir),
+        "--cgroup",
+        f"{containerd.cgroup_parent}/{cid}",
+    ]
+
+
+def run_container(
+    containerd: Containerd,
+    image: str,
+    *cmd: str,
+    snapshotter: str | None = None,
+    timeout: float = 60,
+    extra_args: Sequence[str] = (),
+) -> subprocess.CompletedProcess[str]:
+    """``ctr run --rm IMAGE <unique id> CMD...``; returns the completed process unchecked."""
+    cid = unique_id()
+    containerd.containers.add((containerd.namespace, cid))
+    args = ["run", "--rm", *run_args(containerd, cid), *extra_args]
+    if snapshotter:
+        args += ["--snapshotter", snapshotter]
+    return containerd.ctr(*args, image, cid, *cmd, check=False, timeout=timeout)
+
+
+def run_in_container(
+    containerd: Containerd,
+    image: str,
+    *cmd: str,
+    snapshotter: str | None = None,
+    timeout: float = 60,
+    extra_args: Sequence[str] = (),
+) -> str:
+    """Run ``cmd`` in a fresh container of ``image`` and return its stdout.
+
+    Raises :class:`CtrError` (with containerd's log tail) on a non-zero exit.
+    Pass ``snapshotter="lazysnap"`` to use the proxy snapshotter.
+    """
+    proc = run_container(containerd, image, *cmd, snapshotter=snapshotter, timeout=timeout, extra_args=extra_args)
+    if proc.returncode != 0:
+        raise CtrError(proc.args, proc.returncode, proc.stdout, proc.stderr, containerd.log_tail())
+    return proc.stdout
+
+
+def require_privileges(binaries: Sequence[str] = ("containerd", "ctr", "docker-registry", "skopeo", "runc")) -> None:
+    """Skip (or, with ``CI=true``, fail) unless we are root with /dev/fuse and the needed binaries."""
+    problems: list[str] = []
+    if os.geteuid() != 0:
+        problems.append("not running as root")
+    if not os.path.exists("/dev/fuse"):
+        problems.append("/dev/fuse is missing")
+    problems += [f"{b} not found on PATH" for b in binaries if shutil.which(b) is None]
+    if not problems:
+        return
+    reason = "e2e prerequisites missing: " + "; ".join(problems)
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+_FS_REPORT_SCRIPT = r"""
+for p in "$@"; do
+  if /bin/busybox stat -c 'S|%n|%F|%a|%u|%g|%i|%h' "$p"; then
+    if [ -L "$p" ]; then echo "L|$p|$(/bin/busybox readlink "$p")"
+    elif [ -f "$p" ]; then echo "H|$p|$(/bin/busybox sha256sum "$p")"; fi
+  else echo "M|$p"; fi
+done
+for d in $LZ_TOPS; do /bin/busybox find "$d" -xdev | /bin/busybox sed 's/^/F|/'; done
+"""
+
+_KINDS = {"regular file": "file", "regular empty file": "file", "directory": "dir", "symbolic link": "symlink"}
+
+
+def verify_container_fs(
+    containerd: Containerd,
+    image: str,
+    expected: Mapping[str, oci.Node],
+    *,
+    snapshotter: str | None = None,
+    exact: bool = True,
+    timeout: float = 60,
+) -> list[str]:
+    """Check, from inside one container, that its root filesystem matches ``expected``.
+
+    Compares type, mode, owner, content sha256, symlink target and hard-link inode
+    sharing (via busybox ``stat``/``sha256sum``/``readlink``); with ``exact`` also
+    reports unexpected paths below the image's top-level directories. Returns a
+    list of human-readable mismatches (empty when everything matches).
+    """
+    paths = sorted(expected)
+    tops = sorted({"/" + p.strip("/").split("/")[0] for p in paths})
+    out = run_in_container(
+        containerd,
+        image,
+        "/bin/busybox",
+        "env",
+        f"LZ_TOPS={' '.join(tops)}",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        _FS_REPORT_SCRIPT,
+        "sh",
+        *paths,
+        snapshotter=snapshotter,
+        timeout=timeout,
+    )
+    stats: dict[str, list[str]] = {}
+    hashes: dict[str, str] = {}
+    links: dict[str, str] = {}
+    found: set[str] = set()
+    problems: list[str] = []
+    for line in out.splitlines():
+        tag, _, rest = line.partition("|")
+        if tag == "S":
+            fields = rest.split("|")
+            stats[fields[0]] = fields[1:]
+        elif tag == "H":
+            path, _, h = rest.partition("|")
+            hashes[path] = h.split()[0] if h.split() else ""
+        elif tag == "L":
+            path, _, target = rest.partition("|")
+            links[path] = target
+        elif tag == "M":
+            problems.append(f"{rest}: missing")
+        elif tag == "F":
+            found.add(rest)
+    for path in paths:
+        node = expected[path]
+        if path not in stats:
+            continue
+        ftype, mode, uid, gid, ino, _nlink = stats[path]
+        kind = _KINDS.get(ftype, ftype)
+        if kind != node.kind:
+            problems.append(f"{path}: is {ftype}, expected {node.kind}")
+            continue
+        if node.kind == "symlink":
+            if links.get(path) != node.target:
+                problems.append(f"{path}: symlink -> {links.get(path)!r}, expected {node.target!r}")
+            continue
+        if int(mode, 8) != node.mode:
+            problems.append(f"{path}: mode {mode}, expected {node.mode:o}")
+        if (int(uid), int(gid)) != (node.uid, node.gid):
+            problems.append(f"{path}: owner {uid}:{gid}, expected {node.uid}:{node.gid}")
+        if node.kind == "file":
+            if hashes.get(path) != node.sha256:
+                problems.append(f"{path}: content sha256 {hashes.get(path)}, expected {node.sha256}")
+            if node.hardlink_of and node.hardlink_of in stats and stats[node.hardlink_of][4] != ino:
+                problems.append(f"{path}: inode {ino} differs from {node.hardlink_of} (not a hard link)")
+    if exact:
+        problems += [f"{p}: unexpected" for p in sorted(found - set(paths))]
+    return problems
