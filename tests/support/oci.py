@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 MEDIA_TYPE_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_TYPE_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -275,13 +276,11 @@ def build_layout(
     manifest_digest, manifest_size = _write_blob(layout, _dumps(manifest))
 
     index_path = layout / "index.json"
-    index: dict[str, object] = {"schemaVersion": 2, "mediaType": MEDIA_TYPE_INDEX, "manifests": []}
+    index: dict[str, Any] = {"schemaVersion": 2, "mediaType": MEDIA_TYPE_INDEX, "manifests": []}
     if index_path.exists():
         index = json.loads(index_path.read_text())
-    kept = [
-        m
-        for m in index.get("manifests", [])  # type: ignore[union-attr]
-        if m.get("annotations", {}).get(ANNOTATION_REF_NAME) != tag
+    kept: list[dict[str, Any]] = [
+        m for m in index.get("manifests", []) if m.get("annotations", {}).get(ANNOTATION_REF_NAME) != tag
     ]
     kept.append(
         {
@@ -318,11 +317,15 @@ def registry_manifest_digest(registry_host: str, repo: str, ref: str) -> str:
         method="HEAD",
         headers={
             "Accept": ", ".join(
-                [MEDIA_TYPE_MANIFEST, MEDIA_TYPE_INDEX, "application/vnd.docker.distribution.manifest.v2+json"]
+                [
+                    MEDIA_TYPE_MANIFEST,
+                    MEDIA_TYPE_INDEX,
+                    "application/vnd.docker.distribution.manifest.v2+json",
+                ]
             )
         },
     )
-    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback only
+    with urllib.request.urlopen(req, timeout=10) as resp:
         return str(resp.headers["Docker-Content-Digest"])
 
 
@@ -440,7 +443,9 @@ def apply_layers(layers: Iterable[Layer]) -> dict[str, Node]:
     return fs
 
 
-def check_tree(root: str | os.PathLike[str], expected: Mapping[str, Node], *, exact: bool = True) -> list[str]:
+def check_tree(
+    root: str | os.PathLike[str], expected: Mapping[str, Node], *, exact: bool = True
+) -> list[str]:
     """Compare a directory on the host (e.g. a mounted snapshot) with ``expected``.
 
     Returns human-readable mismatches (empty list = identical). With ``exact``,

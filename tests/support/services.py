@@ -7,6 +7,7 @@ name, because other containerd instances (e.g. a developer's) may be running.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import itertools
 import os
@@ -14,12 +15,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,17 +73,17 @@ def terminate_pid(pid: int, timeout: float = 10.0) -> None:
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not pid_alive(pid):
             return
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and pid_alive(pid):
         time.sleep(0.05)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie; reaps it if it is our child."""
     with contextlib.suppress(ChildProcessError, OSError):
         done, _ = os.waitpid(pid, os.WNOHANG)
@@ -91,6 +94,15 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the test process dies (no orphaned daemons)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class _Daemon:
@@ -112,6 +124,8 @@ class _Daemon:
                 cwd=self.workdir,
                 env=dict(env) if env is not None else None,
                 start_new_session=True,
+                # PDEATHSIG is per spawning *thread*: only safe from the main thread.
+                preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
             )
 
     @property
@@ -176,7 +190,7 @@ class Registry(_Daemon):
             if not self.running():
                 raise ServiceError(f"registry exited early:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2) as resp:  # noqa: S310
+                with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2) as resp:
                     if resp.status == 200:
                         return self
                     last = f"HTTP {resp.status}"
@@ -242,6 +256,12 @@ class Containerd(_Daemon):
         if len(self.address) + len(".ttrpc") >= 100:
             raise ValueError(f"workdir too long for unix sockets: {self.workdir}")
 
+    def log_tail(self, lines: int = 40) -> str:
+        """Tail of containerd's log, without the start-up "loading plugin" noise."""
+        text = log_tail(self.log_path, 10_000)
+        kept = [ln for ln in text.splitlines() if 'msg="loading plugin' not in ln]
+        return "\n".join(kept[-lines:])
+
     def write_config(self) -> Path:
         """Write the version-2 config.toml and return its path."""
         w = self.workdir
@@ -266,7 +286,12 @@ class Containerd(_Daemon):
             "",
         ]
         for name, addr in self.proxy_plugins.items():
-            lines += [f"[proxy_plugins.{_toml_str(name)}]", '  type = "snapshot"', f"  address = {_toml_str(addr)}", ""]
+            lines += [
+                f"[proxy_plugins.{_toml_str(name)}]",
+                '  type = "snapshot"',
+                f"  address = {_toml_str(addr)}",
+                "",
+            ]
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text("\n".join(lines))
         return self.config_path
@@ -302,13 +327,16 @@ class Containerd(_Daemon):
         check: bool = True,
         timeout: float = 120,
         input: str | None = None,
+        binary: str = "ctr",
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``ctr --address SOCK -n NS ARGS...``; raise :class:`CtrError` on failure if ``check``."""
-        cmd = ["ctr", "--address", self.address, "-n", namespace or self.namespace, *args]
+        """Run ``ctr --address SOCK -n NS ARGS...``; raise :class:`CtrError` on failure if ``check``.
+
+        ``binary="ctr-remote"`` runs stargz-snapshotter's ctr (same flags, adds ``image rpull``).
+        """
+        cmd = [binary, "--address", self.address, "-n", namespace or self.namespace, *args]
+        stdin: dict[str, Any] = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
         try:
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=timeout, check=False, input=input, stdin=None
-            )
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, **stdin)
         except subprocess.TimeoutExpired as exc:
             out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
             err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
@@ -317,14 +345,27 @@ class Containerd(_Daemon):
             raise CtrError(cmd, proc.returncode, proc.stdout, proc.stderr, self.log_tail())
         return proc
 
-    def pull(self, ref: str, *, snapshotter: str | None = None, plain_http: bool = True, timeout: float = 120) -> None:
-        """``ctr image pull`` (unpacking into ``snapshotter``, default overlayfs)."""
+    def pull(
+        self,
+        ref: str,
+        *,
+        snapshotter: str | None = None,
+        plain_http: bool = True,
+        extra_args: Sequence[str] = (),
+        binary: str = "ctr",
+        timeout: float = 120,
+    ) -> subprocess.CompletedProcess[str]:
+        """``ctr image pull [--plain-http] [--snapshotter S] ARGS REF`` (default snapshotter: overlayfs).
+
+        With ``binary="ctr-remote"`` this still runs ``image pull``; use
+        ``ctr("image", "rpull", ..., binary="ctr-remote")`` for a lazy pull.
+        """
         args = ["image", "pull"]
         if plain_http:
             args.append("--plain-http")
         if snapshotter:
             args += ["--snapshotter", snapshotter]
-        self.ctr(*args, ref, timeout=timeout)
+        return self.ctr(*args, *extra_args, ref, timeout=timeout, binary=binary)
 
     # -- teardown ---------------------------------------------------------
 
@@ -355,7 +396,12 @@ class Containerd(_Daemon):
         out: set[int] = set()
         for pid in pids:
             with contextlib.suppress(OSError):
-                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"containerd-shim-runc-v2"):
+                if (
+                    Path(f"/proc/{pid}/cmdline")
+                    .read_bytes()
+                    .split(b"\0")[0]
+                    .endswith(b"containerd-shim-runc-v2")
+                ):
                     out.add(pid)
         return out
 
@@ -378,7 +424,9 @@ class Containerd(_Daemon):
                     self.ctr("task", "kill", "-s", "SIGKILL", t, namespace=ns, check=False, timeout=15)
                 for t in tasks:
                     self.ctr("task", "rm", "-f", t, namespace=ns, check=False, timeout=15)
-                for c in self.ctr("container", "ls", "-q", namespace=ns, check=False, timeout=15).stdout.split():
+                for c in self.ctr(
+                    "container", "ls", "-q", namespace=ns, check=False, timeout=15
+                ).stdout.split():
                     self.ctr("container", "rm", c, namespace=ns, check=False, timeout=15)
 
     def stop(self, timeout: float = 10.0) -> list[mounts.Mount]:
@@ -487,13 +535,17 @@ def run_in_container(
     Raises :class:`CtrError` (with containerd's log tail) on a non-zero exit.
     Pass ``snapshotter="lazysnap"`` to use the proxy snapshotter.
     """
-    proc = run_container(containerd, image, *cmd, snapshotter=snapshotter, timeout=timeout, extra_args=extra_args)
+    proc = run_container(
+        containerd, image, *cmd, snapshotter=snapshotter, timeout=timeout, extra_args=extra_args
+    )
     if proc.returncode != 0:
         raise CtrError(proc.args, proc.returncode, proc.stdout, proc.stderr, containerd.log_tail())
     return proc.stdout
 
 
-def require_privileges(binaries: Sequence[str] = ("containerd", "ctr", "docker-registry", "skopeo", "runc")) -> None:
+def require_privileges(
+    binaries: Sequence[str] = ("containerd", "ctr", "docker-registry", "skopeo", "runc"),
+) -> None:
     """Skip (or, with ``CI=true``, fail) unless we are root with /dev/fuse and the needed binaries."""
     problems: list[str] = []
     if os.geteuid() != 0:
@@ -510,16 +562,22 @@ def require_privileges(binaries: Sequence[str] = ("containerd", "ctr", "docker-r
 
 
 _FS_REPORT_SCRIPT = r"""
+tops=$1; shift
 for p in "$@"; do
   if /bin/busybox stat -c 'S|%n|%F|%a|%u|%g|%i|%h' "$p"; then
     if [ -L "$p" ]; then echo "L|$p|$(/bin/busybox readlink "$p")"
     elif [ -f "$p" ]; then echo "H|$p|$(/bin/busybox sha256sum "$p")"; fi
   else echo "M|$p"; fi
 done
-for d in $LZ_TOPS; do /bin/busybox find "$d" -xdev | /bin/busybox sed 's/^/F|/'; done
+for d in $tops; do /bin/busybox find "$d" -xdev | /bin/busybox sed 's/^/F|/'; done
 """
 
-_KINDS = {"regular file": "file", "regular empty file": "file", "directory": "dir", "symbolic link": "symlink"}
+_KINDS = {
+    "regular file": "file",
+    "regular empty file": "file",
+    "directory": "dir",
+    "symbolic link": "symlink",
+}
 
 
 def verify_container_fs(
@@ -544,13 +602,11 @@ def verify_container_fs(
         containerd,
         image,
         "/bin/busybox",
-        "env",
-        f"LZ_TOPS={' '.join(tops)}",
-        "/bin/busybox",
         "sh",
         "-c",
         _FS_REPORT_SCRIPT,
         "sh",
+        " ".join(tops),
         *paths,
         snapshotter=snapshotter,
         timeout=timeout,

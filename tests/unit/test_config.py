@@ -1,0 +1,57 @@
+"""Config: defaults, the documented example, and clear errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from snapshotter.config import Config, load
+from snapshotter.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "config.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_documented_example_equals_the_defaults() -> None:
+    assert load(EXAMPLE) == Config()
+
+
+def test_overrides_from_flags_win(tmp_path: Path) -> None:
+    cfg = load(
+        write(tmp_path, 'root = "/srv/a"\n[log]\nlevel = "debug"\n'), root=Path("/srv/b"), address=None
+    )
+    assert cfg.root == Path("/srv/b") and cfg.log.level == "debug"
+    assert cfg.address == Config().address
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("rot = '/x'\n", "unknown key 'rot'"),
+        ("[log]\nlevle = 'info'\n", "unknown key 'log.levle'"),
+        ("[log]\nlevel = 'loud'\n", "log.level: 'loud' is not one of"),
+        ("[log]\nformat = 3\n", "log.format: expected a string"),
+        ("root = 'relative/dir'\n", "root: 'relative/dir' must be an absolute path"),
+        ("address = '/" + "a" * 120 + "'\n", "longer than a unix socket path"),
+        ("log = 'x'\n", "log: expected a table"),
+        ("[grpc]\nsocket_group = 7\n", "grpc.socket_group: expected a string"),
+        ("root = \n", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert message in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "nope.toml")
