@@ -12,7 +12,6 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ if _REPO_ROOT not in sys.path:  # allow `from tests.support ...` under any pytes
     sys.path.insert(0, _REPO_ROOT)
 
 from tests.support import mounts, oci  # noqa: E402
+from tests.support.oci import PushedImage  # noqa: E402
 from tests.support.services import Containerd, Registry, require_privileges  # noqa: E402
 
 BASE_REPO = "lztest/base"
@@ -40,15 +40,6 @@ def remove_tmpdir(path: Path) -> None:
         raise RuntimeError(f"could not unmount {[m.target for m in left]}; leaving {path} in place")
     if os.environ.get("LZ_KEEP_TMP") != "1":
         shutil.rmtree(path, ignore_errors=True)
-
-
-@dataclass(frozen=True)
-class PushedImage:
-    """An image built by :mod:`tests.support.oci` and pushed to the test registry."""
-
-    ref: str
-    image: oci.Image
-    expected: dict[str, oci.Node]
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.e2e.conftest import PushedImage
 from tests.support import mounts, oci
+from tests.support.oci import PushedImage
 from tests.support.services import (
     Containerd,
     Registry,

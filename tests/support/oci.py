@@ -367,6 +367,15 @@ def push(
     return ref
 
 
+@dataclass(frozen=True)
+class PushedImage:
+    """An image built by :func:`build_layout`, pushed to a registry, with its expected rootfs."""
+
+    ref: str
+    image: Image
+    expected: dict[str, Node]
+
+
 # --------------------------------------------------------------------------
 # Expected filesystem
 # --------------------------------------------------------------------------

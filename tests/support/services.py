@@ -105,6 +105,10 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 class _Daemon:
     """A long-running child process logging to a file, stopped by PID."""
 
@@ -125,7 +129,7 @@ class _Daemon:
                 env=dict(env) if env is not None else None,
                 start_new_session=True,
                 # PDEATHSIG is per spawning *thread*: only safe from the main thread.
-                preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
+                preexec_fn=_die_with_parent if _in_main_thread() else None,
             )
 
     @property
