@@ -1,0 +1,309 @@
+"""One read-only FUSE filesystem per lazily pulled layer, as overlayfs expects a lower layer.
+
+Owns the presentation of a ``LayerIndex``: an inode table (hardlinks share an inode), directory
+listings with attributes, whiteouts (``.wh.NAME`` becomes a 0/0 character device ``NAME``),
+opaque directories (``.wh..wh..opq`` becomes the ``trusted.overlay.opaque=y`` xattr), and hidden
+landmark files. File contents come from the chunk reader; this module knows files, not HTTP.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import stat
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import mfusepy
+
+from snapshotter.formats.index import Entry, EntryType, LayerIndex
+
+log = logging.getLogger(__name__)
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+LANDMARKS = frozenset({".prefetch.landmark", ".no.prefetch.landmark"})
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+# Immutable content: let the kernel cache entries, attributes and pages for a long time.
+CACHE_TIMEOUT_SECONDS = 3600.0
+# Concurrent FUSE requests per layer; reads waiting on the network hold a thread each.
+FUSE_MAX_THREADS = 32
+
+_TYPE_BITS = {
+    EntryType.DIR: stat.S_IFDIR,
+    EntryType.REG: stat.S_IFREG,
+    EntryType.SYMLINK: stat.S_IFLNK,
+    EntryType.CHAR: stat.S_IFCHR,
+    EntryType.BLOCK: stat.S_IFBLK,
+    EntryType.FIFO: stat.S_IFIFO,
+}
+
+
+class ContentReader(Protocol):
+    def read(self, entry: Entry, offset: int, size: int) -> bytes: ...
+
+
+@dataclass
+class Node:
+    ino: int
+    entry: Entry  # for hardlinks: the target's entry (content and attributes are shared)
+    kind: EntryType
+    nlink: int = 1
+    children: dict[str, Node] = field(default_factory=dict)  # directories only
+    whiteout: bool = False
+    opaque: bool = False
+
+    def attrs(self) -> dict[str, Any]:
+        e = self.entry
+        mode = (stat.S_IFCHR if self.whiteout else _TYPE_BITS[self.kind]) | (0 if self.whiteout else e.mode)
+        size = e.size if self.kind == EntryType.REG else len(e.link_name.encode()) if self.kind == EntryType.SYMLINK else 0
+        rdev = 0 if self.whiteout else os.makedev(e.dev_major, e.dev_minor)
+        return {
+            "st_ino": self.ino,
+            "st_mode": mode,
+            "st_nlink": self.nlink,
+            "st_uid": e.uid,
+            "st_gid": e.gid,
+            "st_size": size,
+            "st_blocks": (size + 511) // 512,
+            "st_blksize": 4096,
+            "st_rdev": rdev,
+            "st_mtime": e.mtime_ns,
+            "st_ctime": e.mtime_ns,
+            "st_atime": e.mtime_ns,
+        }
+
+
+class LayerTree:
+    """The inode table of one layer, built once from its index."""
+
+    def __init__(self, index: LayerIndex) -> None:
+        root_entry = index.entries.get("") or Entry(name="", type=EntryType.DIR, mode=0o755)
+        self.root = Node(1, root_entry, EntryType.DIR, nlink=2)
+        self.by_name: dict[str, Node] = {"": self.root}
+        self._next_ino = 2
+        for entry in index.entries.values():
+            if entry.name:
+                self._add(entry)
+        self._count_dir_links(self.root)
+
+    def _new_ino(self) -> int:
+        ino = self._next_ino
+        self._next_ino += 1
+        return ino
+
+    def _dir(self, name: str) -> Node:
+        node = self.by_name.get(name)
+        if node is None:  # formats synthesize parents; this guards odd indexes anyway
+            parent, _, base = name.rpartition("/")
+            node = Node(self._new_ino(), Entry(name=name, type=EntryType.DIR, mode=0o755), EntryType.DIR)
+            self._dir(parent).children[base] = node
+            self.by_name[name] = node
+        return node
+
+    def _add(self, entry: Entry) -> None:
+        parent_name, _, base = entry.name.rpartition("/")
+        parent = self._dir(parent_name)
+        if base == OPAQUE_MARKER:
+            parent.opaque = True
+            return
+        if not parent_name and base in LANDMARKS:
+            return
+        if base.startswith(WHITEOUT_PREFIX):
+            hidden = base.removeprefix(WHITEOUT_PREFIX)
+            parent.children[hidden] = Node(self._new_ino(), entry, EntryType.CHAR, whiteout=True)
+            return
+        if entry.type == EntryType.HARDLINK:
+            target = self.by_name.get(entry.link_name)
+            if target is None:
+                log.warning("hardlink to a missing entry skipped", extra={"entry": entry.name})
+                return
+            target.nlink += 1
+            parent.children[base] = target
+            self.by_name[entry.name] = target
+            return
+        existing = self.by_name.get(entry.name)
+        if existing is not None and entry.type == EntryType.DIR and existing.kind == EntryType.DIR:
+            existing.entry = entry  # a synthesized parent, now with its real attributes
+            return
+        node = Node(self._new_ino(), entry, entry.type)
+        parent.children[base] = node
+        self.by_name[entry.name] = node
+
+    def _count_dir_links(self, node: Node) -> None:
+        subdirs = [c for c in node.children.values() if c.kind == EntryType.DIR and not c.whiteout]
+        node.nlink = 2 + len(subdirs)
+        for child in subdirs:
+            self._count_dir_links(child)
+
+    def lookup(self, path: str) -> Node:
+        node = self.by_name.get(path.strip("/"))
+        if node is None:
+            node = self._walk(path)
+        return node
+
+    def _walk(self, path: str) -> Node:
+        node = self.root
+        for part in path.strip("/").split("/"):
+            child = node.children.get(part)
+            if child is None:
+                raise mfusepy.FuseOSError(errno.ENOENT)
+            node = child
+        return node
+
+
+class LayerFS(mfusepy.Operations):
+    """mfusepy operations over a LayerTree. Read-only; write calls get EROFS from the base class."""
+
+    use_ns = True
+
+    def __init__(self, tree: LayerTree, reader: ContentReader, *, layer: str) -> None:
+        self.tree = tree
+        self.reader = reader
+        self.layer = layer
+        self.read_errors = 0
+
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        return self.tree.lookup(path).attrs()
+
+    def readdir(self, path: str, fh: int) -> Iterable[tuple[str, dict[str, Any], int]]:
+        node = self.tree.lookup(path)
+        if node.kind != EntryType.DIR or node.whiteout:
+            raise mfusepy.FuseOSError(errno.ENOTDIR)
+        yield ".", node.attrs(), 0
+        yield "..", {"st_mode": stat.S_IFDIR}, 0
+        for name, child in node.children.items():
+            yield name, child.attrs(), 0
+
+    def readlink(self, path: str) -> str:
+        node = self.tree.lookup(path)
+        if node.kind != EntryType.SYMLINK:
+            raise mfusepy.FuseOSError(errno.EINVAL)
+        return node.entry.link_name
+
+    def open(self, path: str, flags: int) -> int:
+        node = self.tree.lookup(path)
+        if node.kind != EntryType.REG or node.whiteout:
+            raise mfusepy.FuseOSError(errno.EISDIR if node.kind == EntryType.DIR else errno.EACCES)
+        return node.ino
+
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        node = self.tree.lookup(path)
+        try:
+            return self.reader.read(node.entry, offset, size)
+        except OSError as exc:
+            self.read_errors += 1
+            log.error("read failed", extra={"layer": self.layer, "file": path, "error": str(exc)})
+            raise mfusepy.FuseOSError(errno.EIO) from None
+
+    def _xattrs(self, node: Node) -> dict[str, bytes]:
+        xattrs = {} if node.whiteout else dict(node.entry.xattrs)
+        if node.opaque:
+            for name in OPAQUE_XATTRS:
+                xattrs[name] = b"y"
+        return xattrs
+
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        value = self._xattrs(self.tree.lookup(path)).get(name)
+        if value is None:
+            raise mfusepy.FuseOSError(errno.ENODATA)
+        return value
+
+    def listxattr(self, path: str) -> list[str]:
+        return list(self._xattrs(self.tree.lookup(path)))
+
+    def statfs(self, path: str) -> dict[str, int]:
+        total = sum(n.entry.size for n in self.tree.by_name.values() if n.kind == EntryType.REG)
+        return {
+            "f_bsize": 4096,
+            "f_frsize": 4096,
+            "f_blocks": (total + 4095) // 4096,
+            "f_bfree": 0,
+            "f_bavail": 0,
+            "f_files": len(self.tree.by_name),
+            "f_ffree": 0,
+            "f_namemax": 255,
+        }
+
+
+class MountedLayer:
+    """A LayerFS served on ``mountpoint`` by libfuse's multi-threaded loop in a daemon thread."""
+
+    def __init__(self, fs: LayerFS, mountpoint: Path) -> None:
+        self.fs = fs
+        self.mountpoint = mountpoint
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._serve, name=f"fuse:{mountpoint}", daemon=True)
+
+    def _serve(self) -> None:
+        try:
+            mfusepy.FUSE(
+                self.fs,
+                str(self.mountpoint),
+                foreground=True,
+                ro=True,
+                allow_other=True,  # containers run as any uid; default_permissions checks modes
+                default_permissions=True,
+                fsname=f"lazysnap:{self.fs.layer[:19]}",
+                subtype="lazysnap",
+                use_ino=True,
+                max_threads=FUSE_MAX_THREADS,
+                kernel_cache=True,
+                entry_timeout=CACHE_TIMEOUT_SECONDS,
+                attr_timeout=CACHE_TIMEOUT_SECONDS,
+                negative_timeout=CACHE_TIMEOUT_SECONDS,
+            )
+        except BaseException as exc:  # reported by start() or is_alive()
+            self.error = exc
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Mount and return once the kernel serves the mountpoint."""
+        self._thread.start()
+        deadline = threading.Event()
+        for _ in range(int(timeout / 0.02)):
+            if self.error is not None or not self._thread.is_alive():
+                raise OSError(f"FUSE mount of {self.mountpoint} failed: {self.error}")
+            if is_fuse_mountpoint(self.mountpoint):
+                return
+            deadline.wait(0.02)
+        raise OSError(f"FUSE mount of {self.mountpoint} did not appear within {timeout}s")
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and is_fuse_mountpoint(self.mountpoint)
+
+    def unmount(self, timeout: float = 10.0) -> None:
+        if is_fuse_mountpoint(self.mountpoint):
+            unmount(self.mountpoint)
+        self._thread.join(timeout)
+
+
+def is_fuse_mountpoint(path: Path) -> bool:
+    target = str(path)
+    with open("/proc/self/mounts") as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) > 2 and _unescape(fields[1]) == target and fields[2].startswith("fuse"):
+                return True
+    return False
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_MNT_DETACH = 2
+
+
+def unmount(path: Path) -> None:
+    """Detach the mount (lazily, so busy mounts do not block shutdown)."""
+    if _libc.umount2(str(path).encode(), _MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):
+            raise OSError(err, f"umount {path}: {os.strerror(err)}")
