@@ -40,11 +40,57 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class RemoteConfig:
+    # Serve eStargz / zstd:chunked layers lazily when containerd passes the remote labels.
+    enabled: bool = True
+    # Longest a Prepare waits to resolve, fetch the TOC of and mount one lazy layer.
+    mount_timeout_seconds: float = 60.0
+    # Refuse a layer whose TOC decompresses to more than this (a bomb guard).
+    max_toc_bytes: int = 64 << 20
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    timeout_seconds: float = 30.0  # per HTTP request
+    max_retries: int = 5
+    hosts_dir: Path = Path("/etc/containerd/certs.d")  # containerd's hosts.toml directory
+    plain_http_hosts: list[str] = field(default_factory=list)  # besides loopback, always HTTP
+    docker_config: str = ""  # "" = $DOCKER_CONFIG/config.json or ~/.docker/config.json
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    max_bytes: int = 10 << 30  # chunk cache bound; least recently used chunks go first
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    enabled: bool = True  # fetch each layer's prioritized files at mount, in one request
+    fetch_whole_below_bytes: int = 8 << 20  # layers this small are fetched whole at mount
+    background: bool = True  # then fetch the rest of the layer, yielding to reads
+    background_rate_bytes: int = 0  # bytes/s cap for the background fetch; 0 = none
+    background_delay_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class ReadConfig:
+    timeout_seconds: float = 60.0  # a read waiting longer gets EIO
+    readahead_bytes: int = 4 << 20  # a miss also fetches this much more of the same file
+    merge_gap_bytes: int = 64 << 10  # neighbouring ranges closer than this share a request
+    max_request_bytes: int = 16 << 20
+
+
+@dataclass(frozen=True)
 class Config:
     root: Path = Path("/var/lib/lazysnap")
     address: Path = Path("/run/lazysnap/lazysnap.sock")
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    read: ReadConfig = field(default_factory=ReadConfig)
 
     def validate(self, where: str = "") -> None:
         if not self.root.is_absolute():
@@ -56,6 +102,28 @@ class Config:
                 f"{where}address: {str(self.address)!r} is longer than a unix socket path may be (107 bytes)"
             )
         self.log.validate(where)
+        positive = {
+            "remote.mount_timeout_seconds": self.remote.mount_timeout_seconds,
+            "remote.max_toc_bytes": self.remote.max_toc_bytes,
+            "fetch.timeout_seconds": self.fetch.timeout_seconds,
+            "cache.max_bytes": self.cache.max_bytes,
+            "read.timeout_seconds": self.read.timeout_seconds,
+            "read.max_request_bytes": self.read.max_request_bytes,
+        }
+        not_negative = {
+            "fetch.max_retries": self.fetch.max_retries,
+            "prefetch.fetch_whole_below_bytes": self.prefetch.fetch_whole_below_bytes,
+            "prefetch.background_rate_bytes": self.prefetch.background_rate_bytes,
+            "prefetch.background_delay_seconds": self.prefetch.background_delay_seconds,
+            "read.readahead_bytes": self.read.readahead_bytes,
+            "read.merge_gap_bytes": self.read.merge_gap_bytes,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{where}{key}: must be greater than 0, got {value}")
+        for key, value in not_negative.items():
+            if value < 0:
+                raise ConfigError(f"{where}{key}: must not be negative, got {value}")
 
 
 def load(path: Path | None, **overrides: Any) -> Config:

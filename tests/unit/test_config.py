@@ -42,6 +42,12 @@ def test_overrides_from_flags_win(tmp_path: Path) -> None:
         ("log = 'x'\n", "log: expected a table"),
         ("[grpc]\nsocket_group = 7\n", "grpc.socket_group: expected a string"),
         ("root = \n", "not valid TOML"),
+        ("[cache]\nmax_bytes = 0\n", "cache.max_bytes: must be greater than 0"),
+        ("[read]\nreadahead_bytes = -1\n", "read.readahead_bytes: must not be negative"),
+        ("[fetch]\nplain_http_hosts = 'a:5000'\n", "fetch.plain_http_hosts: expected a list"),
+        ("[fetch]\nplain_http_hosts = [5000]\n", "fetch.plain_http_hosts[0]: expected a string"),
+        ("[remote]\nenabled = 'yes'\n", "remote.enabled: expected true or false"),
+        ("[prefetch]\nbackground_delay_seconds = true\n", "prefetch.background_delay_seconds: expected a number"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:

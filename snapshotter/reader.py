@@ -1,0 +1,385 @@
+"""Chunk reader: "give me bytes [a, b) of file F of this layer".
+
+Owns the path from a read to verified bytes: cache hit, or fetch (coalesced range requests) +
+decompress + verify + store, with one in-flight fetch per chunk however many readers want it.
+Also owns prefetch (the layer's prioritized region, in one request, at mount) and the background
+fetch of the rest, which always yields to on-demand reads.
+
+Threads: ``read()`` is called from FUSE worker threads and blocks only its caller; fetching runs
+on the daemon's asyncio loop; decompression, hashing and cache I/O run in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from snapshotter.cache import ChunkCache
+from snapshotter.formats import decompress_chunk
+from snapshotter.formats.index import Chunk, Entry, FormatError, LayerIndex
+
+log = logging.getLogger(__name__)
+
+ON_DEMAND, PREFETCH, BACKGROUND = "on_demand", "prefetch", "background"
+
+
+class BlobSource(Protocol):
+    """Byte ranges of one blob; the fetcher's BlobReader satisfies it."""
+
+    async def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]: ...
+
+
+class ReadError(OSError):
+    """A read cannot be served (fetch failed, timed out, or bytes failed verification)."""
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    read_timeout: float = 60.0  # longest a FUSE read waits before answering EIO
+    readahead_bytes: int = 4 << 20  # on a miss, also fetch this much more of the same file
+    merge_gap_bytes: int = 64 << 10  # ranges closer than this are fetched in one request
+    max_request_bytes: int = 16 << 20  # split larger coalesced ranges to fetch them in parallel
+    prefetch: bool = True
+    fetch_whole_below_bytes: int = 8 << 20  # layers this small are fetched whole at mount
+    background: bool = True
+    background_batch_bytes: int = 4 << 20
+    background_rate_bytes: int = 0  # bytes/s cap for background fetch; 0 = no cap
+    background_delay_seconds: float = 1.0  # wait after mount before background fetch starts
+
+
+@dataclass
+class FetchStats:
+    """Compressed bytes fetched from the registry, by reason; served to the admin endpoint."""
+
+    bytes: dict[str, int] = field(default_factory=lambda: {ON_DEMAND: 0, PREFETCH: 0, BACKGROUND: 0})
+    requests: dict[str, int] = field(default_factory=lambda: {ON_DEMAND: 0, PREFETCH: 0, BACKGROUND: 0})
+    chunks_fetched: int = 0
+    verify_failures: int = 0
+    cache_write_failures: int = 0
+    prefetch_done: bool = False
+    background_done: bool = False
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "bytes": dict(self.bytes),
+            "requests": dict(self.requests),
+            "chunks_fetched": self.chunks_fetched,
+            "verify_failures": self.verify_failures,
+            "cache_write_failures": self.cache_write_failures,
+            "prefetch_done": self.prefetch_done,
+            "background_done": self.background_done,
+        }
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """One compressed stream (gzip member / zstd frame) and the chunks decoded from it."""
+
+    offset: int
+    size: int
+    chunks: tuple[Chunk, ...]
+
+
+def _streams(chunks: Iterable[Chunk]) -> list[_Stream]:
+    by_stream: dict[tuple[int, int], dict[str, Chunk]] = {}
+    for c in chunks:
+        by_stream.setdefault((c.compressed_offset, c.compressed_size), {})[c.digest] = c
+    return [_Stream(off, size, tuple(cs.values())) for (off, size), cs in sorted(by_stream.items())]
+
+
+def coalesce(streams: Sequence[_Stream], gap: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Merge sorted stream extents into few [start, end) ranges: neighbours closer than ``gap``
+    share a request, but no request grows beyond ``max_bytes`` unless one stream alone does."""
+    ranges: list[list[int]] = []
+    for s in streams:
+        start, end = s.offset, s.offset + s.size
+        if ranges and start - ranges[-1][1] <= gap and end - ranges[-1][0] <= max_bytes:
+            ranges[-1][1] = max(ranges[-1][1], end)
+        else:
+            ranges.append([start, end])
+    return [(a, b) for a, b in ranges]
+
+
+class LayerReader:
+    def __init__(
+        self,
+        index: LayerIndex,
+        blob: BlobSource,
+        cache: ChunkCache,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        layer: str,
+        config: ReaderConfig | None = None,
+    ) -> None:
+        self.index = index
+        self.blob = blob
+        self.cache = cache
+        self.loop = loop
+        self.layer = layer
+        self.config = config or ReaderConfig()
+        self.stats = FetchStats()
+        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._on_demand_active = 0
+        self._on_demand_idle = asyncio.Event()
+        self._on_demand_idle.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # --- reads from FUSE threads ------------------------------------------------------------
+
+    def read(self, entry: Entry, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of a regular file, short at end of file. Blocks."""
+        end = min(entry.size, offset + size)
+        if offset >= end:
+            return b""
+        chunks = entry.chunks
+        first = max(0, bisect.bisect_right([c.file_offset for c in chunks], offset) - 1)
+        needed: list[Chunk] = []
+        for c in chunks[first:]:
+            if c.file_offset >= end:
+                break
+            needed.append(c)
+        data: dict[str, bytes] = {}
+        missing: list[Chunk] = []
+        for c in needed:
+            hit = self.cache.get(c.digest)
+            if hit is None:
+                missing.append(c)
+            else:
+                data[c.digest] = hit
+        if missing:
+            extra = self._readahead(entry, needed[-1])
+            future = asyncio.run_coroutine_threadsafe(self._ensure(missing, extra, ON_DEMAND), self.loop)
+            try:
+                data.update(future.result(timeout=self.config.read_timeout))
+            except TimeoutError:
+                future.cancel()
+                raise ReadError(
+                    f"layer {self.layer}: read of {entry.name!r} timed out after {self.config.read_timeout}s"
+                ) from None
+        out = bytearray()
+        for c in needed:
+            piece = data[c.digest]
+            lo = max(offset, c.file_offset) - c.file_offset
+            hi = min(end, c.file_offset + c.size) - c.file_offset
+            out += piece[lo:hi]
+        return bytes(out)
+
+    def _readahead(self, entry: Entry, last: Chunk) -> list[Chunk]:
+        """Following chunks of the same file, up to readahead_bytes of compressed data."""
+        budget = self.config.readahead_bytes
+        extra: list[Chunk] = []
+        after = entry.chunks.index(last) + 1
+        for c in entry.chunks[after:]:
+            if budget <= 0:
+                break
+            if c.digest not in self.cache:
+                extra.append(c)
+                budget -= c.compressed_size
+        return extra
+
+    # --- fetching on the loop -------------------------------------------------------------------
+
+    async def _ensure(self, wanted: list[Chunk], extra: list[Chunk], reason: str) -> dict[str, bytes]:
+        """Bytes of every ``wanted`` chunk, fetching what no one is fetching yet (plus ``extra``,
+        whose failure does not fail the read)."""
+        if reason == ON_DEMAND:
+            self._on_demand_active += 1
+            self._on_demand_idle.clear()
+        try:
+            waits = {c.digest: self._inflight[c.digest] for c in wanted if c.digest in self._inflight}
+            todo = [c for c in [*wanted, *extra] if c.digest not in self._inflight]
+            if todo:
+                self._start_fetch(todo, reason)
+                waits.update({c.digest: self._inflight[c.digest] for c in wanted if c.digest not in waits})
+            result: dict[str, bytes] = {}
+            for digest, fut in waits.items():
+                try:
+                    result[digest] = await asyncio.shield(fut)
+                except (FormatError, OSError) as exc:
+                    raise ReadError(f"layer {self.layer}: {exc}") from exc
+            return result
+        finally:
+            if reason == ON_DEMAND:
+                self._on_demand_active -= 1
+                if self._on_demand_active == 0:
+                    self._on_demand_idle.set()
+
+    def _start_fetch(
+        self, chunks: list[Chunk], reason: str, *, gap: int | None = None, max_bytes: int | None = None
+    ) -> asyncio.Task[None]:
+        """Register every chunk as in flight, then fetch them in one task."""
+        streams = _streams(chunks)
+        for s in streams:
+            for c in s.chunks:
+                fut = self.loop.create_future()
+                fut.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
+                self._inflight[c.digest] = fut
+        ranges = coalesce(
+            streams,
+            self.config.merge_gap_bytes if gap is None else gap,
+            self.config.max_request_bytes if max_bytes is None else max_bytes,
+        )
+        task = self.loop.create_task(self._fetch(streams, ranges, reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _fetch(self, streams: list[_Stream], ranges: list[tuple[int, int]], reason: str) -> None:
+        try:
+            started = time.monotonic()
+            blobs = await self.blob.read_ranges(ranges)
+            self.stats.bytes[reason] += sum(len(b) for b in blobs)
+            self.stats.requests[reason] += len(ranges)
+            log.debug(
+                "fetched",
+                extra={
+                    "layer": self.layer,
+                    "reason": reason,
+                    "ranges": len(ranges),
+                    "bytes": sum(len(b) for b in blobs),
+                    "ms": round((time.monotonic() - started) * 1000, 1),
+                },
+            )
+        except Exception as exc:  # the fetcher's errors, cancellation of the daemon
+            for s in streams:
+                self._fail(s.chunks, exc)
+            if not isinstance(exc, asyncio.CancelledError):
+                log.warning("fetch failed", extra={"layer": self.layer, "reason": reason, "error": str(exc)})
+            return
+        jobs = []
+        for s in streams:
+            i = bisect.bisect_right([r[0] for r in ranges], s.offset) - 1
+            start = s.offset - ranges[i][0]
+            jobs.append((s, blobs[i][start : start + s.size]))
+        await asyncio.gather(*(self._decode(s, raw) for s, raw in jobs))
+
+    async def _decode(self, stream: _Stream, raw: bytes) -> None:
+        try:
+            decoded = await asyncio.to_thread(self._decode_and_store, stream, raw)
+        except Exception as exc:
+            self._fail(stream.chunks, exc)
+            return
+        for c in stream.chunks:
+            self._resolve(c.digest, decoded[c.digest])
+
+    def _decode_and_store(self, stream: _Stream, raw: bytes) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for c in stream.chunks:
+            try:
+                out[c.digest] = decompress_chunk(self.index.compression, raw, c)
+            except FormatError as exc:
+                self.stats.verify_failures += 1
+                log.error(
+                    "chunk failed verification; not served, not cached",
+                    extra={"layer": self.layer, "digest": c.digest, "error": str(exc)},
+                )
+                raise
+        for digest, data in out.items():
+            try:
+                self.cache.put(digest, data)
+            except OSError as exc:  # a full disk degrades caching, never the read itself
+                self.stats.cache_write_failures += 1
+                log.warning("cannot cache chunk", extra={"layer": self.layer, "error": str(exc)})
+        self.stats.chunks_fetched += len(out)
+        return out
+
+    def _resolve(self, digest: str, data: bytes) -> None:
+        fut = self._inflight.pop(digest, None)
+        if fut is not None and not fut.done():
+            fut.set_result(data)
+
+    def _fail(self, chunks: Iterable[Chunk], exc: BaseException) -> None:
+        if isinstance(exc, asyncio.CancelledError):
+            exc = ReadError(f"layer {self.layer}: fetch cancelled")
+        for c in chunks:
+            fut = self._inflight.pop(c.digest, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+
+    # --- prefetch and background fetch ----------------------------------------------------------
+
+    def all_chunks(self) -> list[Chunk]:
+        seen: dict[str, Chunk] = {}
+        for e in self.index.entries.values():
+            for c in e.chunks:
+                seen.setdefault(c.digest, c)
+        return sorted(seen.values(), key=lambda c: (c.compressed_offset, c.inner_offset))
+
+    def start(self) -> None:
+        """Begin prefetch and background fetch (on the loop); returns at once."""
+        task = self.loop.create_task(self._warm())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _warm(self) -> None:
+        try:
+            await self._prefetch()
+            if self.config.background:
+                await asyncio.sleep(self.config.background_delay_seconds)
+                await self._background()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("prefetch/background fetch stopped", extra={"layer": self.layer, "error": str(exc)})
+
+    def _uncached(self, chunks: Iterable[Chunk]) -> list[Chunk]:
+        return [c for c in chunks if c.digest not in self.cache and c.digest not in self._inflight]
+
+    async def _prefetch(self) -> None:
+        if not self.config.prefetch:
+            self.stats.prefetch_done = True
+            return
+        chunks = self.all_chunks()
+        if self.index.blob_size > self.config.fetch_whole_below_bytes:
+            if self.index.no_prefetch or self.index.prefetch_end <= 0:
+                self.stats.prefetch_done = True
+                return
+            chunks = [c for c in chunks if c.compressed_offset + c.compressed_size <= self.index.prefetch_end]
+        todo = await asyncio.to_thread(self._uncached, chunks)
+        if todo:
+            # Everything prioritized lies in [0, prefetch_end): ask for it as one range.
+            await self._start_fetch(todo, PREFETCH, gap=1 << 62, max_bytes=1 << 62)
+        self.stats.prefetch_done = True
+
+    async def _background(self) -> None:
+        batch: list[Chunk] = []
+        batch_bytes = 0
+        for c in await asyncio.to_thread(self._uncached, self.all_chunks()):
+            batch.append(c)
+            batch_bytes += c.compressed_size
+            if batch_bytes >= self.config.background_batch_bytes:
+                await self._background_batch(batch, batch_bytes)
+                batch, batch_bytes = [], 0
+        if batch:
+            await self._background_batch(batch, batch_bytes)
+        self.stats.background_done = True
+
+    async def _background_batch(self, batch: list[Chunk], nbytes: int) -> None:
+        await self._on_demand_idle.wait()  # on-demand reads always go first
+        todo = [c for c in batch if c.digest not in self._inflight]
+        if todo:
+            started = time.monotonic()
+            await self._start_fetch(todo, BACKGROUND)
+            if self.config.background_rate_bytes > 0:
+                budget = nbytes / self.config.background_rate_bytes
+                await asyncio.sleep(max(0.0, budget - (time.monotonic() - started)))
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._fail(
+            [c for e in self.index.entries.values() for c in e.chunks],
+            ReadError(f"layer {self.layer}: unmounted"),
+        )

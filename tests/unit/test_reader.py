@@ -1,0 +1,244 @@
+"""The chunk reader against an in-memory blob: bytes, singleflight, prefetch, verification, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from snapshotter.cache import ChunkCache
+from snapshotter.formats import build_estargz, build_zstdchunked, locate_toc, parse_toc
+from snapshotter.formats.index import Compression, EntryType, LayerIndex
+from snapshotter.reader import LayerReader, ReadError, ReaderConfig
+from tests.support import oci
+
+FILES = {
+    "app/big.bin": os.urandom(700_000),
+    "app/main.py": b"print('hello')\n" * 100,
+    "etc/config.json": b'{"model": "tiny"}\n',
+    "lib/a.so": os.urandom(150_000),
+    "lib/b.so": os.urandom(90_000),
+}
+PRIORITIZED = ["app/main.py", "etc/config.json"]
+
+
+def layer_tar() -> bytes:
+    entries: list[oci.Entry] = [oci.Dir("app"), oci.Dir("etc"), oci.Dir("lib")]
+    entries += [oci.File(name, data) for name, data in FILES.items()]
+    return oci.layer_tar(entries)
+
+
+class MemoryBlob:
+    """A blob served from memory, recording requests; can fail, stall or corrupt on demand."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = bytearray(data)
+        self.requests: list[list[tuple[int, int]]] = []
+        self.fail: Exception | None = None
+        self.stall = asyncio.Event()
+        self.stall.set()
+
+    @property
+    def bytes_served(self) -> int:
+        return sum(b - a for req in self.requests for a, b in req)
+
+    async def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        await self.stall.wait()
+        if self.fail is not None:
+            raise self.fail
+        self.requests.append(list(ranges))
+        return [bytes(self.data[a:b]) for a, b in ranges]
+
+
+@dataclass
+class Layer:
+    index: LayerIndex
+    blob: MemoryBlob
+    cache: ChunkCache
+    loop: asyncio.AbstractEventLoop
+
+    def reader(self, **config: object) -> LayerReader:
+        cfg = ReaderConfig(**{"background": False, "fetch_whole_below_bytes": 0, **config})  # type: ignore[arg-type]
+        future = asyncio.run_coroutine_threadsafe(self._make(cfg), self.loop)
+        return future.result(5)
+
+    async def _make(self, cfg: ReaderConfig) -> LayerReader:
+        return LayerReader(self.index, self.blob, self.cache, self.loop, layer="sha256:test", config=cfg)
+
+    def read_file(self, reader: LayerReader, name: str, step: int = 65536) -> bytes:
+        entry = self.index.entries[name]
+        return b"".join(reader.read(entry, off, step) for off in range(0, entry.size, step))
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+
+    async def cancel_pending() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run_coroutine_threadsafe(cancel_pending(), loop).result(5)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
+
+
+def make_layer(tmp_path: Path, loop: asyncio.AbstractEventLoop, compression: Compression) -> Layer:
+    build = build_estargz if compression == Compression.GZIP else build_zstdchunked
+    built = build(layer_tar(), chunk_size=64 << 10, prioritized_files=PRIORITIZED)
+    size = len(built.blob)
+    location = locate_toc(built.blob[-4096:], size, built.annotations)
+    raw = built.blob[location.offset : location.offset + location.length]
+    index = parse_toc(raw, location, blob_size=size, expected_digest=built.toc_digest)
+    return Layer(index, MemoryBlob(built.blob), ChunkCache(tmp_path / "cache", 1 << 30), loop)
+
+
+@pytest.fixture(params=[Compression.GZIP, Compression.ZSTD], ids=["estargz", "zstdchunked"])
+def layer(request: pytest.FixtureRequest, tmp_path: Path, loop: asyncio.AbstractEventLoop) -> Layer:
+    return make_layer(tmp_path, loop, request.param)
+
+
+def test_reads_return_the_files_bytes(layer: Layer) -> None:
+    reader = layer.reader()
+    rnd = random.Random(1)
+    for name, data in FILES.items():
+        entry = layer.index.entries[name]
+        assert layer.read_file(reader, name, step=rnd.choice([4096, 65536, 131072, 1 << 20])) == data
+        for _ in range(20):  # arbitrary unaligned ranges, including past the end
+            off = rnd.randrange(0, len(data) + 10)
+            size = rnd.randrange(1, 200_000)
+            assert reader.read(entry, off, size) == data[off : off + size]
+    fetched = layer.blob.bytes_served
+    for name, data in FILES.items():
+        assert layer.read_file(reader, name) == data
+    assert layer.blob.bytes_served == fetched  # second pass: all from the cache
+
+
+def test_concurrent_readers_fetch_each_chunk_once(layer: Layer) -> None:
+    reader = layer.reader(readahead_bytes=0, merge_gap_bytes=0)
+    layer.blob.stall.clear()  # hold the first fetch until every reader is waiting
+    with ThreadPoolExecutor(16) as pool:
+        results = [pool.submit(layer.read_file, reader, "app/big.bin") for _ in range(16)]
+        layer.loop.call_soon_threadsafe(layer.loop.call_later, 0.3, layer.blob.stall.set)
+        assert all(r.result(30) == FILES["app/big.bin"] for r in results)
+    ranges = [r for req in layer.blob.requests for r in req]
+    assert len(ranges) == len(set(ranges))  # no byte range requested twice
+    big = layer.index.entries["app/big.bin"]
+    assert layer.blob.bytes_served <= sum(c.compressed_size for c in big.chunks)
+
+
+def test_prefetch_fetches_prioritized_files_in_one_request(layer: Layer) -> None:
+    reader = layer.reader()
+    files = [n for n in layer.index.prefetch if layer.index.entries[n].type == EntryType.REG]
+    assert files == PRIORITIZED  # in access order, with their parent directories around them
+    asyncio.run_coroutine_threadsafe(reader._prefetch(), layer.loop).result(10)
+    assert reader.stats.prefetch_done
+    assert len(layer.blob.requests) == 1 and len(layer.blob.requests[0]) == 1  # one range
+    assert layer.blob.requests[0][0][1] <= layer.index.prefetch_end
+    for name in PRIORITIZED:
+        assert layer.read_file(reader, name) == FILES[name]
+    assert len(layer.blob.requests) == 1  # served from what prefetch cached
+    assert reader.stats.bytes["on_demand"] == 0 and reader.stats.bytes["prefetch"] > 0
+
+
+def test_small_layer_is_fetched_whole_at_mount(layer: Layer) -> None:
+    reader = layer.reader(fetch_whole_below_bytes=16 << 20)
+    asyncio.run_coroutine_threadsafe(reader._prefetch(), layer.loop).result(10)
+    served = layer.blob.bytes_served
+    assert len(layer.blob.requests) == 1
+    for name, data in FILES.items():
+        assert layer.read_file(reader, name) == data
+    assert layer.blob.bytes_served == served
+
+
+def test_background_fetch_completes_the_layer(layer: Layer) -> None:
+    reader = layer.reader(background=True, background_delay_seconds=0, background_batch_bytes=100_000)
+    asyncio.run_coroutine_threadsafe(reader._warm(), layer.loop).result(30)
+    assert reader.stats.background_done and reader.stats.bytes["background"] > 0
+    served = layer.blob.bytes_served
+    for name, data in FILES.items():
+        assert layer.read_file(reader, name) == data
+    assert layer.blob.bytes_served == served
+
+
+def test_corrupt_chunk_is_never_served_or_cached(layer: Layer) -> None:
+    entry = layer.index.entries["lib/a.so"]
+    chunk = entry.chunks[1]
+    layer.blob.data[chunk.compressed_offset + chunk.compressed_size // 2] ^= 0xFF
+    reader = layer.reader(readahead_bytes=0)
+    with pytest.raises(ReadError):
+        reader.read(entry, chunk.file_offset, 10)
+    assert chunk.digest not in layer.cache
+    assert reader.stats.verify_failures >= 1
+    assert reader.read(entry, 0, 100) == FILES["lib/a.so"][:100]  # other chunks still serve
+
+
+def test_registry_failure_then_recovery(layer: Layer) -> None:
+    reader = layer.reader()
+    entry = layer.index.entries["lib/b.so"]
+    layer.blob.fail = ConnectionError("registry went away")
+    with pytest.raises(ReadError):
+        reader.read(entry, 0, 100)
+    layer.blob.fail = None
+    assert reader.read(entry, 0, 100) == FILES["lib/b.so"][:100]
+
+
+def test_read_times_out_with_an_error(layer: Layer) -> None:
+    reader = layer.reader(read_timeout=0.3)
+    layer.blob.stall.clear()
+    with pytest.raises(ReadError, match="timed out"):
+        reader.read(layer.index.entries["lib/b.so"], 0, 100)
+    layer.blob.stall.set()
+
+
+def test_full_disk_degrades_caching_not_reads(layer: Layer, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(digest: str, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(layer.cache, "put", full)
+    reader = layer.reader()
+    assert layer.read_file(reader, "lib/b.so") == FILES["lib/b.so"]
+    assert reader.stats.cache_write_failures > 0
+
+
+def test_cache_survives_restart_and_rejects_torn_chunks(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 1 << 20)
+    good, torn = b"a" * 1000, b"b" * 1000
+    dg, dt = ("sha256:" + hashlib.sha256(x).hexdigest() for x in (good, torn))
+    cache.put(dg, good)
+    cache.put(dt, torn)
+    path = next(p for p in (tmp_path / "chunks").rglob("*") if p.name == dt.split(":")[1])
+    path.write_bytes(torn[:500])  # as if the machine crashed mid-write
+    reopened = ChunkCache(tmp_path, 1 << 20)
+    assert reopened.get(dg) == good
+    assert reopened.get(dt) is None and dt not in reopened
+
+
+def test_cache_evicts_least_recently_used(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 10_000)
+    digests = []
+    for i in range(12):
+        data = bytes([i]) * 1000
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digests.append(digest)
+        cache.put(digest, data)
+        if i == 0:
+            continue
+        assert cache.get(digests[0]) is not None  # keep the first one hot
+    assert cache.total_bytes <= 10_000
+    assert digests[0] in cache and digests[1] not in cache
+    assert sum(1 for p in (tmp_path / "chunks").rglob("*") if p.is_file()) == len(cache._lru)
