@@ -22,7 +22,12 @@ from typing import IO
 import grpc
 
 from snapshotter import __version__
+from snapshotter.admin import start_admin
+from snapshotter.cache import ChunkCache
 from snapshotter.config import Config
+from snapshotter.fetcher import CredentialStore, HostsConfig, RegistryClient, default_docker_config
+from snapshotter.reader import ReaderConfig
+from snapshotter.remote import RemoteLayers
 from snapshotter.service import add_to_server
 from snapshotter.snapshots import Snapshotter
 
@@ -110,15 +115,55 @@ def secure_socket(address: Path, group: str) -> None:
     os.chmod(address, 0o660)
 
 
+def admin_address(config: Config) -> Path:
+    return config.root / "admin.sock"
+
+
+def build_remote(config: Config, loop: asyncio.AbstractEventLoop) -> RemoteLayers:
+    hosts = HostsConfig(config.fetch.hosts_dir, plain_http_hosts=config.fetch.plain_http_hosts)
+    docker_config = (
+        Path(config.fetch.docker_config) if config.fetch.docker_config else default_docker_config()
+    )
+    credentials = CredentialStore(docker_config if docker_config.exists() else None)
+    client = RegistryClient(
+        hosts, credentials, timeout=config.fetch.timeout_seconds, max_retries=config.fetch.max_retries
+    )
+    reader_config = ReaderConfig(
+        read_timeout=config.read.timeout_seconds,
+        readahead_bytes=config.read.readahead_bytes,
+        merge_gap_bytes=config.read.merge_gap_bytes,
+        max_request_bytes=config.read.max_request_bytes,
+        prefetch=config.prefetch.enabled,
+        fetch_whole_below_bytes=config.prefetch.fetch_whole_below_bytes,
+        background=config.prefetch.background,
+        background_rate_bytes=config.prefetch.background_rate_bytes,
+        background_delay_seconds=config.prefetch.background_delay_seconds,
+    )
+    cache = ChunkCache(config.root / "cache", config.cache.max_bytes)
+    return RemoteLayers(
+        client,
+        cache,
+        loop,
+        reader_config=reader_config,
+        max_toc_bytes=config.remote.max_toc_bytes,
+        mount_timeout=config.remote.mount_timeout_seconds,
+    )
+
+
 async def serve(config: Config) -> None:
     lock = RootLock(config.root)
     snapshotter: Snapshotter | None = None
+    remote: RemoteLayers | None = None
     try:
         claim_socket_path(config.address)
-        snapshotter = Snapshotter(config.root)
+        if config.remote.enabled:
+            remote = await asyncio.to_thread(build_remote, config, asyncio.get_running_loop())
+        snapshotter = Snapshotter(config.root, remote=remote)
         removed = await asyncio.to_thread(snapshotter.cleanup)
         if removed:
             log.info("cleaned directories of interrupted operations", extra={"count": len(removed)})
+        await asyncio.to_thread(snapshotter.restore_remote)
+        admin = await start_admin(admin_address(config), remote.stats if remote else dict)
         server = grpc.aio.server()
         add_to_server(server, snapshotter)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
@@ -136,12 +181,15 @@ async def serve(config: Config) -> None:
         await _wait_for_stop_signal()
         log.info("stopping", extra={"grace_seconds": STOP_GRACE_SECONDS})
         await server.stop(STOP_GRACE_SECONDS)
+        await admin.cleanup()
         try:
             if config.address.stat().st_ino == socket_inode:
                 config.address.unlink()
         except FileNotFoundError:
             pass
     finally:
+        if remote is not None:
+            await remote.close()  # unmounts every lazy layer; their FUSE servers live in this process
         if snapshotter is not None:
             snapshotter.close()
         lock.release()

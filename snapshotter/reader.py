@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -375,10 +376,8 @@ class LayerReader:
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-            except (asyncio.CancelledError, Exception):
-                pass
         self._fail(
             [c for e in self.index.entries.values() for c in e.chunks],
             ReadError(f"layer {self.layer}: unmounted"),

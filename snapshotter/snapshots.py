@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapshotter.diskusage import disk_usage
+from snapshotter.errors import AlreadyExistsError, NotFoundError, UnavailableError
+from snapshotter.fuse.layerfs import is_fuse_mountpoint, unmount
+from snapshotter.remote import REMOTE_LABEL, REMOTE_LABEL_VALUE, TARGET_REF_LABEL, NotLazyError, RemoteLayers
 from snapshotter.store import Info, Kind, Snapshot, Store, Usage
 
 log = logging.getLogger(__name__)
@@ -44,8 +47,17 @@ def overlay_supports_index() -> bool:
 class Snapshotter:
     """Prepare/View/Mounts/Commit/Remove/Stat/Update/List/Usage/Cleanup for plain layers."""
 
-    def __init__(self, root: Path, *, overlay_options: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        overlay_options: list[str] | None = None,
+        remote: RemoteLayers | None = None,
+    ) -> None:
         self.root = root
+        self.remote = remote
+        # Committed remote snapshots: id -> the labels that say how to mount them again.
+        self._remote_labels: dict[int, dict[str, str]] = {}
         self.snapshots_dir = root / "snapshots"
         self.snapshots_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.store = Store(root / "metadata.db")
@@ -59,6 +71,10 @@ class Snapshotter:
     def close(self) -> None:
         self.store.close()
 
+    def unmount_all(self) -> None:
+        for sid in list(self._remote_labels):
+            self._release_mount(self.fs_path(sid))
+
     # --- paths and mounts ---------------------------------------------------------------------
 
     def fs_path(self, sid: int) -> Path:
@@ -68,6 +84,7 @@ class Snapshotter:
         return self.snapshots_dir / str(sid) / "work"
 
     def mounts_for(self, snap: Snapshot) -> list[Mount]:
+        self._ensure_remote_parents(snap.parent_ids)
         if not snap.parent_ids:
             mode = "ro" if snap.kind == Kind.VIEW else "rw"
             return [Mount("bind", str(self.fs_path(snap.id)), [mode, "rbind"])]
@@ -82,7 +99,66 @@ class Snapshotter:
     # --- the Snapshots API --------------------------------------------------------------------
 
     def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
-        return self._create(Kind.ACTIVE, key, parent, labels)
+        target = labels.get(TARGET_REF_LABEL, "")
+        if not target or self.remote is None:
+            return self._create(Kind.ACTIVE, key, parent, labels)
+        return self._prepare_remote(key, parent, labels, target)
+
+    def _prepare_remote(self, key: str, parent: str, labels: Mapping[str, str], target: str) -> list[Mount]:
+        """containerd's remote-snapshot handshake: if the layer can be mounted lazily, commit it
+        as ``target`` ourselves and answer AlreadyExists, so containerd skips the download.
+        Otherwise answer like any snapshotter, and containerd unpacks the layer."""
+        assert self.remote is not None
+        try:
+            existing = self.store.get_info(target)
+        except NotFoundError:
+            existing = None
+        if existing is not None and existing.kind == Kind.COMMITTED and existing.parent == parent:
+            raise AlreadyExistsError(f"target snapshot {target!r} already exists")
+        mounts = self._create(Kind.ACTIVE, key, parent, labels)
+        sid = self.store.get_info(key).id
+        try:
+            self.remote.mount(labels, self.fs_path(sid))
+        except NotLazyError:
+            return mounts
+        committed_labels = {**labels, REMOTE_LABEL: REMOTE_LABEL_VALUE}
+        try:
+            self.store.commit(key, target, committed_labels, Usage())
+        except Exception:
+            self.remote.unmount(self.fs_path(sid))
+            self.remove(key)
+            raise
+        self._remote_labels[sid] = committed_labels
+        raise AlreadyExistsError(f"target snapshot {target!r} already exists (mounted lazily)")
+
+    def restore_remote(self) -> None:
+        """Mount again the lazy layers the store knows (after a restart or crash)."""
+        if self.remote is None:
+            return
+        for info in self.store.list_infos():
+            if info.kind == Kind.COMMITTED and info.labels.get(REMOTE_LABEL) == REMOTE_LABEL_VALUE:
+                self._remote_labels[info.id] = info.labels
+                self._remount(info.id)
+
+    def _remount(self, sid: int) -> bool:
+        assert self.remote is not None
+        fs = self.fs_path(sid)
+        if self.remote.check(fs):
+            return True
+        if is_fuse_mountpoint(fs):  # dead mount of a previous daemon process
+            unmount(fs)
+        try:
+            self.remote.mount(self._remote_labels[sid], fs)
+        except NotLazyError as exc:
+            log.error("cannot mount lazy layer again", extra={"id": sid, "error": str(exc)})
+            return False
+        return True
+
+    def _ensure_remote_parents(self, parent_ids: tuple[int, ...]) -> None:
+        for pid in parent_ids:
+            if pid in self._remote_labels and not self._remount(pid):
+                name = self._remote_labels[pid].get(TARGET_REF_LABEL, str(pid))
+                raise UnavailableError(f"lazy layer {name} cannot be mounted (registry unreachable?)")
 
     def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         return self._create(Kind.VIEW, key, parent, labels)
@@ -118,6 +194,7 @@ class Snapshotter:
 
     def remove(self, key: str) -> None:
         sid, _ = self.store.remove(key)
+        self._remote_labels.pop(sid, None)
         self._remove_directory(sid)
 
     def stat(self, key: str) -> Info:
@@ -143,6 +220,7 @@ class Snapshotter:
             for entry in self.snapshots_dir.iterdir():
                 if entry.name in owned or entry.name.startswith("rm-"):
                     continue
+                self._release_mount(entry / "fs")
                 target = self.snapshots_dir / f"rm-{entry.name}"
                 entry.rename(target)
                 doomed.append(target)
@@ -152,7 +230,15 @@ class Snapshotter:
             log.info("removed orphaned snapshot directory", extra={"path": str(path)})
         return doomed
 
+    def _release_mount(self, fs: Path) -> None:
+        """Never delete through a mount: unmount a lazy layer's FUSE mount first."""
+        if self.remote is not None:
+            self.remote.unmount(fs)
+        elif is_fuse_mountpoint(fs):
+            unmount(fs)
+
     def _remove_directory(self, sid: int) -> None:
+        self._release_mount(self.fs_path(sid))
         directory = self.snapshots_dir / str(sid)
         target = self.snapshots_dir / f"rm-{sid}"
         try:

@@ -62,7 +62,13 @@ class Node:
     def attrs(self) -> dict[str, Any]:
         e = self.entry
         mode = (stat.S_IFCHR if self.whiteout else _TYPE_BITS[self.kind]) | (0 if self.whiteout else e.mode)
-        size = e.size if self.kind == EntryType.REG else len(e.link_name.encode()) if self.kind == EntryType.SYMLINK else 0
+        size = (
+            e.size
+            if self.kind == EntryType.REG
+            else len(e.link_name.encode())
+            if self.kind == EntryType.SYMLINK
+            else 0
+        )
         rdev = 0 if self.whiteout else os.makedev(e.dev_major, e.dev_minor)
         return {
             "st_ino": self.ino,
@@ -158,7 +164,7 @@ class LayerTree:
         return node
 
 
-class LayerFS(mfusepy.Operations):
+class LayerFS(mfusepy.Operations):  # type: ignore[misc]
     """mfusepy operations over a LayerTree. Read-only; write calls get EROFS from the base class."""
 
     use_ns = True

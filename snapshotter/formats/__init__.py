@@ -1,0 +1,71 @@
+"""Layer formats: parse a lazily pullable layer's index (eStargz, zstd:chunked) and build blobs.
+
+Pure functions on bytes; no sockets, no files. The contract every parser produces is in
+``snapshotter.formats.index``; this package re-exports the public API.
+"""
+
+from snapshotter.formats.build import (
+    DEFAULT_CHUNK_SIZE,
+    UNCOMPRESSED_SIZE_ANNOTATION,
+    BuiltBlob,
+    build_blob,
+    build_estargz,
+    build_zstdchunked,
+)
+from snapshotter.formats.detect import (
+    DEFAULT_MAX_TOC_BYTES,
+    MAX_FOOTER_SIZE,
+    TOC_DIGEST_ANNOTATION,
+    ChunkDigestError,
+    TocLocation,
+    chunk_digest_ok,
+    decompress_chunk,
+    locate_toc,
+    parse_toc,
+    read_toc_json,
+    toc_digest_from_annotations,
+)
+from snapshotter.formats.index import (
+    Chunk,
+    Compression,
+    Entry,
+    EntryType,
+    FormatError,
+    LayerIndex,
+)
+from snapshotter.formats.toc import (
+    LANDMARK_NAMES,
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    TOC_TAR_NAME,
+)
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_MAX_TOC_BYTES",
+    "LANDMARK_NAMES",
+    "MAX_FOOTER_SIZE",
+    "NO_PREFETCH_LANDMARK",
+    "PREFETCH_LANDMARK",
+    "TOC_DIGEST_ANNOTATION",
+    "TOC_TAR_NAME",
+    "UNCOMPRESSED_SIZE_ANNOTATION",
+    "BuiltBlob",
+    "Chunk",
+    "ChunkDigestError",
+    "Compression",
+    "Entry",
+    "EntryType",
+    "FormatError",
+    "LayerIndex",
+    "TocLocation",
+    "build_blob",
+    "build_estargz",
+    "build_zstdchunked",
+    "chunk_digest_ok",
+    "decompress_chunk",
+    "locate_toc",
+    "parse_toc",
+    "read_toc_json",
+    "toc_digest_from_annotations",
+]

@@ -1,0 +1,87 @@
+"""The layer index every format parser produces and every consumer (layer fs, chunk reader) reads.
+
+A format (eStargz, zstd:chunked, our Nydus-like one) turns its own metadata into a ``LayerIndex``:
+the file tree with attributes, and for each regular file the chunks that hold its bytes in the blob.
+The index is the source of truth for a lazily mounted layer; nothing else about the format leaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FormatError(ValueError):
+    """A layer's metadata (footer, TOC, bootstrap) is malformed, inconsistent or fails verification.
+
+    The message names the problem; callers add the layer digest and registry host."""
+
+
+class EntryType(Enum):
+    DIR = "dir"
+    REG = "reg"
+    SYMLINK = "symlink"
+    HARDLINK = "hardlink"
+    CHAR = "char"
+    BLOCK = "block"
+    FIFO = "fifo"
+
+
+class Compression(Enum):
+    GZIP = "gzip"
+    ZSTD = "zstd"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a regular file's content and where its compressed bytes are in the blob.
+
+    To read it: fetch blob bytes [compressed_offset, compressed_offset + compressed_size),
+    decompress them as one stream (a gzip member or a zstd frame), skip ``inner_offset``
+    uncompressed bytes, take ``size`` bytes, and check them against ``digest``.
+    """
+
+    file_offset: int  # where this chunk starts within the file's uncompressed content
+    size: int  # uncompressed bytes of this chunk
+    compressed_offset: int  # blob offset of the compressed stream that holds the chunk
+    compressed_size: int  # bytes of blob to fetch from compressed_offset to decode the chunk
+    inner_offset: int  # uncompressed offset of the chunk inside that stream (eStargz innerOffset)
+    digest: str  # "sha256:<hex>" of the chunk's uncompressed bytes
+
+
+@dataclass
+class Entry:
+    """One path of the layer, with tar-like attributes. ``name`` is normalized: no leading "./" or
+    "/", no trailing "/", no "." or ".." components; the root directory is ""."""
+
+    name: str
+    type: EntryType
+    mode: int  # permission bits plus setuid/setgid/sticky (no file-type bits)
+    uid: int = 0
+    gid: int = 0
+    size: int = 0  # regular files: uncompressed content size
+    mtime_ns: int = 0
+    link_name: str = ""  # symlink target, or (hardlink) the normalized name of the target entry
+    dev_major: int = 0
+    dev_minor: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    digest: str = ""  # "sha256:<hex>" of the whole content, when the format records it
+    chunks: list[Chunk] = field(default_factory=list)  # regular files, sorted by file_offset
+
+
+@dataclass
+class LayerIndex:
+    """A parsed, validated layer."""
+
+    format: str  # "estargz", "stargz" (legacy footer), "zstdchunked"
+    compression: Compression
+    entries: dict[str, Entry]  # by normalized name, in the format's order; includes parents
+    # Prioritized files (eStargz: entries before .prefetch.landmark), in access order.
+    prefetch: list[str] = field(default_factory=list)
+    # Blob bytes [0, prefetch_end) hold every prioritized chunk (one range request fetches them);
+    # 0 when there is nothing to prefetch.
+    prefetch_end: int = 0
+    no_prefetch: bool = False  # the layer carries .no.prefetch.landmark
+    toc_offset: int = 0  # where the format's metadata starts in the blob
+    blob_size: int = 0

@@ -1,0 +1,426 @@
+"""The stargz-family TOC JSON (eStargz and zstd:chunked share it) → a validated ``LayerIndex``.
+
+Owns: TOC entry validation (names, types, sizes, digests, hardlinks, chunk tiling), the
+landmark names, and the computation of each chunk's compressed range. No I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import itertools
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
+
+from snapshotter.formats.index import (
+    Chunk,
+    Compression,
+    Entry,
+    EntryType,
+    FormatError,
+    LayerIndex,
+)
+
+TOC_TAR_NAME = "stargz.index.json"
+PREFETCH_LANDMARK = ".prefetch.landmark"
+NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
+LANDMARK_NAMES = frozenset({PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
+LANDMARK_CONTENTS = b"\x0f"
+TOC_VERSION = 1
+INT64_MAX = (1 << 63) - 1
+_ID_MAX = (1 << 32) - 1
+
+_TYPES: dict[str, EntryType] = {t.value: t for t in EntryType}
+_CHUNK_TYPE = "chunk"
+# containers/storage marks chunks of zeros; their bytes are still in the blob, so they read
+# like data chunks.
+_CHUNK_KINDS = frozenset({"", "data", "zeros"})
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+_RFC3339_RE = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d\d):(\d\d))"
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def normalize_name(raw: object) -> str:
+    """A TOC name as the index keys it: no leading "/" or "./", no trailing "/", no "." parts."""
+    if not isinstance(raw, str):
+        raise FormatError(f"entry name {raw!r} is not a string")
+    if "\x00" in raw:
+        raise FormatError(f"entry {raw!r}: name contains a NUL byte")
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise FormatError(f"entry {raw!r}: '..' in the name escapes the layer root")
+    return "/".join(parts)
+
+
+def parent_name(name: str) -> str:
+    """Parent of a normalized name ("" for top-level entries)."""
+    return name.rpartition("/")[0]
+
+
+def check_digest(value: object, what: str) -> str:
+    """Validate a ``sha256:<64 lowercase hex>`` digest; ``what`` names it in the error."""
+    if not isinstance(value, str) or not _DIGEST_RE.fullmatch(value):
+        raise FormatError(f"{what}: malformed digest {value!r} (want sha256:<64 hex>)")
+    return value
+
+
+def _int_field(raw: Mapping[str, object], key: str, name: str, *, limit: int = INT64_MAX) -> int:
+    value = raw.get(key, 0)
+    if value is None:
+        return 0
+    # bool is an int subclass in Python; JSON true is not a number.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise FormatError(f"entry {name!r}: {key} {value!r} is not an integer")
+    if value < 0 or value > limit:
+        raise FormatError(f"entry {name!r}: {key} {value} is negative or overflows")
+    return value
+
+
+def _str_field(raw: Mapping[str, object], key: str, name: str) -> str:
+    value = raw.get(key, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise FormatError(f"entry {name!r}: {key} {value!r} is not a string")
+    return value
+
+
+def parse_mtime_ns(value: str) -> int:
+    """RFC 3339 (with up to nanosecond fractions) → ns since the epoch; "" or unparsable → 0.
+
+    stargz-snapshotter ignores unparsable times (``time.Parse`` error dropped), so we do too:
+    a bad mtime is cosmetic and must not make a layer unmountable.
+    """
+    m = _RFC3339_RE.fullmatch(value)
+    if not m:
+        return 0
+    year, mon, day, hh, mm, ss = (int(g) for g in m.group(1, 2, 3, 4, 5, 6))
+    frac = int((m.group(7) or "").ljust(9, "0"))
+    tz = UTC
+    if m.group(9):
+        delta = timedelta(hours=int(m.group(10)), minutes=int(m.group(11)))
+        tz = timezone(-delta if m.group(9) == "-" else delta)
+    try:
+        moment = datetime(year, mon, day, hh, mm, min(ss, 59), tzinfo=tz)
+    except ValueError:
+        return 0
+    delta = moment - _EPOCH
+    return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + frac
+
+
+def _xattrs(raw: Mapping[str, object], name: str) -> dict[str, bytes]:
+    value = raw.get("xattrs")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise FormatError(f"entry {name!r}: xattrs is not an object")
+    out: dict[str, bytes] = {}
+    for key, b64 in value.items():
+        if not isinstance(b64, str):
+            raise FormatError(f"entry {name!r}: xattr {key!r} is not a base64 string")
+        try:
+            out[key] = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise FormatError(f"entry {name!r}: xattr {key!r} is not valid base64") from exc
+    return out
+
+
+@dataclass
+class _RawChunk:
+    """A reg/chunk TOC record before its compressed size is known."""
+
+    name: str
+    file_offset: int
+    size: int
+    offset: int
+    inner_offset: int
+    digest: str
+    end_offset: int | None
+
+
+@dataclass
+class _OpenFile:
+    """The regular file whose chunk records are being collected."""
+
+    entry: Entry
+    chunks: list[_RawChunk] = field(default_factory=list)
+
+
+class _TocBuilder:
+    """Walks the TOC entries once, validating as it goes."""
+
+    def __init__(self, data_end: int) -> None:
+        self.data_end = data_end  # chunks must lie in [0, data_end)
+        self.entries: dict[str, Entry] = {}
+        self.order: list[str] = []
+        self.raw_chunks: list[_RawChunk] = []
+        self.current: _OpenFile | None = None
+        self.prefetch_landmark_at: int | None = None
+        self.no_prefetch = False
+
+    # -- entries ---------------------------------------------------------------------------
+
+    def add(self, index: int, raw: object) -> None:
+        if not isinstance(raw, dict):
+            raise FormatError(f"TOC entry #{index} is not a JSON object")
+        typ = raw.get("type")
+        if not isinstance(typ, str) or (typ not in _TYPES and typ != _CHUNK_TYPE):
+            raise FormatError(f"entry {raw.get('name')!r}: unknown entry type {typ!r}")
+        if typ == _CHUNK_TYPE:
+            self._add_chunk(raw)
+            return
+        self._finish_file()
+        name = normalize_name(raw.get("name"))
+        if name in self.entries:
+            raise FormatError(f"entry {name!r}: duplicate entry in the TOC")
+        entry = self._entry(raw, name, _TYPES[typ])
+        self.entries[name] = entry
+        self.order.append(name)
+        if name == PREFETCH_LANDMARK:
+            self.prefetch_landmark_at = len(self.order) - 1
+        elif name == NO_PREFETCH_LANDMARK:
+            self.no_prefetch = True
+        if entry.type is EntryType.REG and entry.size > 0:
+            self.current = _OpenFile(entry)
+            self._add_chunk(raw)
+
+    def _entry(self, raw: Mapping[str, object], name: str, typ: EntryType) -> Entry:
+        if name == "" and typ is not EntryType.DIR:
+            raise FormatError(f"entry {raw.get('name')!r}: the layer root must be a directory")
+        entry = Entry(
+            name=name,
+            type=typ,
+            mode=_int_field(raw, "mode", name) & 0o7777,
+            uid=_int_field(raw, "uid", name, limit=_ID_MAX),
+            gid=_int_field(raw, "gid", name, limit=_ID_MAX),
+            mtime_ns=parse_mtime_ns(_str_field(raw, "modtime", name)),
+            xattrs=_xattrs(raw, name),
+        )
+        size = _int_field(raw, "size", name)
+        if typ is EntryType.REG:
+            entry.size = size
+            digest = _str_field(raw, "digest", name)
+            if digest:
+                entry.digest = check_digest(digest, f"entry {name!r} digest")
+        elif typ in (EntryType.CHAR, EntryType.BLOCK):
+            entry.dev_major = _int_field(raw, "devMajor", name, limit=_ID_MAX)
+            entry.dev_minor = _int_field(raw, "devMinor", name, limit=_ID_MAX)
+        elif typ is EntryType.SYMLINK:
+            entry.link_name = _str_field(raw, "linkName", name)
+            if not entry.link_name:
+                raise FormatError(f"entry {name!r}: symlink without linkName")
+        elif typ is EntryType.HARDLINK:
+            entry.link_name = self._hardlink_target(raw, name)
+        return entry
+
+    def _hardlink_target(self, raw: Mapping[str, object], name: str) -> str:
+        target_raw = _str_field(raw, "linkName", name)
+        if not target_raw:
+            raise FormatError(f"entry {name!r}: hardlink without linkName")
+        target = self.entries.get(normalize_name(target_raw))
+        if target is None:
+            raise FormatError(
+                f"entry {name!r}: hardlink to {target_raw!r}, which is missing or later in the TOC"
+            )
+        # Earlier hardlinks were already resolved to their regular file, so one hop suffices.
+        if target.type is EntryType.HARDLINK:
+            return target.link_name
+        if target.type is not EntryType.REG:
+            raise FormatError(
+                f"entry {name!r}: hardlink to {target_raw!r}, which is a {target.type.value}, not a file"
+            )
+        return target.name
+
+    # -- chunks ----------------------------------------------------------------------------
+
+    def _add_chunk(self, raw: Mapping[str, object]) -> None:
+        cur = self.current
+        raw_name = raw.get("name")
+        if cur is None:
+            raise FormatError(f"entry {raw_name!r}: chunk that follows no non-empty regular file")
+        name = cur.entry.name
+        # SGZ repeats the file's name on chunk records; a different name means a mangled TOC.
+        if raw_name not in (None, "") and normalize_name(raw_name) != name:
+            raise FormatError(f"entry {raw_name!r}: chunk record inside the chunks of {name!r}")
+        kind = _str_field(raw, "chunkType", name)
+        if kind not in _CHUNK_KINDS:
+            raise FormatError(f"entry {name!r}: unknown chunkType {kind!r}")
+        file_offset = _int_field(raw, "chunkOffset", name)
+        size = _int_field(raw, "chunkSize", name)
+        if size == 0:  # eStargz: 0 means "up to the end of the file"
+            size = cur.entry.size - file_offset
+        if size <= 0 or file_offset + size > INT64_MAX:
+            raise FormatError(f"entry {name!r}: chunk at file offset {file_offset} has size {size}")
+        end_offset = raw.get("endOffset")
+        chunk = _RawChunk(
+            name=name,
+            file_offset=file_offset,
+            size=size,
+            offset=_int_field(raw, "offset", name),
+            inner_offset=_int_field(raw, "innerOffset", name),
+            digest=self._chunk_digest(raw, cur, name, file_offset, size),
+            end_offset=_int_field(raw, "endOffset", name) if end_offset is not None else None,
+        )
+        if chunk.offset >= self.data_end:
+            raise FormatError(
+                f"entry {name!r}: chunk offset {chunk.offset} is beyond the data region "
+                f"(ends at {self.data_end})"
+            )
+        cur.chunks.append(chunk)
+
+    @staticmethod
+    def _chunk_digest(
+        raw: Mapping[str, object], cur: _OpenFile, name: str, file_offset: int, size: int
+    ) -> str:
+        digest = _str_field(raw, "chunkDigest", name)
+        if digest:
+            return check_digest(digest, f"entry {name!r} chunkDigest")
+        # Legacy CRFS stargz has only the whole-file digest; it is the chunk digest when the
+        # single chunk is the whole file (SGZ's Verifiers() falls back the same way).
+        whole = file_offset == 0 and size == cur.entry.size and raw.get("type") != _CHUNK_TYPE
+        if whole and cur.entry.digest:
+            return cur.entry.digest
+        raise FormatError(f"entry {name!r}: missing chunkDigest for the chunk at file offset {file_offset}")
+
+    def _finish_file(self) -> None:
+        """Check that the open file's chunks tile its content exactly."""
+        cur, self.current = self.current, None
+        if cur is None:
+            return
+        pos = 0
+        for c in cur.chunks:
+            if c.file_offset != pos:
+                kind = "gap" if c.file_offset > pos else "overlap"
+                raise FormatError(
+                    f"entry {cur.entry.name!r}: chunks do not tile the file ({kind} at offset {pos}, "
+                    f"next chunk starts at {c.file_offset})"
+                )
+            pos += c.size
+        if pos != cur.entry.size:
+            raise FormatError(
+                f"entry {cur.entry.name!r}: chunk sizes sum to {pos}, file size is {cur.entry.size}"
+            )
+        self.raw_chunks.extend(cur.chunks)
+
+    # -- finishing -------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Close the last file and compute every chunk's compressed range."""
+        self._finish_file()
+        self.attach_chunks()
+
+    def attach_chunks(self) -> None:
+        """Give every chunk its compressed range: up to the next distinct stream start."""
+        starts = sorted({c.offset for c in self.raw_chunks} | {self.data_end})
+        next_start = dict(itertools.pairwise(starts))
+        for c in self.raw_chunks:
+            end = next_start[c.offset]
+            if c.end_offset is not None:
+                # containers/storage records where the frame ends; trust it only inside the range.
+                if not c.offset < c.end_offset <= end:
+                    raise FormatError(
+                        f"entry {c.name!r}: endOffset {c.end_offset} outside ({c.offset}, {end}]"
+                    )
+                end = c.end_offset
+            self.entries[c.name].chunks.append(
+                Chunk(
+                    file_offset=c.file_offset,
+                    size=c.size,
+                    compressed_offset=c.offset,
+                    compressed_size=end - c.offset,
+                    inner_offset=c.inner_offset,
+                    digest=c.digest,
+                )
+            )
+
+    def ordered_with_parents(self) -> dict[str, Entry]:
+        """Entries in TOC order, each preceded by any parent directory the TOC omits."""
+        out: dict[str, Entry] = {}
+        for name in ["", *self.order]:
+            missing: list[str] = []
+            parent = parent_name(name) if name else None
+            while parent is not None and parent not in out and parent not in self.entries:
+                missing.append(parent)
+                parent = parent_name(parent) if parent else None
+            for p in reversed(missing):
+                out[p] = Entry(name=p, type=EntryType.DIR, mode=0o755)
+            if name in self.entries:
+                out[name] = self.entries[name]
+            elif name == "":
+                out[""] = Entry(name="", type=EntryType.DIR, mode=0o755)
+        for name in out:
+            parent_entry = out.get(parent_name(name)) if name else None
+            if parent_entry is not None and parent_entry.type is not EntryType.DIR:
+                raise FormatError(
+                    f"entry {name!r}: parent {parent_entry.name!r} is a {parent_entry.type.value}"
+                )
+        return out
+
+    def prefetch(self) -> tuple[list[str], int]:
+        """Prioritized names and the blob offset that ends the prioritized region."""
+        at = self.prefetch_landmark_at
+        if at is None:
+            return [], 0
+        if self.no_prefetch:
+            raise FormatError(f"both {PREFETCH_LANDMARK!r} and {NO_PREFETCH_LANDMARK!r} are present")
+        names = self.order[:at]
+        landmark = self.entries[PREFETCH_LANDMARK]
+        if not landmark.chunks:
+            raise FormatError(f"entry {PREFETCH_LANDMARK!r}: landmark has no content")
+        end = landmark.chunks[0].compressed_offset
+        last = max(
+            (c.compressed_offset + c.compressed_size for n in names for c in self.entries[n].chunks),
+            default=0,
+        )
+        if last > end:
+            # Newer SGZ (min chunk size) may pack the landmark into the stream of the last
+            # prioritized file: then the region ends where that shared stream ends.
+            end = landmark.chunks[0].compressed_offset + landmark.chunks[0].compressed_size
+            if last > end:
+                raise FormatError(f"entry {PREFETCH_LANDMARK!r}: prioritized chunks extend past the landmark")
+        return names, end
+
+
+def index_from_toc(
+    toc: object,
+    *,
+    format: str,
+    compression: Compression,
+    toc_offset: int,
+    blob_size: int,
+) -> LayerIndex:
+    """Validate a decoded TOC JSON document and build the layer index.
+
+    ``toc_offset`` is where the format's metadata starts in the blob (the TOC gzip member, or
+    the skippable frame holding the zstd:chunked TOC); every chunk must lie before it.
+    """
+    if not 0 <= toc_offset <= blob_size:
+        raise FormatError(f"TOC offset {toc_offset} is outside the blob (size {blob_size})")
+    if not isinstance(toc, dict):
+        raise FormatError("TOC JSON is not an object")
+    version = toc.get("version")
+    if version != TOC_VERSION or isinstance(version, bool):
+        raise FormatError(f"unsupported TOC version {version!r} (want {TOC_VERSION})")
+    raw_entries = toc.get("entries")
+    if not isinstance(raw_entries, list):
+        raise FormatError("TOC has no entries list")
+    builder = _TocBuilder(data_end=toc_offset)
+    for i, raw in enumerate(raw_entries):
+        builder.add(i, raw)
+    builder.finish()
+    entries = builder.ordered_with_parents()
+    prefetch, prefetch_end = builder.prefetch()
+    return LayerIndex(
+        format=format,
+        compression=compression,
+        entries=entries,
+        prefetch=prefetch,
+        prefetch_end=prefetch_end,
+        no_prefetch=builder.no_prefetch,
+        toc_offset=toc_offset,
+        blob_size=blob_size,
+    )

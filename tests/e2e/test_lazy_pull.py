@@ -1,0 +1,232 @@
+"""Lazy pull end to end: images converted by the real ctr-remote, pulled with `ctr-remote image
+rpull --snapshotter lazysnap` through real containerd, served by lazysnap's FUSE layers.
+
+The registry sits behind a byte-counting proxy on loopback, so the test sees what was downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from snapshotter.admin import fetch_stats
+from tests.e2e.conftest import ContainerdFactory, make_tmpdir, remove_tmpdir
+from tests.support import mounts, oci
+from tests.support.daemon import LazysnapDaemon
+from tests.support.proxy import CountingProxy
+from tests.support.services import Containerd, Registry, require_privileges, run_in_container, verify_container_fs
+
+SNAPSHOTTER = "lazysnap"
+LARGE_SIZE = 16 << 20
+# What `cat /data/hello.txt /etc/motd` reads at startup, as `ctr-remote image optimize` records it.
+PRIORITIZED = ["bin/busybox", "data/hello.txt", "etc/motd"]
+
+
+@dataclass(frozen=True)
+class LazyImages:
+    gzip: str  # repo:tag paths, without host (the test adds the proxy's host)
+    estargz: str
+    zstdchunked: str
+    estargz_prefetch: str
+    expected: dict[str, oci.Node]
+    large: bytes
+    total_size: dict[str, int]  # compressed bytes of all layers, per variant
+
+
+def image_size(cd: Containerd, ref: str) -> int:
+    """Sum of the layer sizes of ``ref`` (linux/amd64 manifest) in containerd's content store."""
+    raw = cd.ctr("content", "get", _manifest_digest(cd, ref)).stdout
+    return sum(layer["size"] for layer in json.loads(raw)["layers"])
+
+
+def _manifest_digest(cd: Containerd, ref: str) -> str:
+    for line in cd.ctr("image", "ls").stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields[0] == ref:
+            return next(f for f in fields if f.startswith("sha256:"))
+    raise AssertionError(f"{ref} not in ctr image ls")
+
+
+@pytest.fixture(scope="module")
+def lazy_images(registry: Registry) -> Iterator[LazyImages]:
+    """The standard image plus a 16 MiB file, as gzip, and converted by ctr-remote to eStargz,
+    zstd:chunked, and eStargz with prioritized files (a record file, as `optimize` writes)."""
+    require_privileges(binaries=("containerd", "ctr", "ctr-remote", "docker-registry", "skopeo"))
+    workdir = make_tmpdir()
+    cd = Containerd(workdir / "cd")
+    try:
+        spec = oci.test_image_layers()
+        large = oci._pseudo_random(LARGE_SIZE, b"lazysnap-large")  # incompressible
+        layers = (*spec.layers, (oci.Dir("/data"), oci.File("/data/large.bin", large)))
+        image = oci.build_layout(workdir / "layout", layers, tag="gzip", cmd=list(spec.cmd))
+        host = registry.host
+        gzip_ref = oci.push(image.layout_dir, "gzip", host, "lztest/lazy")
+        cd.start()
+        cd.pull(gzip_ref)
+        record = workdir / "record.json"
+        record.write_text("".join(json.dumps({"path": p}) + "\n" for p in PRIORITIZED))
+        variants = {
+            "estargz": ["--estargz"],
+            "zstdchunked": ["--zstdchunked"],
+            "estargz-prefetch": ["--estargz", "--estargz-record-in", str(record)],
+        }
+        sizes = {"gzip": image_size(cd, gzip_ref)}
+        for tag, flags in variants.items():
+            target = f"{host}/lztest/lazy:{tag}"
+            cd.ctr("image", "convert", "--oci", *flags, gzip_ref, target, binary="ctr-remote", timeout=300)
+            cd.ctr("image", "push", "--plain-http", target, timeout=300)
+            sizes[tag] = image_size(cd, target)
+        yield LazyImages(
+            gzip="lztest/lazy:gzip",
+            estargz="lztest/lazy:estargz",
+            zstdchunked="lztest/lazy:zstdchunked",
+            estargz_prefetch="lztest/lazy:estargz-prefetch",
+            expected=oci.apply_layers(layers),
+            large=large,
+            total_size=sizes,
+        )
+    finally:
+        cd.stop()
+        remove_tmpdir(workdir)
+
+
+@pytest.fixture
+def proxy(registry: Registry) -> Iterator[CountingProxy]:
+    host, port = registry.host.split(":")
+    p = CountingProxy(host, int(port)).start()
+    yield p
+    p.stop()
+
+
+def lazysnap_config(workdir: Path, **sections: dict[str, object]) -> Path:
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    path = workdir / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def lazy_stack(containerd_factory: ContainerdFactory) -> Iterator[tuple[LazysnapDaemon, Containerd]]:
+    """lazysnap without background fetch or whole-layer fetch (so laziness is observable), and a
+    containerd that uses it."""
+    require_privileges()
+    workdir = make_tmpdir()
+    config = lazysnap_config(workdir, prefetch={"background": False, "fetch_whole_below_bytes": 0})
+    daemon = LazysnapDaemon(workdir, config=config)
+    try:
+        daemon.start()
+        cd = containerd_factory(proxy_plugins={SNAPSHOTTER: str(daemon.address)})
+        yield daemon, cd
+        cd.stop()
+    finally:
+        daemon.stop()
+        remove_tmpdir(workdir)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def stats(daemon: LazysnapDaemon) -> dict[str, object]:
+    return fetch_stats(daemon.root / "admin.sock")
+
+
+def rpull(cd: Containerd, ref: str) -> None:
+    cd.ctr("image", "rpull", "--plain-http", "--snapshotter", SNAPSHOTTER, ref, binary="ctr-remote", timeout=180)
+
+
+def fuse_mounts_under(path: Path) -> list[str]:
+    return [m.target for m in mounts.mounts_under(path) if m.fstype.startswith("fuse")]
+
+
+@pytest.mark.parametrize("variant", ["estargz", "zstdchunked"])
+def test_rpull_is_lazy_and_the_container_reads_right_bytes(
+    lazy_images: LazyImages, proxy: CountingProxy, lazy_stack: tuple[LazysnapDaemon, Containerd], variant: str
+) -> None:
+    daemon, cd = lazy_stack
+    ref = f"{proxy.host}/{getattr(lazy_images, variant)}"
+    rpull(cd, ref)
+    pulled = proxy.reset()
+    st = stats(daemon)
+    assert st["lazy_mounts"] == 4, st
+    assert len(fuse_mounts_under(daemon.root)) == 4
+    total = lazy_images.total_size[variant]
+    # Manifests, configs, footers and TOCs only: a few percent of the image.
+    assert pulled < total * 0.05, f"rpull downloaded {pulled} of {total} bytes"
+
+    # Read 1 MiB from the middle of the 16 MiB file inside a container.
+    offset_blocks, count = 100, 16  # 64 KiB blocks
+    script = f"/bin/busybox dd if=/data/large.bin bs=65536 skip={offset_blocks} count={count} 2>/dev/null"
+    out = run_in_container(cd, ref, "/bin/sh", "-c", script + " | /bin/busybox sha256sum", snapshotter=SNAPSHOTTER)
+    piece = lazy_images.large[offset_blocks * 65536 : (offset_blocks + count) * 65536]
+    assert out.split()[0] == hashlib.sha256(piece).hexdigest()
+    read_cost = proxy.reset()
+    # The 4 MiB chunk holding the range, one chunk of readahead and busybox itself: not the file.
+    assert read_cost < LARGE_SIZE * 0.7, f"reading 1 MiB fetched {read_cost} bytes"
+    print(f"{variant}: image {total} B, rpull fetched {pulled} B, reading 1 MiB fetched {read_cost} B")
+
+    # The whole tree, as overlayfs would show the same image pulled normally.
+    assert verify_container_fs(cd, ref, lazy_images.expected, snapshotter=SNAPSHOTTER) == []
+    layers = stats(daemon)["layers"]
+    assert isinstance(layers, dict) and all(layer["verify_failures"] == 0 for layer in layers.values())
+
+
+def test_gzip_image_falls_back_to_a_normal_pull(
+    lazy_images: LazyImages, proxy: CountingProxy, lazy_stack: tuple[LazysnapDaemon, Containerd]
+) -> None:
+    daemon, cd = lazy_stack
+    ref = f"{proxy.host}/{lazy_images.gzip}"
+    rpull(cd, ref)
+    st = stats(daemon)
+    assert st["lazy_mounts"] == 0 and st["not_lazy"] == {"no-toc-digest": 4}, st
+    assert proxy.reset() >= lazy_images.total_size["gzip"]  # containerd downloaded every layer
+    assert fuse_mounts_under(daemon.root) == []
+    assert verify_container_fs(cd, ref, lazy_images.expected, snapshotter=SNAPSHOTTER) == []
+
+
+def test_prefetch_caches_prioritized_files_before_the_container_starts(
+    lazy_images: LazyImages, proxy: CountingProxy, containerd_factory: ContainerdFactory
+) -> None:
+    require_privileges()
+    workdir = make_tmpdir()
+    config = lazysnap_config(workdir, prefetch={"background": False, "fetch_whole_below_bytes": 0})
+    daemon = LazysnapDaemon(workdir, config=config)
+    try:
+        daemon.start()
+        cd = containerd_factory(proxy_plugins={SNAPSHOTTER: str(daemon.address)})
+        ref = f"{proxy.host}/{lazy_images.estargz_prefetch}"
+        rpull(cd, ref)
+        layers = stats(daemon)["layers"]
+        assert isinstance(layers, dict) and len(layers) == 4
+        prefetching = [d for d, layer in layers.items() if layer["prefetch_files"] > 0]
+        assert prefetching, "ctr-remote wrote no .prefetch.landmark"
+        assert wait_until(lambda: all(stats(daemon)["layers"][d]["prefetch_done"] for d in prefetching))  # type: ignore[index]
+        layers = stats(daemon)["layers"]
+        assert isinstance(layers, dict)
+        before = {d: layer["bytes"]["on_demand"] for d, layer in layers.items()}
+        out = run_in_container(cd, ref, "/bin/cat", "/data/hello.txt", "/etc/motd", snapshotter=SNAPSHOTTER)
+        assert out == "hello from layer 2\nmotd from layer 2\n"
+        after = stats(daemon)["layers"]
+        assert isinstance(after, dict)
+        for digest in prefetching:
+            assert after[digest]["bytes"]["prefetch"] > 0
+        # Everything the container read came from the prefetched bytes: nothing fetched on demand.
+        assert {d: layer["bytes"]["on_demand"] for d, layer in after.items()} == before == dict.fromkeys(before, 0)
+        cd.stop()
+    finally:
+        daemon.stop()
+        remove_tmpdir(workdir)
