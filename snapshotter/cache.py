@@ -97,6 +97,26 @@ class ChunkCache:
         self.hits += 1
         return data
 
+    def read_range(self, digest: str, start: int, end: int) -> bytes | None:
+        """Bytes [start, end) of a cached chunk, reading only those once the chunk is verified."""
+        hexdigest = _hex_of(digest)
+        with self._lock:
+            verified = hexdigest in self._verified and hexdigest in self._lru
+            if verified:
+                self._lru.move_to_end(hexdigest)
+        if not verified:
+            whole = self.get(digest)
+            return None if whole is None else whole[start:end]
+        try:
+            with open(self._path(hexdigest), "rb", buffering=0) as fh:
+                data = os.pread(fh.fileno(), end - start, start)
+        except FileNotFoundError:  # evicted meanwhile
+            self._forget(hexdigest)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return data
+
     def put(self, digest: str, data: bytes) -> None:
         """Store a chunk the caller has verified against ``digest``."""
         hexdigest = _hex_of(digest)

@@ -125,6 +125,7 @@ class LayerReader:
         self.config = config or ReaderConfig()
         self.stats = FetchStats()
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._offsets: dict[str, list[int]] = {}  # per file: its chunks' file offsets, for bisect
         self._on_demand_active = 0
         self._on_demand_idle = asyncio.Event()
         self._on_demand_idle.set()
@@ -139,37 +140,39 @@ class LayerReader:
         if offset >= end:
             return b""
         chunks = entry.chunks
-        first = max(0, bisect.bisect_right([c.file_offset for c in chunks], offset) - 1)
+        offsets = self._offsets.get(entry.name)
+        if offsets is None:
+            offsets = self._offsets[entry.name] = [c.file_offset for c in chunks]
+        first = max(0, bisect.bisect_right(offsets, offset) - 1)
         needed: list[Chunk] = []
         for c in chunks[first:]:
             if c.file_offset >= end:
                 break
             needed.append(c)
-        data: dict[str, bytes] = {}
-        missing: list[Chunk] = []
-        for c in needed:
-            hit = self.cache.get(c.digest)
-            if hit is None:
-                missing.append(c)
-            else:
-                data[c.digest] = hit
+        # Per chunk, the slice of it this read needs (a FUSE read is small; chunks are large).
+        # A file may hold the same chunk twice (zeros), so slices are kept by position.
+        bounds = [
+            (max(offset, c.file_offset) - c.file_offset, min(end, c.file_offset + c.size) - c.file_offset)
+            for c in needed
+        ]
+        pieces: list[bytes | None] = [
+            self.cache.read_range(c.digest, lo, hi) for c, (lo, hi) in zip(needed, bounds, strict=True)
+        ]
+        missing = [c for c, piece in zip(needed, pieces, strict=True) if piece is None]
         if missing:
             extra = self._readahead(entry, needed[-1])
             future = asyncio.run_coroutine_threadsafe(self._ensure(missing, extra, ON_DEMAND), self.loop)
             try:
-                data.update(future.result(timeout=self.config.read_timeout))
+                fetched = future.result(timeout=self.config.read_timeout)
             except TimeoutError:
                 future.cancel()
                 raise ReadError(
                     f"layer {self.layer}: read of {entry.name!r} timed out after {self.config.read_timeout}s"
                 ) from None
-        out = bytearray()
-        for c in needed:
-            piece = data[c.digest]
-            lo = max(offset, c.file_offset) - c.file_offset
-            hi = min(end, c.file_offset + c.size) - c.file_offset
-            out += piece[lo:hi]
-        return bytes(out)
+            for i, (c, (lo, hi)) in enumerate(zip(needed, bounds, strict=True)):
+                if pieces[i] is None:
+                    pieces[i] = fetched[c.digest][lo:hi]
+        return b"".join(p for p in pieces if p is not None)
 
     def _readahead(self, entry: Entry, last: Chunk) -> list[Chunk]:
         """Following chunks of the same file, up to readahead_bytes of compressed data."""
@@ -194,7 +197,8 @@ class LayerReader:
             self._on_demand_idle.clear()
         try:
             waits = {c.digest: self._inflight[c.digest] for c in wanted if c.digest in self._inflight}
-            todo = [c for c in [*wanted, *extra] if c.digest not in self._inflight]
+            # One fetch per distinct chunk: a file of zeros repeats the same chunk many times.
+            todo = list({c.digest: c for c in [*wanted, *extra] if c.digest not in self._inflight}.values())
             if todo:
                 self._start_fetch(todo, reason)
                 waits.update({c.digest: self._inflight[c.digest] for c in wanted if c.digest not in waits})

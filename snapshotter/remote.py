@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from snapshotter.cache import ChunkCache
-from snapshotter.fetcher import FetchError, RegistryClient
+from snapshotter.fetcher import FetchError, RegistryClient, ResolvedImage
 from snapshotter.formats import MAX_FOOTER_SIZE, locate_toc, parse_toc
 from snapshotter.formats.index import FormatError, LayerIndex
 from snapshotter.fuse.layerfs import LayerFS, LayerTree, MountedLayer, is_fuse_mountpoint
@@ -38,6 +38,7 @@ TOC_DIGEST_LABEL = "containerd.io/snapshot/stargz/toc.digest"
 # Image reference and layer digest, from ctr-remote's handler or from the CRI plugin/nerdctl.
 REFERENCE_LABELS = ("containerd.io/snapshot/remote/stargz.reference", "containerd.io/snapshot/cri.image-ref")
 DIGEST_LABELS = ("containerd.io/snapshot/remote/stargz.digest", "containerd.io/snapshot/cri.layer-digest")
+RESOLVE_TTL_SECONDS = 60.0
 ZSTD_CHUNKED_ANNOTATIONS = (
     "io.containers.zstd-chunked.manifest-checksum",
     "io.github.containers.zstd-chunked.manifest-checksum",
@@ -99,6 +100,8 @@ class RemoteLayers:
         self.reader_config = reader_config or ReaderConfig()
         self.max_toc_bytes = max_toc_bytes
         self._mounts: dict[Path, _Mounted] = {}
+        # containerd prepares an image's layers one after another: resolve its manifest once.
+        self._resolved: dict[str, tuple[float, asyncio.Task[ResolvedImage]]] = {}
         self.not_lazy = collections.Counter[str]()  # reason -> layers pulled normally
         self.lazy_mounts = 0
 
@@ -190,10 +193,18 @@ class RemoteLayers:
             },
         )
 
+    async def _resolve(self, reference: str) -> ResolvedImage:
+        now = time.monotonic()
+        cached = self._resolved.get(reference)
+        if cached is None or now - cached[0] > RESOLVE_TTL_SECONDS or (cached[1].done() and (cached[1].cancelled() or cached[1].exception() is not None)):
+            cached = (now, self.loop.create_task(self.client.resolve(reference)))
+            self._resolved[reference] = cached
+        return await asyncio.shield(cached[1])
+
     async def _index(self, ref: LayerRef, labels: Mapping[str, str]) -> LayerIndex:
         """Fetch and verify the layer's TOC."""
         try:
-            image = await self.client.resolve(ref.reference)
+            image = await self._resolve(ref.reference)
         except FetchError as exc:
             raise NotLazyError("registry-unreachable", f"{ref.reference}: {exc}") from None
         layer = next((layer for layer in image.layers if layer.digest == ref.digest), None)

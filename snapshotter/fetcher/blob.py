@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
@@ -213,7 +213,7 @@ class BlobReader:
             return self._target
 
     def _blob_url(self, endpoint: RegistryHost) -> str:
-        return f"{endpoint.base_url}/{self._ref.repository}/blobs/{self.digest}"
+        return endpoint.api_url(self._ref.host, self._ref.repository, "blobs", self.digest)
 
     async def _probe(self, endpoint: RegistryHost) -> _Target:
         url = self._blob_url(endpoint)
@@ -290,7 +290,7 @@ class BlobReader:
             return await self._singles(target, wanted, sem)
         batches = [wanted[i : i + self._max_ranges] for i in range(0, len(wanted), self._max_ranges)]
         out: dict[Range, bytes] = {}
-        for part in await asyncio.gather(*(self._multi(target, b, sem) for b in batches)):
+        for part in await _all([self._multi(target, b, sem) for b in batches]):
             out.update(part)
         return out
 
@@ -323,7 +323,7 @@ class BlobReader:
             self._require([rng], got)
             return got[rng]
 
-        results = await asyncio.gather(*(one(r) for r in ranges))
+        results = await _all([one(r) for r in ranges])
         return dict(zip(ranges, results, strict=True))
 
     async def _get(self, target: _Target, ranges: list[Range] | None, *, single: Range | None) -> _Answer:
@@ -391,6 +391,19 @@ class BlobReader:
             got = ", ".join(f"[{p.start}, {p.end})" for p in parts)
             raise Retry(f"asked for [{single[0]}, {single[1]}), got {got}", InvalidResponseError)
         return parts
+
+
+async def _all(coros: list[Coroutine[object, object, T]]) -> list[T]:
+    """Like gather, but the first failure cancels (and waits for) the others before propagating,
+    so no request outlives the read that asked for it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _cut(wanted: list[Range], answer: _Answer) -> dict[Range, bytes]:

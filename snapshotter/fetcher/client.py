@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from types import TracebackType
+from urllib.parse import urljoin
 
 import aiohttp
 
@@ -187,12 +188,12 @@ class RegistryClient:
         self, endpoint: RegistryHost, ref: Reference, obj: str, where: Where
     ) -> tuple[str, bytes, str]:
         """GET a manifest: (Content-Type, body, Docker-Content-Digest or "")."""
-        url = f"{endpoint.base_url}/{ref.repository}/manifests/{obj}"
+        url = endpoint.api_url(ref.host, ref.repository, "manifests", obj)
 
         async def handler(resp: aiohttp.ClientResponse) -> tuple[str, bytes, str] | str:
             location = resp.headers.get("Location")
             if 300 <= resp.status < 400 and location:
-                return location
+                return urljoin(url, location)
             check_status(resp, where, ManifestNotFoundError)
             body = await _read_limited(resp, MAX_MANIFEST_BYTES, where)
             return resp.headers.get("Content-Type", ""), body, resp.headers.get("Docker-Content-Digest", "")

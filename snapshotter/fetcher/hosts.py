@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from snapshotter.fetcher.errors import HostsConfigError
 from snapshotter.fetcher.reference import DOCKER_HUB
@@ -60,6 +60,13 @@ class RegistryHost:
     @property
     def base_url(self) -> str:
         return f"{self.scheme}://{self.host}{self.path}"
+
+    def api_url(self, registry: str, repository: str, kind: str, obj: str) -> str:
+        """URL of ``/<repository>/<kind>/<obj>`` here; mirrors get containerd's ``?ns=<registry>``."""
+        url = f"{self.base_url}/{repository}/{kind}/{obj}"
+        is_origin = registry == self.host or (registry == DOCKER_HUB and self.host == "registry-1.docker.io")
+        # Proxy caches (Harbor, spegel, ...) serve several registries and use ns to tell them apart.
+        return url if is_origin else f"{url}?ns={quote(registry, safe=':[]')}"
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context for this endpoint; None means the system defaults (or plain HTTP)."""

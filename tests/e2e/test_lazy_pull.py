@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -230,3 +231,30 @@ def test_prefetch_caches_prioritized_files_before_the_container_starts(
     finally:
         daemon.stop()
         remove_tmpdir(workdir)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+def test_restart_mounts_lazy_layers_again_and_reuses_the_cache(
+    lazy_images: LazyImages, proxy: CountingProxy, lazy_stack: tuple[LazysnapDaemon, Containerd], sig: int
+) -> None:
+    daemon, cd = lazy_stack
+    ref = f"{proxy.host}/{lazy_images.estargz}"
+    rpull(cd, ref)
+    script = "/bin/busybox sha256sum /data/big.bin /data/hello.txt"
+    first = run_in_container(cd, ref, "/bin/sh", "-c", script, snapshotter=SNAPSHOTTER)
+    targets = sorted(fuse_mounts_under(daemon.root))
+    assert len(targets) == 4
+
+    daemon.stop(sig)
+    if sig == signal.SIGTERM:
+        assert fuse_mounts_under(daemon.root) == []  # a clean stop unmounts what it served
+    proxy.reset()
+    daemon.start()  # mounts every lazy layer again before it serves
+    assert sorted(fuse_mounts_under(daemon.root)) == targets
+    assert stats(daemon)["lazy_mounts"] == 4
+    assert wait_until(
+        lambda: cd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls", check=False).returncode == 0
+    )
+    assert run_in_container(cd, ref, "/bin/sh", "-c", script, snapshotter=SNAPSHOTTER) == first
+    # Only manifests and TOCs again; the file contents came from the chunk cache.
+    assert proxy.reset() < 200_000

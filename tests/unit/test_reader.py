@@ -17,7 +17,7 @@ import pytest
 from snapshotter.cache import ChunkCache
 from snapshotter.formats import build_estargz, build_zstdchunked, locate_toc, parse_toc
 from snapshotter.formats.index import Compression, EntryType, LayerIndex
-from snapshotter.reader import LayerReader, ReadError, ReaderConfig
+from snapshotter.reader import LayerReader, ReaderConfig, ReadError
 from tests.support import oci
 
 FILES = {
@@ -26,12 +26,13 @@ FILES = {
     "etc/config.json": b'{"model": "tiny"}\n',
     "lib/a.so": os.urandom(150_000),
     "lib/b.so": os.urandom(90_000),
+    "var/zeros": bytes(300_000),  # the same chunk five times over
 }
 PRIORITIZED = ["app/main.py", "etc/config.json"]
 
 
 def layer_tar() -> bytes:
-    entries: list[oci.Entry] = [oci.Dir("app"), oci.Dir("etc"), oci.Dir("lib")]
+    entries: list[oci.Entry] = [oci.Dir("app"), oci.Dir("etc"), oci.Dir("lib"), oci.Dir("var")]
     entries += [oci.File(name, data) for name, data in FILES.items()]
     return oci.layer_tar(entries)
 
@@ -126,6 +127,15 @@ def test_reads_return_the_files_bytes(layer: Layer) -> None:
     for name, data in FILES.items():
         assert layer.read_file(reader, name) == data
     assert layer.blob.bytes_served == fetched  # second pass: all from the cache
+
+
+def test_repeated_chunks_are_fetched_once(layer: Layer) -> None:
+    reader = layer.reader(readahead_bytes=0)
+    zeros = layer.index.entries["var/zeros"]
+    assert len({c.digest for c in zeros.chunks}) < len(zeros.chunks)
+    assert reader.read(zeros, 0, zeros.size) == FILES["var/zeros"]
+    assert layer.read_file(reader, "var/zeros", step=4096) == FILES["var/zeros"]
+    assert reader.stats.chunks_fetched == len({c.digest for c in zeros.chunks})
 
 
 def test_concurrent_readers_fetch_each_chunk_once(layer: Layer) -> None:

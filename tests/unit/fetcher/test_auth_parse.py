@@ -11,7 +11,8 @@ def test_bearer_with_quoted_params_sorted_first() -> None:
     found = parse_challenges(
         [
             'Basic realm="x"',
-            'Bearer realm="https://auth.example/token",service="reg, the \\"best\\"",scope=repository:a/b:pull',
+            'Bearer realm="https://auth.example/token",'
+            'service="reg, the \\"best\\"",scope=repository:a/b:pull',
             "Negotiate abc",
         ]
     )

@@ -267,7 +267,8 @@ async def test_mirror_failing_falls_over_to_origin(registry: FakeRegistry, tmp_p
     host_dir = tmp_path / (registry.host.replace(":", "_") + "_")
     host_dir.mkdir()
     (host_dir / "hosts.toml").write_text(
-        f'server = "http://{registry.host}"\n[host."http://127.0.0.1:1"]\n  capabilities = ["pull", "resolve"]\n'
+        f'server = "http://{registry.host}"\n'
+        '[host."http://127.0.0.1:1"]\n  capabilities = ["pull", "resolve"]\n'
     )
     async with make_client(HostsConfig(tmp_path), max_retries=1) as client:
         blob = client.blob(f"{registry.host}/app", digest, len(DATA))
@@ -321,3 +322,26 @@ async def test_read_all_size_and_checks(registry: FakeRegistry) -> None:
             await client.blob(f"{registry.host}/app", bad).read_all()
         with pytest.raises(RangeNotSatisfiableError):
             await client.blob(f"{registry.host}/app", digest).read_ranges([(len(DATA) + 5, len(DATA) + 6)])
+
+
+async def test_single_range_fallback_has_bounded_concurrency(registry: FakeRegistry) -> None:
+    registry.ranges = "reject400"
+    digest = registry.add_blob(DATA)
+    in_flight, peak = 0, 0
+
+    async def count(request: web.Request) -> web.StreamResponse | None:
+        nonlocal in_flight, peak
+        if "," not in request.headers.get("Range", ","):
+            in_flight += 1
+            peak = max(peak, in_flight)
+            await asyncio.sleep(0.02)
+            in_flight -= 1
+        return None
+
+    registry.intercept = count
+    ranges = [(i * 100, i * 100 + 10) for i in range(12)]
+    async with make_client(range_concurrency=3) as client:
+        assert await client.blob(f"{registry.host}/app", digest, len(DATA)).read_ranges(ranges) == expected(
+            ranges
+        )
+    assert peak == 3

@@ -120,7 +120,7 @@ async def test_basic_auth_from_config_json(registry: FakeRegistry, tmp_path: Pat
             await client.blob(f"{registry.host}/app", digest).read_ranges([(0, 2)])
     wrong = docker_config(tmp_path, registry.host, {"username": "bob", "password": "wrong"})
     async with make_client(credentials=wrong) as client:
-        with pytest.raises(AuthError, match="(refused|rejected) our credentials") as info:
+        with pytest.raises(AuthError, match=r"(refused|rejected) our credentials") as info:
             await client.blob(f"{registry.host}/app", digest).read_ranges([(0, 2)])
     assert "wrong" not in str(info.value)
 

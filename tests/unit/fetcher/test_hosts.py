@@ -97,7 +97,7 @@ def test_docker_cert_files_without_hosts_toml(tmp_path: Path) -> None:
 
 def test_ssl_context_errors_name_the_file(tmp_path: Path) -> None:
     host = RegistryHost("https", "x.example", ca=(str(tmp_path / "nope.crt"),))
-    with pytest.raises(HostsConfigError, match="nope.crt"):
+    with pytest.raises(HostsConfigError, match=r"nope\.crt"):
         host.ssl_context()
     assert RegistryHost("https", "x.example").ssl_context() is None
     insecure = RegistryHost("https", "x.example", skip_verify=True).ssl_context()

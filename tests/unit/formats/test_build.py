@@ -249,3 +249,12 @@ def test_big_file_spans_chunks_and_reassembles() -> None:
     index = parse_blob(built.blob, built.toc_digest)
     assert len(index.entries["data/big.bin"].chunks) == 30
     assert file_bytes(built.blob, index, "data/big.bin") == BIG
+
+
+def test_zstd_compressed_input_and_empty_layer() -> None:
+    tar = sample_tar()
+    a = build_estargz(zstandard.ZstdCompressor().compress(tar))
+    assert a.toc_json == build_estargz(tar).toc_json
+    empty = build_zstdchunked(b"")
+    index = parse_blob(empty.blob, empty.toc_digest)
+    assert list(index.entries) == ["", NO_PREFETCH_LANDMARK]
