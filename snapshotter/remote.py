@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from snapshotter.cache import ChunkCache
-from snapshotter.fetcher import FetchError, RegistryClient, ResolvedImage
+from snapshotter.fetcher import (
+    AuthError,
+    BlobNotFoundError,
+    DigestMismatchError,
+    FetchError,
+    ManifestNotFoundError,
+    RegistryClient,
+    ResolvedImage,
+)
 from snapshotter.formats import MAX_FOOTER_SIZE, locate_toc, parse_toc
 from snapshotter.formats.index import FormatError, LayerIndex
 from snapshotter.fuse.layerfs import LayerFS, LayerTree, MountedLayer, is_fuse_mountpoint
@@ -52,6 +60,17 @@ class NotLazyError(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+def fetch_failure_reason(exc: FetchError) -> str:
+    """The short reason recorded for a layer that was not served lazily because of the registry."""
+    if isinstance(exc, AuthError):
+        return "auth-failed"
+    if isinstance(exc, ManifestNotFoundError | BlobNotFoundError):
+        return "not-found"
+    if isinstance(exc, DigestMismatchError):
+        return "digest-mismatch"
+    return "registry-unreachable"
 
 
 @dataclass(frozen=True)
@@ -196,7 +215,12 @@ class RemoteLayers:
     async def _resolve(self, reference: str) -> ResolvedImage:
         now = time.monotonic()
         cached = self._resolved.get(reference)
-        if cached is None or now - cached[0] > RESOLVE_TTL_SECONDS or (cached[1].done() and (cached[1].cancelled() or cached[1].exception() is not None)):
+        if cached is not None:
+            when, task = cached
+            failed = task.done() and (task.cancelled() or task.exception() is not None)
+            if now - when > RESOLVE_TTL_SECONDS or failed:
+                cached = None
+        if cached is None:
             cached = (now, self.loop.create_task(self.client.resolve(reference)))
             self._resolved[reference] = cached
         return await asyncio.shield(cached[1])
@@ -206,7 +230,7 @@ class RemoteLayers:
         try:
             image = await self._resolve(ref.reference)
         except FetchError as exc:
-            raise NotLazyError("registry-unreachable", f"{ref.reference}: {exc}") from None
+            raise NotLazyError(fetch_failure_reason(exc), f"{ref.reference}: {exc}") from None
         layer = next((layer for layer in image.layers if layer.digest == ref.digest), None)
         if layer is None:
             raise NotLazyError("layer-not-in-manifest", f"{ref.digest} is not a layer of {ref.reference}")
@@ -237,7 +261,7 @@ class RemoteLayers:
                 max_toc_bytes=self.max_toc_bytes,
             )
         except FetchError as exc:
-            raise NotLazyError("registry-unreachable", f"{ref.digest}: {exc}") from None
+            raise NotLazyError(fetch_failure_reason(exc), f"{ref.digest}: {exc}") from None
         except FormatError as exc:
             raise NotLazyError("bad-toc", f"{ref.digest}: {exc}") from None
 

@@ -1,0 +1,123 @@
+"""containerd's remote-snapshot handshake in the snapshotter, with a fake remote layer provider."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from snapshotter.errors import AlreadyExistsError, UnavailableError
+from snapshotter.fetcher import AuthError, BlobNotFoundError, FetchError
+from snapshotter.remote import (
+    REMOTE_LABEL,
+    REMOTE_LABEL_VALUE,
+    TARGET_REF_LABEL,
+    NotLazyError,
+    fetch_failure_reason,
+    layer_ref,
+)
+from snapshotter.snapshots import Snapshotter
+from snapshotter.store import Kind
+
+LABELS = {
+    "containerd.io/snapshot/remote/stargz.reference": "127.0.0.1:5000/app:1",
+    "containerd.io/snapshot/remote/stargz.digest": "sha256:" + "1" * 64,
+    "containerd.io/snapshot/stargz/toc.digest": "sha256:" + "2" * 64,
+}
+
+
+class FakeRemote:
+    """Mounts by writing a marker file; ``refuse`` makes every layer fall back."""
+
+    def __init__(self, refuse: str = "") -> None:
+        self.refuse = refuse
+        self.mounted: set[Path] = set()
+        self.healthy = True
+
+    def mount(self, labels: Mapping[str, str], mountpoint: Path) -> None:
+        if self.refuse:
+            raise NotLazyError(self.refuse, "refused by the test")
+        layer_ref(labels)
+        (mountpoint / "lazy-marker").write_text(labels[TARGET_REF_LABEL])
+        self.mounted.add(mountpoint)
+
+    def check(self, mountpoint: Path) -> bool:
+        return self.healthy and mountpoint in self.mounted
+
+    def unmount(self, mountpoint: Path) -> None:
+        self.mounted.discard(mountpoint)
+
+
+def snapshotter(tmp_path: Path, remote: FakeRemote) -> Snapshotter:
+    return Snapshotter(tmp_path, remote=remote)  # type: ignore[arg-type]
+
+
+def test_lazy_layer_is_committed_under_the_chain_id(tmp_path: Path) -> None:
+    remote = FakeRemote()
+    snap = snapshotter(tmp_path, remote)
+    labels = {**LABELS, TARGET_REF_LABEL: "sha256:chain1"}
+    with pytest.raises(AlreadyExistsError):
+        snap.prepare("default/1/extract-1 sha256:chain1", "", labels)
+    info = snap.stat("sha256:chain1")
+    assert info.kind == Kind.COMMITTED and info.parent == ""
+    assert info.labels == {**labels, REMOTE_LABEL: REMOTE_LABEL_VALUE}  # containerd matches on these
+    assert [i.name for i in snap.infos()] == ["sha256:chain1"]  # the extract key is gone
+    assert (snap.fs_path(info.id) / "lazy-marker").read_text() == "sha256:chain1"
+
+    upper = {**LABELS, TARGET_REF_LABEL: "sha256:chain2"}
+    with pytest.raises(AlreadyExistsError):
+        snap.prepare("default/2/extract-2 sha256:chain2", "sha256:chain1", upper)
+    assert snap.stat("sha256:chain2").parent == "sha256:chain1"
+    with pytest.raises(AlreadyExistsError):  # the same layer again: answered from the store
+        snap.prepare("default/3/extract-3 sha256:chain2", "sha256:chain1", upper)
+    (mount,) = snap.prepare("container", "sha256:chain2", {})
+    assert mount.type == "overlay"
+
+
+def test_layer_that_cannot_be_lazy_is_prepared_normally(tmp_path: Path) -> None:
+    snap = snapshotter(tmp_path, FakeRemote(refuse="no-toc-digest"))
+    (mount,) = snap.prepare("extract", "", {**LABELS, TARGET_REF_LABEL: "sha256:chain1"})
+    assert mount.type == "bind" and snap.stat("extract").kind == Kind.ACTIVE
+    snap.commit("sha256:chain1", "extract", {})
+    assert REMOTE_LABEL not in snap.stat("sha256:chain1").labels
+
+
+def test_broken_lower_lazy_layer_is_unavailable(tmp_path: Path) -> None:
+    remote = FakeRemote()
+    snap = snapshotter(tmp_path, remote)
+    with pytest.raises(AlreadyExistsError):
+        snap.prepare("extract", "", {**LABELS, TARGET_REF_LABEL: "sha256:chain1"})
+    remote.healthy = False
+    remote.refuse = "registry-unreachable"
+    with pytest.raises(UnavailableError, match="sha256:chain1"):
+        snap.prepare("container", "sha256:chain1", {})
+    remote.refuse = ""  # registry back: mounted again on the next use
+    remote.healthy = True
+    assert snap.prepare("container2", "sha256:chain1", {})
+
+
+def test_restore_after_restart_mounts_every_lazy_layer(tmp_path: Path) -> None:
+    first = snapshotter(tmp_path, FakeRemote())
+    for i, parent in enumerate(["", "sha256:c0"]):
+        with pytest.raises(AlreadyExistsError):
+            first.prepare(f"extract{i}", parent, {**LABELS, TARGET_REF_LABEL: f"sha256:c{i}"})
+    first.close()
+    remote = FakeRemote()
+    second = snapshotter(tmp_path, remote)
+    second.restore_remote()
+    assert remote.mounted == {second.fs_path(second.stat(f"sha256:c{i}").id) for i in range(2)}
+
+
+def test_labels_and_reasons() -> None:
+    with pytest.raises(NotLazyError) as info:
+        layer_ref({TARGET_REF_LABEL: "sha256:x"})
+    assert info.value.reason == "no-remote-labels"
+    cri = {
+        "containerd.io/snapshot/cri.image-ref": "docker.io/library/app:1",
+        "containerd.io/snapshot/cri.layer-digest": "sha256:" + "3" * 64,
+    }
+    assert layer_ref(cri).reference == "docker.io/library/app:1"
+    assert fetch_failure_reason(AuthError("401")) == "auth-failed"
+    assert fetch_failure_reason(BlobNotFoundError("404")) == "not-found"
+    assert fetch_failure_reason(FetchError("reset")) == "registry-unreachable"
