@@ -17,6 +17,11 @@ from typing import Any
 from aiohttp import web
 
 
+def admin_socket(root: Path) -> Path:
+    """Where the daemon with state directory ``root`` serves its admin endpoint."""
+    return root / "admin.sock"
+
+
 async def start_admin(address: Path, stats: Callable[[], dict[str, Any]]) -> web.AppRunner:
     async def handle_stats(_: web.Request) -> web.Response:
         return web.json_response(stats())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from pathlib import Path
@@ -31,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config file and print the result")
     check.add_argument("config", type=Path)
+
+    stats = commands.add_parser("stats", help="print a running daemon's lazy-pull statistics (JSON)")
+    stats.add_argument("--config", type=Path, help="the daemon's config file")
+    stats.add_argument("--root", type=Path, help="the daemon's root (overrides config `root`)")
     return parser
 
 
@@ -44,7 +49,27 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(config)
         return 0
+    if args.command == "stats":
+        return _stats(args)
     return _serve(args)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from snapshotter.admin import admin_socket, fetch_stats
+
+    try:
+        config = load(args.config, root=args.root)
+    except ConfigError as exc:
+        print(f"lazysnap: {exc}", file=sys.stderr)
+        return 2
+    address = admin_socket(config.root)
+    try:
+        stats = fetch_stats(address)
+    except OSError as exc:
+        print(f"lazysnap: cannot read stats from {address} (is the daemon running?): {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(stats, indent=2, sort_keys=True))
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

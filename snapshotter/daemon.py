@@ -22,7 +22,7 @@ from typing import IO
 import grpc
 
 from snapshotter import __version__
-from snapshotter.admin import start_admin
+from snapshotter.admin import admin_socket, start_admin
 from snapshotter.cache import ChunkCache
 from snapshotter.config import Config
 from snapshotter.fetcher import CredentialStore, HostsConfig, RegistryClient, default_docker_config
@@ -115,10 +115,6 @@ def secure_socket(address: Path, group: str) -> None:
     os.chmod(address, 0o660)
 
 
-def admin_address(config: Config) -> Path:
-    return config.root / "admin.sock"
-
-
 def build_remote(config: Config, loop: asyncio.AbstractEventLoop) -> RemoteLayers:
     hosts = HostsConfig(config.fetch.hosts_dir, plain_http_hosts=config.fetch.plain_http_hosts)
     docker_config = (
@@ -163,7 +159,7 @@ async def serve(config: Config) -> None:
         if removed:
             log.info("cleaned directories of interrupted operations", extra={"count": len(removed)})
         await asyncio.to_thread(snapshotter.restore_remote)
-        admin = await start_admin(admin_address(config), remote.stats if remote else dict)
+        admin = await start_admin(admin_socket(config.root), remote.stats if remote else dict)
         server = grpc.aio.server()
         add_to_server(server, snapshotter)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect

@@ -16,12 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.admin import fetch_stats
+from snapshotter.admin import admin_socket, fetch_stats
 from tests.e2e.conftest import ContainerdFactory, make_tmpdir, remove_tmpdir
 from tests.support import mounts, oci
 from tests.support.daemon import LazysnapDaemon
 from tests.support.proxy import CountingProxy
-from tests.support.services import Containerd, Registry, require_privileges, run_in_container, verify_container_fs
+from tests.support.services import (
+    Containerd,
+    Registry,
+    require_privileges,
+    run_in_container,
+    verify_container_fs,
+)
 
 SNAPSHOTTER = "lazysnap"
 LARGE_SIZE = 16 << 20
@@ -143,11 +149,13 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30) -> bool:
 
 
 def stats(daemon: LazysnapDaemon) -> dict[str, object]:
-    return fetch_stats(daemon.root / "admin.sock")
+    return fetch_stats(admin_socket(daemon.root))
 
 
 def rpull(cd: Containerd, ref: str) -> None:
-    cd.ctr("image", "rpull", "--plain-http", "--snapshotter", SNAPSHOTTER, ref, binary="ctr-remote", timeout=180)
+    cd.ctr(
+        "image", "rpull", "--plain-http", "--snapshotter", SNAPSHOTTER, ref, binary="ctr-remote", timeout=180
+    )
 
 
 def fuse_mounts_under(path: Path) -> list[str]:
@@ -172,7 +180,9 @@ def test_rpull_is_lazy_and_the_container_reads_right_bytes(
     # Read 1 MiB from the middle of the 16 MiB file inside a container.
     offset_blocks, count = 100, 16  # 64 KiB blocks
     script = f"/bin/busybox dd if=/data/large.bin bs=65536 skip={offset_blocks} count={count} 2>/dev/null"
-    out = run_in_container(cd, ref, "/bin/sh", "-c", script + " | /bin/busybox sha256sum", snapshotter=SNAPSHOTTER)
+    out = run_in_container(
+        cd, ref, "/bin/sh", "-c", script + " | /bin/busybox sha256sum", snapshotter=SNAPSHOTTER
+    )
     piece = lazy_images.large[offset_blocks * 65536 : (offset_blocks + count) * 65536]
     assert out.split()[0] == hashlib.sha256(piece).hexdigest()
     read_cost = proxy.reset()
@@ -226,7 +236,11 @@ def test_prefetch_caches_prioritized_files_before_the_container_starts(
         for digest in prefetching:
             assert after[digest]["bytes"]["prefetch"] > 0
         # Everything the container read came from the prefetched bytes: nothing fetched on demand.
-        assert {d: layer["bytes"]["on_demand"] for d, layer in after.items()} == before == dict.fromkeys(before, 0)
+        assert (
+            {d: layer["bytes"]["on_demand"] for d, layer in after.items()}
+            == before
+            == dict.fromkeys(before, 0)
+        )
         cd.stop()
     finally:
         daemon.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -298,3 +299,13 @@ def test_socket_group(workdir: Path) -> None:
         assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == 0
     finally:
         d.stop()
+
+
+def test_stats_command(daemon: LazysnapDaemon, workdir: Path) -> None:
+    result = run_cli("stats", "--root", str(daemon.root))
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["lazy_mounts"] == 0 and stats["layers"] == {} and stats["not_lazy"] == {}
+    assert stat.S_IMODE(os.stat(daemon.root / "admin.sock").st_mode) == 0o600
+    missing = run_cli("stats", "--root", str(workdir / "nowhere"))
+    assert missing.returncode == 1 and "is the daemon running?" in missing.stderr
