@@ -7,7 +7,8 @@ Three sequential reads of one large file, each after dropping the kernel page ca
   fuse-warm  through FUSE, every chunk already in lazysnap's chunk cache on disk.
 Prints and writes JSON with MB/s and the ratios to local.
 
-    sudo .venv/bin/python benchmarks/fuse_throughput.py --size-mib 256 --out benchmarks/results/fuse-throughput.json
+    sudo .venv/bin/python benchmarks/fuse_throughput.py --size-mib 256 \
+        --out benchmarks/results/fuse-throughput.json
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def timed_read(path: Path, block: int = 1 << 20) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--chunk-mib", type=int, default=4)
     parser.add_argument("--out", type=Path)
@@ -110,7 +113,11 @@ def main() -> int:
         "seconds": {k: round(v, 3) for k, v in results.items()},
         "MB_per_s": mbps,
         "ratio_to_local": {k: round(mbps[k] / mbps["local"], 3) for k in mbps},
-        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+        },
     }
     print(json.dumps(report, indent=2))
     if args.out:

