@@ -30,6 +30,7 @@ from snapshotter.reader import ReaderConfig
 from snapshotter.remote import RemoteLayers
 from snapshotter.service import add_to_server
 from snapshotter.snapshots import Snapshotter
+from snapshotter.tocstore import TocStore
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ def build_remote(config: Config, loop: asyncio.AbstractEventLoop) -> RemoteLayer
         client,
         cache,
         loop,
+        TocStore(config.root / "layers"),
         reader_config=reader_config,
         max_toc_bytes=config.remote.max_toc_bytes,
         mount_timeout=config.remote.mount_timeout_seconds,

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,6 +28,7 @@ from snapshotter.formats.index import Chunk, Entry, FormatError, LayerIndex
 log = logging.getLogger(__name__)
 
 ON_DEMAND, PREFETCH, BACKGROUND = "on_demand", "prefetch", "background"
+PREFETCH_PARALLEL_REQUESTS = 4
 
 
 class BlobSource(Protocol):
@@ -93,6 +95,19 @@ def _streams(chunks: Iterable[Chunk]) -> list[_Stream]:
     return [_Stream(off, size, tuple(cs.values())) for (off, size), cs in sorted(by_stream.items())]
 
 
+def _batches(chunks: list[Chunk], max_bytes: int) -> list[list[Chunk]]:
+    """Split chunks (in blob order) into runs of at most ``max_bytes`` compressed bytes."""
+    batches: list[list[Chunk]] = []
+    size = 0
+    for c in sorted(chunks, key=lambda c: c.compressed_offset):
+        if not batches or size + c.compressed_size > max_bytes:
+            batches.append([])
+            size = 0
+        batches[-1].append(c)
+        size += c.compressed_size
+    return batches
+
+
 def coalesce(streams: Sequence[_Stream], gap: int, max_bytes: int) -> list[tuple[int, int]]:
     """Merge sorted stream extents into few [start, end) ranges: neighbours closer than ``gap``
     share a request, but no request grows beyond ``max_bytes`` unless one stream alone does."""
@@ -116,6 +131,7 @@ class LayerReader:
         *,
         layer: str,
         config: ReaderConfig | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.index = index
         self.blob = blob
@@ -123,6 +139,9 @@ class LayerReader:
         self.loop = loop
         self.layer = layer
         self.config = config or ReaderConfig()
+        # Decompression, hashing and cache I/O; a pool of its own so that they never wait behind
+        # gRPC calls or mounts that are themselves waiting for chunks.
+        self.executor = executor
         self.stats = FetchStats()
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
         self._offsets: dict[str, list[int]] = {}  # per file: its chunks' file offsets, for bisect
@@ -144,11 +163,10 @@ class LayerReader:
         if offsets is None:
             offsets = self._offsets[entry.name] = [c.file_offset for c in chunks]
         first = max(0, bisect.bisect_right(offsets, offset) - 1)
-        needed: list[Chunk] = []
-        for c in chunks[first:]:
-            if c.file_offset >= end:
-                break
-            needed.append(c)
+        last = first
+        while last < len(chunks) and chunks[last].file_offset < end:
+            last += 1
+        needed = chunks[first:last]
         # Per chunk, the slice of it this read needs (a FUSE read is small; chunks are large).
         # A file may hold the same chunk twice (zeros), so slices are kept by position.
         bounds = [
@@ -160,7 +178,7 @@ class LayerReader:
         ]
         missing = [c for c, piece in zip(needed, pieces, strict=True) if piece is None]
         if missing:
-            extra = self._readahead(entry, needed[-1])
+            extra = self._readahead(entry, last)
             future = asyncio.run_coroutine_threadsafe(self._ensure(missing, extra, ON_DEMAND), self.loop)
             try:
                 fetched = future.result(timeout=self.config.read_timeout)
@@ -174,12 +192,12 @@ class LayerReader:
                     pieces[i] = fetched[c.digest][lo:hi]
         return b"".join(p for p in pieces if p is not None)
 
-    def _readahead(self, entry: Entry, last: Chunk) -> list[Chunk]:
-        """Following chunks of the same file, up to readahead_bytes of compressed data."""
+    def _readahead(self, entry: Entry, after: int) -> list[Chunk]:
+        """Chunks of the same file from index ``after``, up to readahead_bytes of compressed data."""
         budget = self.config.readahead_bytes
         extra: list[Chunk] = []
-        after = entry.chunks.index(last) + 1
-        for c in entry.chunks[after:]:
+        for i in range(after, len(entry.chunks)):
+            c = entry.chunks[i]
             if budget <= 0:
                 break
             if c.digest not in self.cache:
@@ -206,7 +224,7 @@ class LayerReader:
             for digest, fut in waits.items():
                 try:
                     result[digest] = await asyncio.shield(fut)
-                except (FormatError, OSError) as exc:
+                except Exception as exc:  # registry, format and cache errors alike: EIO to the reader
                     raise ReadError(f"layer {self.layer}: {exc}") from exc
             return result
         finally:
@@ -218,8 +236,8 @@ class LayerReader:
     def _start_fetch(
         self, chunks: list[Chunk], reason: str, *, gap: int | None = None, max_bytes: int | None = None
     ) -> asyncio.Task[None]:
-        """Register every chunk as in flight, then fetch them in one task."""
-        streams = _streams(chunks)
+        """Register every chunk no one is fetching yet as in flight, then fetch them in one task."""
+        streams = _streams(c for c in chunks if c.digest not in self._inflight)
         for s in streams:
             for c in s.chunks:
                 fut = self.loop.create_future()
@@ -251,11 +269,14 @@ class LayerReader:
                     "ms": round((time.monotonic() - started) * 1000, 1),
                 },
             )
-        except Exception as exc:  # the fetcher's errors, cancellation of the daemon
+        except asyncio.CancelledError:
+            for s in streams:
+                self._fail(s.chunks, ReadError(f"layer {self.layer}: fetch cancelled"))
+            raise
+        except Exception as exc:  # the fetcher's errors
             for s in streams:
                 self._fail(s.chunks, exc)
-            if not isinstance(exc, asyncio.CancelledError):
-                log.warning("fetch failed", extra={"layer": self.layer, "reason": reason, "error": str(exc)})
+            log.warning("fetch failed", extra={"layer": self.layer, "reason": reason, "error": str(exc)})
             return
         jobs = []
         for s in streams:
@@ -266,7 +287,7 @@ class LayerReader:
 
     async def _decode(self, stream: _Stream, raw: bytes) -> None:
         try:
-            decoded = await asyncio.to_thread(self._decode_and_store, stream, raw)
+            decoded = await self.loop.run_in_executor(self.executor, self._decode_and_store, stream, raw)
         except Exception as exc:
             self._fail(stream.chunks, exc)
             return
@@ -300,8 +321,6 @@ class LayerReader:
             fut.set_result(data)
 
     def _fail(self, chunks: Iterable[Chunk], exc: BaseException) -> None:
-        if isinstance(exc, asyncio.CancelledError):
-            exc = ReadError(f"layer {self.layer}: fetch cancelled")
         for c in chunks:
             fut = self._inflight.pop(c.digest, None)
             if fut is not None and not fut.done():
@@ -346,16 +365,23 @@ class LayerReader:
                 self.stats.prefetch_done = True
                 return
             chunks = [c for c in chunks if c.compressed_offset + c.compressed_size <= self.index.prefetch_end]
-        todo = await asyncio.to_thread(self._uncached, chunks)
-        if todo:
-            # Everything prioritized lies in [0, prefetch_end): ask for it as one range.
-            await self._start_fetch(todo, PREFETCH, gap=1 << 62, max_bytes=1 << 62)
+        todo = await self.loop.run_in_executor(self.executor, self._uncached, chunks)
+        # Everything prioritized lies in [0, prefetch_end): few large requests, a bounded number
+        # in flight (memory), each resolving its chunks as it lands so reads need not wait for all.
+        batches = _batches(todo, self.config.max_request_bytes)
+        in_flight = asyncio.Semaphore(PREFETCH_PARALLEL_REQUESTS)
+
+        async def fetch(batch: list[Chunk]) -> None:
+            async with in_flight:
+                await self._start_fetch(batch, PREFETCH, gap=1 << 62)
+
+        await asyncio.gather(*(fetch(b) for b in batches))
         self.stats.prefetch_done = True
 
     async def _background(self) -> None:
         batch: list[Chunk] = []
         batch_bytes = 0
-        for c in await asyncio.to_thread(self._uncached, self.all_chunks()):
+        for c in await self.loop.run_in_executor(self.executor, self._uncached, self.all_chunks()):
             batch.append(c)
             batch_bytes += c.compressed_size
             if batch_bytes >= self.config.background_batch_bytes:

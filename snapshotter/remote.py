@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
+import functools
 import logging
+import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +34,11 @@ from snapshotter.fetcher import (
     RegistryClient,
     ResolvedImage,
 )
-from snapshotter.formats import MAX_FOOTER_SIZE, locate_toc, parse_toc
+from snapshotter.formats import MAX_FOOTER_SIZE, TocLocation, locate_toc, parse_toc
 from snapshotter.formats.index import FormatError, LayerIndex
-from snapshotter.fuse.layerfs import LayerFS, LayerTree, MountedLayer, is_fuse_mountpoint
+from snapshotter.fuse.layerfs import LayerFS, LayerTree, MountedLayer, is_fuse_mountpoint, unmount
 from snapshotter.reader import LayerReader, ReaderConfig
+from snapshotter.tocstore import StoredToc, TocStore
 
 log = logging.getLogger(__name__)
 
@@ -107,18 +110,28 @@ class RemoteLayers:
         client: RegistryClient,
         cache: ChunkCache,
         loop: asyncio.AbstractEventLoop,
+        tocs: TocStore,
         *,
         reader_config: ReaderConfig | None = None,
         max_toc_bytes: int = 64 << 20,
+        max_chunk_bytes: int = 64 << 20,
         mount_timeout: float = 60.0,
     ) -> None:
-        self.mount_timeout = mount_timeout
         self.client = client
         self.cache = cache
         self.loop = loop
+        self.tocs = tocs
         self.reader_config = reader_config or ReaderConfig()
         self.max_toc_bytes = max_toc_bytes
+        self.max_chunk_bytes = max_chunk_bytes
+        self.mount_timeout = mount_timeout
+        # Pools of their own: mounting waits on the loop, chunk decoding must never queue behind it.
+        self.mount_executor = ThreadPoolExecutor(8, thread_name_prefix="lazysnap-mount")
+        self.chunk_executor = ThreadPoolExecutor(8, thread_name_prefix="lazysnap-chunk")
         self._mounts: dict[Path, _Mounted] = {}
+        self._mount_locks: collections.defaultdict[Path, threading.Lock] = collections.defaultdict(
+            threading.Lock
+        )
         # containerd prepares an image's layers one after another: resolve its manifest once.
         self._resolved: dict[str, tuple[float, asyncio.Task[ResolvedImage]]] = {}
         self.not_lazy = collections.Counter[str]()  # reason -> layers pulled normally
@@ -127,36 +140,65 @@ class RemoteLayers:
     # --- called from snapshotter worker threads -------------------------------------------------
 
     def mount(self, labels: Mapping[str, str], mountpoint: Path) -> None:
-        """Mount the layer lazily at ``mountpoint`` or raise NotLazyError (recorded and logged)."""
-        future = asyncio.run_coroutine_threadsafe(self._mount(labels, mountpoint), self.loop)
-        timeout = self.mount_timeout
-        try:
-            future.result(timeout)
-        except NotLazyError as exc:
-            self.not_lazy[exc.reason] += 1
-            log.info(
-                "layer not served lazily; containerd will download it",
-                extra={"reason": exc.reason, "detail": exc.detail, "layer": labels.get(TARGET_REF_LABEL, "")},
-            )
-            raise
-        except TimeoutError:
-            future.cancel()
-            self.not_lazy["timeout"] += 1
-            raise NotLazyError("timeout", f"mounting took longer than {timeout}s") from None
+        """Mount the layer lazily at ``mountpoint`` (idempotent) or raise NotLazyError (recorded
+        and logged). Never raises anything else: any failure means "pull it normally"."""
+        layer = labels.get(TARGET_REF_LABEL, "")
+        with self._mount_locks[mountpoint]:
+            if self.check(mountpoint):
+                return
+            self._drop(mountpoint)  # a dead mount of ours or of an earlier process
+            future = asyncio.run_coroutine_threadsafe(self._mount(labels, mountpoint), self.loop)
+            try:
+                future.result(self.mount_timeout)
+            except NotLazyError as exc:
+                self._not_lazy(exc, layer)
+                raise
+            except TimeoutError:
+                future.cancel()
+                timeout = NotLazyError("timeout", f"mounting took longer than {self.mount_timeout}s")
+                self._not_lazy(timeout, layer)
+                raise timeout from None
+            except Exception as exc:
+                log.exception("unexpected error mounting a lazy layer", extra={"layer": layer})
+                err = NotLazyError("internal", f"{type(exc).__name__}: {exc}")
+                self._not_lazy(err, layer)
+                raise err from None
+
+    def _not_lazy(self, exc: NotLazyError, layer: str) -> None:
+        self.not_lazy[exc.reason] += 1
+        log.info(
+            "layer not served lazily; containerd will download it",
+            extra={"reason": exc.reason, "detail": exc.detail, "layer": layer},
+        )
 
     def check(self, mountpoint: Path) -> bool:
         mounted = self._mounts.get(mountpoint)
         return mounted is not None and mounted.fuse.is_alive()
 
     def unmount(self, mountpoint: Path) -> None:
-        mounted = self._mounts.pop(mountpoint, None)
-        if mounted is not None:
-            mounted.fuse.unmount()
-            asyncio.run_coroutine_threadsafe(mounted.reader.close(), self.loop).result(30)
-        elif is_fuse_mountpoint(mountpoint):  # left by an earlier daemon
-            from snapshotter.fuse.layerfs import unmount
+        """Take the layer at ``mountpoint`` down (and any stale mount there). Logs, never raises."""
+        with self._mount_locks[mountpoint]:
+            self._drop(mountpoint)
 
-            unmount(mountpoint)
+    def _drop(self, mountpoint: Path) -> None:
+        mounted = self._mounts.pop(mountpoint, None)
+        try:
+            if mounted is not None:
+                try:
+                    mounted.fuse.unmount()
+                finally:
+                    asyncio.run_coroutine_threadsafe(mounted.reader.close(), self.loop).result(30)
+            while is_fuse_mountpoint(mountpoint):  # stacked or left by an earlier process
+                unmount(mountpoint)
+        except Exception:
+            log.exception("failed to unmount a lazy layer", extra={"at": str(mountpoint)})
+
+    def forget_unused(self, digests_in_use: set[str]) -> None:
+        """Drop stored TOCs of layers no snapshot uses any more."""
+        for path in self.tocs.dir.glob("*.json"):
+            digest = path.stem.replace("-", ":", 1)
+            if digest not in digests_in_use:
+                self.tocs.remove(digest)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -179,24 +221,37 @@ class RemoteLayers:
                     "read_errors": m.fuse.fs.read_errors,
                     **m.reader.stats.snapshot(),
                 }
-                for mp, m in self._mounts.items()
+                for mp, m in list(self._mounts.items())
             },
         }
-
-    def stats_json(self) -> str:
-        return json.dumps(self.stats(), indent=2, sort_keys=True)
 
     # --- on the loop ----------------------------------------------------------------------------
 
     async def _mount(self, labels: Mapping[str, str], mountpoint: Path) -> None:
         ref = layer_ref(labels)
-        index = await self._index(ref, labels)
+        index = await self._stored_index(ref) or await self._fetch_index(ref, labels)
+        oversized = max((c.size for e in index.entries.values() for c in e.chunks), default=0)
+        if oversized > self.max_chunk_bytes:
+            raise NotLazyError("chunk-too-large", f"{ref.digest}: a chunk of {oversized} bytes")
         blob = self.client.blob(ref.reference, ref.digest, index.blob_size)
-        reader = LayerReader(index, blob, self.cache, self.loop, layer=ref.digest, config=self.reader_config)
-        tree = await asyncio.to_thread(LayerTree, index)
+        reader = LayerReader(
+            index,
+            blob,
+            self.cache,
+            self.loop,
+            layer=ref.digest,
+            config=self.reader_config,
+            executor=self.chunk_executor,
+        )
+        tree = await self.loop.run_in_executor(self.mount_executor, LayerTree, index)
         fuse = MountedLayer(LayerFS(tree, reader, layer=ref.digest), mountpoint)
+        started = self.loop.run_in_executor(self.mount_executor, fuse.start)
         try:
-            await asyncio.to_thread(fuse.start)
+            await asyncio.shield(started)
+        except asyncio.CancelledError:
+            # The mount goes on in its thread; once it is up, take it down again.
+            started.add_done_callback(lambda _: self.mount_executor.submit(fuse.unmount))
+            raise
         except OSError as exc:
             raise NotLazyError("fuse-mount-failed", str(exc)) from None
         self._mounts[mountpoint] = _Mounted(ref, index, reader, fuse, time.time())
@@ -214,19 +269,48 @@ class RemoteLayers:
 
     async def _resolve(self, reference: str) -> ResolvedImage:
         now = time.monotonic()
+        for old in [r for r, (when, _) in self._resolved.items() if now - when > RESOLVE_TTL_SECONDS]:
+            del self._resolved[old]
         cached = self._resolved.get(reference)
         if cached is not None:
-            when, task = cached
-            failed = task.done() and (task.cancelled() or task.exception() is not None)
-            if now - when > RESOLVE_TTL_SECONDS or failed:
+            task = cached[1]
+            if task.done() and (task.cancelled() or task.exception() is not None):
                 cached = None
         if cached is None:
             cached = (now, self.loop.create_task(self.client.resolve(reference)))
             self._resolved[reference] = cached
         return await asyncio.shield(cached[1])
 
-    async def _index(self, ref: LayerRef, labels: Mapping[str, str]) -> LayerIndex:
-        """Fetch and verify the layer's TOC."""
+    async def _parse(self, raw: bytes, location: TocLocation, blob_size: int, expected: str) -> LayerIndex:
+        return await self.loop.run_in_executor(
+            self.mount_executor,
+            functools.partial(
+                parse_toc,
+                raw,
+                location,
+                blob_size=blob_size,
+                expected_digest=expected,
+                max_toc_bytes=self.max_toc_bytes,
+            ),
+        )
+
+    async def _stored_index(self, ref: LayerRef) -> LayerIndex | None:
+        """The index from the TOC verified at first mount, if we kept it (restart, remount)."""
+        stored = await self.loop.run_in_executor(self.mount_executor, self.tocs.load, ref.digest)
+        if stored is None:
+            return None
+        try:
+            return await self._parse(stored.raw, stored.location, stored.blob_size, stored.expected_digest)
+        except FormatError as exc:
+            log.warning(
+                "stored TOC no longer verifies; fetching it again",
+                extra={"layer": ref.digest, "error": str(exc)},
+            )
+            self.tocs.remove(ref.digest)
+            return None
+
+    async def _fetch_index(self, ref: LayerRef, labels: Mapping[str, str]) -> LayerIndex:
+        """Fetch the layer's footer and TOC, verify the TOC against the manifest, keep it."""
         try:
             image = await self._resolve(ref.reference)
         except FetchError as exc:
@@ -251,21 +335,23 @@ class RemoteLayers:
             tail_start = max(0, layer.size - MAX_FOOTER_SIZE)
             (tail,) = await blob.read_ranges([(tail_start, layer.size)])
             location = locate_toc(tail, layer.size, annotations)
+            if location.length > self.max_toc_bytes:  # checked before a byte of it is fetched
+                raise NotLazyError(
+                    "bad-toc", f"{ref.digest}: TOC of {location.length} bytes is over the limit"
+                )
             (raw,) = await blob.read_ranges([(location.offset, location.offset + location.length)])
-            return await asyncio.to_thread(
-                parse_toc,
-                raw,
-                location,
-                blob_size=layer.size,
-                expected_digest=expected,
-                max_toc_bytes=self.max_toc_bytes,
-            )
+            index = await self._parse(raw, location, layer.size, expected)
         except FetchError as exc:
             raise NotLazyError(fetch_failure_reason(exc), f"{ref.digest}: {exc}") from None
         except FormatError as exc:
             raise NotLazyError("bad-toc", f"{ref.digest}: {exc}") from None
+        stored = StoredToc(ref.reference, layer.size, expected, location, raw)
+        await self.loop.run_in_executor(self.mount_executor, self.tocs.save, ref.digest, stored)
+        return index
 
     async def close(self) -> None:
         for mountpoint in list(self._mounts):
-            await asyncio.to_thread(self.unmount, mountpoint)
+            await self.loop.run_in_executor(self.mount_executor, self.unmount, mountpoint)
         await self.client.close()
+        self.mount_executor.shutdown(wait=False, cancel_futures=True)
+        self.chunk_executor.shutdown(wait=False, cancel_futures=True)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -46,6 +47,7 @@ STATUS_OF: dict[type[SnapshotError], grpc.StatusCode] = {
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
 }
 
+GRPC_WORKERS = 32
 LIST_BATCH = 100  # Infos per List message, as containerd's own service streams them
 
 
@@ -105,12 +107,15 @@ def info_adaptor(info: Info) -> Adaptor:
 class SnapshotsService(pb_grpc.SnapshotsServicer):  # type: ignore[misc]
     def __init__(self, snapshotter: Snapshotter) -> None:
         self.snapshotter = snapshotter
+        # Calls block (disk, waiting for a lazy mount); a pool of their own keeps them from
+        # starving the threads that decode chunks or mount layers.
+        self.executor = ThreadPoolExecutor(GRPC_WORKERS, thread_name_prefix="lazysnap-grpc")
 
     async def _call(self, context: Context, method: str, key: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` in a worker thread; turn our errors into the matching gRPC status."""
         started = time.monotonic()
         try:
-            result = await asyncio.to_thread(fn)
+            result = await asyncio.get_running_loop().run_in_executor(self.executor, fn)
         except SnapshotError as exc:
             code = status_code(exc)
             log.debug("%s failed", method, extra={"key": key, "code": code.name, "error": str(exc)})

@@ -23,7 +23,14 @@ from pathlib import Path
 from snapshotter.diskusage import disk_usage
 from snapshotter.errors import AlreadyExistsError, NotFoundError, UnavailableError
 from snapshotter.fuse.layerfs import is_fuse_mountpoint, unmount
-from snapshotter.remote import REMOTE_LABEL, REMOTE_LABEL_VALUE, TARGET_REF_LABEL, NotLazyError, RemoteLayers
+from snapshotter.remote import (
+    DIGEST_LABELS,
+    REMOTE_LABEL,
+    REMOTE_LABEL_VALUE,
+    TARGET_REF_LABEL,
+    NotLazyError,
+    RemoteLayers,
+)
 from snapshotter.store import Info, Kind, Snapshot, Store, Usage
 
 log = logging.getLogger(__name__)
@@ -132,13 +139,17 @@ class Snapshotter:
         raise AlreadyExistsError(f"target snapshot {target!r} already exists (mounted lazily)")
 
     def restore_remote(self) -> None:
-        """Mount again the lazy layers the store knows (after a restart or crash)."""
+        """Mount again the lazy layers the store knows (after a restart or crash), and forget the
+        stored TOCs of layers no snapshot uses any more."""
         if self.remote is None:
             return
+        in_use: set[str] = set()
         for info in self.store.list_infos():
             if info.kind == Kind.COMMITTED and info.labels.get(REMOTE_LABEL) == REMOTE_LABEL_VALUE:
                 self._remote_labels[info.id] = info.labels
+                in_use.update(info.labels[k] for k in DIGEST_LABELS if info.labels.get(k))
                 self._remount(info.id)
+        self.remote.forget_unused(in_use)
 
     def _remount(self, sid: int) -> bool:
         assert self.remote is not None
@@ -164,6 +175,8 @@ class Snapshotter:
         return self._create(Kind.VIEW, key, parent, labels)
 
     def _create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        if parent:  # a lazy layer below that cannot be mounted: fail before creating anything
+            self._ensure_remote_parents(self.store.chain_ids(parent))
         with self._dirs_lock, self.store.create(kind, key, parent, labels) as snap:
             directory = self.snapshots_dir / str(snap.id)
             try:
@@ -226,6 +239,7 @@ class Snapshotter:
                 doomed.append(target)
         doomed += [e for e in self.snapshots_dir.iterdir() if e.name.startswith("rm-") and e not in doomed]
         for path in doomed:
+            self._release_mount(path / "fs")
             shutil.rmtree(path, ignore_errors=True)
             log.info("removed orphaned snapshot directory", extra={"path": str(path)})
         return doomed

@@ -155,11 +155,12 @@ class Store:
             args,
         ).fetchall()
         labels: dict[int, dict[str, str]] = {row[0]: {} for row in rows}
-        if rows:
-            marks = ",".join("?" * len(labels))
-            for sid, key, value in db.execute(
-                f"SELECT snapshot_id, key, value FROM labels WHERE snapshot_id IN ({marks})", tuple(labels)
-            ):
+        query = "SELECT snapshot_id, key, value FROM labels"
+        params: tuple[int, ...] = ()
+        if len(rows) == 1:  # else all labels in one scan: no limit on the number of snapshots
+            query, params = query + " WHERE snapshot_id = ?", (rows[0][0],)
+        for sid, key, value in db.execute(query, params):
+            if sid in labels:
                 labels[sid][key] = value
         return [
             Info(
@@ -200,6 +201,12 @@ class Store:
             if kind not in (Kind.ACTIVE, Kind.VIEW):
                 raise FailedPreconditionError(f"requested snapshot {key} not active or view")
             return Snapshot(sid, kind, self._ancestors(db, sid))
+
+    def chain_ids(self, name: str) -> tuple[int, ...]:
+        """Ids of snapshot ``name`` and its ancestors, nearest first; () if it does not exist."""
+        with self._read() as db:
+            found = self._row_id(db, name)
+            return () if found is None else (found[0], *self._ancestors(db, found[0]))
 
     @staticmethod
     def _ancestors(db: sqlite3.Connection, sid: int) -> tuple[int, ...]:

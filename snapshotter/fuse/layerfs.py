@@ -164,6 +164,10 @@ class LayerTree:
         return node
 
 
+def _is_overlay_xattr(name: str) -> bool:
+    return name.startswith(("trusted.overlay.", "user.overlay."))
+
+
 class LayerFS(mfusepy.Operations):  # type: ignore[misc]
     """mfusepy operations over a LayerTree. Read-only; write calls get EROFS from the base class."""
 
@@ -174,6 +178,18 @@ class LayerFS(mfusepy.Operations):  # type: ignore[misc]
         self.reader = reader
         self.layer = layer
         self.read_errors = 0
+        inodes = {n.ino: n for n in tree.by_name.values()}  # hardlinks counted once
+        total = sum(n.entry.size for n in inodes.values() if n.kind == EntryType.REG)
+        self._statfs = {
+            "f_bsize": 4096,
+            "f_frsize": 4096,
+            "f_blocks": (total + 4095) // 4096,
+            "f_bfree": 0,
+            "f_bavail": 0,
+            "f_files": len(inodes),
+            "f_ffree": 0,
+            "f_namemax": 255,
+        }
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         return self.tree.lookup(path).attrs()
@@ -209,7 +225,11 @@ class LayerFS(mfusepy.Operations):  # type: ignore[misc]
             raise mfusepy.FuseOSError(errno.EIO) from None
 
     def _xattrs(self, node: Node) -> dict[str, bytes]:
-        xattrs = {} if node.whiteout else dict(node.entry.xattrs)
+        # overlayfs' own xattrs (redirect, metacopy, ...) from a layer would steer the kernel's
+        # overlay; only the opaque marker we derive from the layer's whiteouts is shown.
+        xattrs = (
+            {} if node.whiteout else {k: v for k, v in node.entry.xattrs.items() if not _is_overlay_xattr(k)}
+        )
         if node.opaque:
             for name in OPAQUE_XATTRS:
                 xattrs[name] = b"y"
@@ -225,17 +245,7 @@ class LayerFS(mfusepy.Operations):  # type: ignore[misc]
         return list(self._xattrs(self.tree.lookup(path)))
 
     def statfs(self, path: str) -> dict[str, int]:
-        total = sum(n.entry.size for n in self.tree.by_name.values() if n.kind == EntryType.REG)
-        return {
-            "f_bsize": 4096,
-            "f_frsize": 4096,
-            "f_blocks": (total + 4095) // 4096,
-            "f_bfree": 0,
-            "f_bavail": 0,
-            "f_files": len(self.tree.by_name),
-            "f_ffree": 0,
-            "f_namemax": 255,
-        }
+        return self._statfs
 
 
 class MountedLayer:
@@ -278,6 +288,7 @@ class MountedLayer:
             if is_fuse_mountpoint(self.mountpoint):
                 return
             deadline.wait(0.02)
+        self.unmount(timeout=1.0)  # in case it appears after all
         raise OSError(f"FUSE mount of {self.mountpoint} did not appear within {timeout}s")
 
     def is_alive(self) -> bool:

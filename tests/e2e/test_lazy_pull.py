@@ -186,8 +186,8 @@ def test_rpull_is_lazy_and_the_container_reads_right_bytes(
     piece = lazy_images.large[offset_blocks * 65536 : (offset_blocks + count) * 65536]
     assert out.split()[0] == hashlib.sha256(piece).hexdigest()
     read_cost = proxy.reset()
-    # The 4 MiB chunk holding the range, one chunk of readahead and busybox itself: not the file.
-    assert read_cost < LARGE_SIZE * 0.7, f"reading 1 MiB fetched {read_cost} bytes"
+    # The 4 MiB chunk holding the range, one 4 MiB chunk of readahead, and busybox (~1 MB).
+    assert read_cost < 2 * (4 << 20) + (2 << 20), f"reading 1 MiB fetched {read_cost} bytes"
     print(f"{variant}: image {total} B, rpull fetched {pulled} B, reading 1 MiB fetched {read_cost} B")
 
     # The whole tree, as overlayfs would show the same image pulled normally.
@@ -262,13 +262,12 @@ def test_restart_mounts_lazy_layers_again_and_reuses_the_cache(
     daemon.stop(sig)
     if sig == signal.SIGTERM:
         assert fuse_mounts_under(daemon.root) == []  # a clean stop unmounts what it served
-    proxy.reset()
-    daemon.start()  # mounts every lazy layer again before it serves
+    proxy.stop()  # the registry is gone while the daemon restarts
+    daemon.start()  # mounts every lazy layer again, from its stored TOCs, before it serves
     assert sorted(fuse_mounts_under(daemon.root)) == targets
     assert stats(daemon)["lazy_mounts"] == 4
     assert wait_until(
         lambda: cd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls", check=False).returncode == 0
     )
+    # What the first container read comes from the chunk cache: no registry needed.
     assert run_in_container(cd, ref, "/bin/sh", "-c", script, snapshotter=SNAPSHOTTER) == first
-    # Only manifests and TOCs again; the file contents came from the chunk cache.
-    assert proxy.reset() < 200_000

@@ -65,6 +65,10 @@ class CountingProxy:
         await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
 
     def stop(self) -> None:
+        """Stop listening (idempotent); the registry behind it is then unreachable."""
+        if not self._thread.is_alive():
+            return
+
         async def close() -> None:
             if self._server is not None:
                 self._server.close()

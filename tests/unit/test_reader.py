@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import random
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from snapshotter.cache import ChunkCache
+from snapshotter.fetcher import UnreachableError
 from snapshotter.formats import build_estargz, build_zstdchunked, locate_toc, parse_toc
 from snapshotter.formats.index import Compression, EntryType, LayerIndex
 from snapshotter.reader import LayerReader, ReaderConfig, ReadError
@@ -185,10 +188,12 @@ def test_background_fetch_completes_the_layer(layer: Layer) -> None:
     assert layer.blob.bytes_served == served
 
 
-def test_corrupt_chunk_is_never_served_or_cached(layer: Layer) -> None:
+def test_chunk_with_wrong_digest_is_never_served_or_cached(layer: Layer) -> None:
+    """The stream decodes fine but to bytes other than the TOC promised (a tampered registry)."""
     entry = layer.index.entries["lib/a.so"]
     chunk = entry.chunks[1]
-    layer.blob.data[chunk.compressed_offset + chunk.compressed_size // 2] ^= 0xFF
+    entry.chunks[1] = dataclasses.replace(chunk, digest="sha256:" + hashlib.sha256(b"other").hexdigest())
+    chunk = entry.chunks[1]
     reader = layer.reader(readahead_bytes=0)
     with pytest.raises(ReadError):
         reader.read(entry, chunk.file_offset, 10)
@@ -200,11 +205,37 @@ def test_corrupt_chunk_is_never_served_or_cached(layer: Layer) -> None:
 def test_registry_failure_then_recovery(layer: Layer) -> None:
     reader = layer.reader()
     entry = layer.index.entries["lib/b.so"]
-    layer.blob.fail = ConnectionError("registry went away")
+    layer.blob.fail = UnreachableError("registry went away", host="127.0.0.1:1")
     with pytest.raises(ReadError):
         reader.read(entry, 0, 100)
     layer.blob.fail = None
     assert reader.read(entry, 0, 100) == FILES["lib/b.so"][:100]
+
+
+def test_corrupt_stream_is_an_error(layer: Layer) -> None:
+    entry = layer.index.entries["lib/a.so"]
+    chunk = entry.chunks[2]
+    layer.blob.data[chunk.compressed_offset + chunk.compressed_size // 2] ^= 0xFF
+    with pytest.raises(ReadError):
+        layer.reader(readahead_bytes=0).read(entry, chunk.file_offset, 10)
+    assert chunk.digest not in layer.cache
+
+
+def test_prefetch_joins_an_on_demand_fetch_in_flight(layer: Layer) -> None:
+    """A read and the prefetch racing for the same chunk: both get it, from one fetch."""
+    reader = layer.reader(readahead_bytes=0)
+    entry = layer.index.entries["app/main.py"]
+    layer.blob.stall.clear()
+    with ThreadPoolExecutor(1) as pool:
+        read = pool.submit(reader.read, entry, 0, entry.size)
+        time.sleep(0.2)  # the read's fetch is registered and stalled
+        prefetch = asyncio.run_coroutine_threadsafe(reader._prefetch(), layer.loop)
+        time.sleep(0.2)
+        layer.loop.call_soon_threadsafe(layer.blob.stall.set)
+        assert read.result(10) == FILES["app/main.py"]
+        prefetch.result(10)
+    ranges = [r for req in layer.blob.requests for r in req]
+    assert len(ranges) == len(set(ranges))
 
 
 def test_read_times_out_with_an_error(layer: Layer) -> None:

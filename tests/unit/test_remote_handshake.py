@@ -48,6 +48,9 @@ class FakeRemote:
     def unmount(self, mountpoint: Path) -> None:
         self.mounted.discard(mountpoint)
 
+    def forget_unused(self, digests_in_use: set[str]) -> None:
+        self.in_use = digests_in_use
+
 
 def snapshotter(tmp_path: Path, remote: FakeRemote) -> Snapshotter:
     return Snapshotter(tmp_path, remote=remote)  # type: ignore[arg-type]
@@ -92,9 +95,10 @@ def test_broken_lower_lazy_layer_is_unavailable(tmp_path: Path) -> None:
     remote.refuse = "registry-unreachable"
     with pytest.raises(UnavailableError, match="sha256:chain1"):
         snap.prepare("container", "sha256:chain1", {})
+    assert [i.name for i in snap.infos()] == ["sha256:chain1"]  # the failed Prepare left nothing
     remote.refuse = ""  # registry back: mounted again on the next use
     remote.healthy = True
-    assert snap.prepare("container2", "sha256:chain1", {})
+    assert snap.prepare("container", "sha256:chain1", {})
 
 
 def test_restore_after_restart_mounts_every_lazy_layer(tmp_path: Path) -> None:
@@ -107,6 +111,7 @@ def test_restore_after_restart_mounts_every_lazy_layer(tmp_path: Path) -> None:
     second = snapshotter(tmp_path, remote)
     second.restore_remote()
     assert remote.mounted == {second.fs_path(second.stat(f"sha256:c{i}").id) for i in range(2)}
+    assert remote.in_use == {LABELS["containerd.io/snapshot/remote/stargz.digest"]}
 
 
 def test_labels_and_reasons() -> None:
