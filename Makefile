@@ -11,11 +11,13 @@ PYTEST_ARGS ?=
 APT_PACKAGES := containerd runc docker-registry skopeo umoci fuse3 stargz-snapshotter \
 	busybox-static util-linux ca-certificates
 
-.PHONY: help setup setup-apt setup-venv proto proto-check lint format unit test clean
+.PHONY: help setup setup-apt setup-venv proto proto-check lint format unit test demo bench clean
 
 help:
 	@echo "make setup   install system packages and the Python venv (idempotent)"
+	@echo "make demo    a lazily started container next to a normally pulled one, with timings"
 	@echo "make test    setup, then lint, generated-code check and the whole test suite"
+	@echo "make bench   cold-start benchmark over shaped links (results in benchmarks/results/)"
 	@echo "make proto   regenerate snapshotter/api from proto/"
 	@echo "make lint    ruff + mypy;  make format  ruff format"
 
@@ -59,6 +61,15 @@ unit: setup-venv
 
 test: setup proto-check lint
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+# Both need root: they run containerd, mount FUSE and overlayfs, and drop the page cache.
+demo: setup
+	$(PY) -m benchmarks.demo
+
+BENCH_ARGS ?=
+bench: setup
+	$(PY) benchmarks/fuse_throughput.py --out benchmarks/results/fuse-throughput.json
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

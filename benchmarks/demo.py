@@ -39,9 +39,7 @@ def main() -> int:
 
     workload = model_workload("demo-model", args.shard_mib, args.shards, read_fraction=0.05)
     rtt, bandwidth = PROFILES[args.profile]
-    print(
-        f"network profile {args.profile}: {rtt} ms RTT, {bandwidth / 1e6:.0f} Mbit/s (a loopback proxy models it)"
-    )
+    print(f"network: {args.profile} profile, {rtt} ms RTT, {bandwidth / 1e6:.0f} Mbit/s (a loopback proxy)")
     workdir = make_workdir("lzdemo")
     try:
         with registry_and_proxy(args.profile) as (registry, proxy):

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks.shaping_proxy import ShapingProxy
+from benchmarks.shaping_proxy import ShapingProxy, from_profile
 from snapshotter.admin import admin_socket, fetch_stats
 from tests.support import mounts, oci
 from tests.support.daemon import LazysnapDaemon
@@ -153,8 +153,7 @@ def registry_and_proxy(profile: str) -> Iterator[tuple[Registry, ShapingProxy]]:
     try:
         registry.start()
         host, port = registry.host.split(":")
-        proxy = ShapingProxy.from_profile(profile, host, int(port))
-        proxy.start_in_thread()
+        proxy = from_profile(profile, host, int(port)).start_in_thread()
         yield registry, proxy
     finally:
         if proxy is not None:

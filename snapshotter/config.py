@@ -70,6 +70,7 @@ class PrefetchConfig:
     background: bool = True  # then fetch the rest of the layer, yielding to reads
     background_rate_bytes: int = 0  # bytes/s cap for the background fetch; 0 = none
     background_delay_seconds: float = 1.0
+    background_quiet_seconds: float = 0.5  # run only after on-demand reads were quiet this long
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class Config:
             "prefetch.fetch_whole_below_bytes": self.prefetch.fetch_whole_below_bytes,
             "prefetch.background_rate_bytes": self.prefetch.background_rate_bytes,
             "prefetch.background_delay_seconds": self.prefetch.background_delay_seconds,
+            "prefetch.background_quiet_seconds": self.prefetch.background_quiet_seconds,
             "read.readahead_bytes": self.read.readahead_bytes,
             "read.merge_gap_bytes": self.read.merge_gap_bytes,
         }

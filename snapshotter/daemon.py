@@ -135,6 +135,7 @@ def build_remote(config: Config, loop: asyncio.AbstractEventLoop) -> RemoteLayer
         background=config.prefetch.background,
         background_rate_bytes=config.prefetch.background_rate_bytes,
         background_delay_seconds=config.prefetch.background_delay_seconds,
+        background_quiet_seconds=config.prefetch.background_quiet_seconds,
     )
     cache = ChunkCache(config.root / "cache", config.cache.max_bytes)
     return RemoteLayers(

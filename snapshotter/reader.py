@@ -53,6 +53,39 @@ class ReaderConfig:
     background_batch_bytes: int = 4 << 20
     background_rate_bytes: int = 0  # bytes/s cap for background fetch; 0 = no cap
     background_delay_seconds: float = 1.0  # wait after mount before background fetch starts
+    # The background fetch runs only once on-demand reads have been quiet this long, so that a
+    # starting container's bursts of misses never queue behind it.
+    background_quiet_seconds: float = 0.5
+
+
+class OnDemandActivity:
+    """On-demand fetching across every lazy layer of the daemon. Background fetches of all layers
+    wait for it to be quiet: a starting container's misses in one layer must not queue behind the
+    background fetch of another on the same link. Used on the loop only."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.last_end = 0.0
+
+    def begin(self) -> None:
+        self.active += 1
+        self.idle.clear()
+
+    def end(self, now: float) -> None:
+        self.active -= 1
+        self.last_end = now
+        if self.active == 0:
+            self.idle.set()
+
+    async def wait_quiet(self, quiet: float, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            await self.idle.wait()
+            wait = self.last_end + quiet - loop.time()
+            if wait <= 0 and self.idle.is_set():
+                return
+            await asyncio.sleep(max(wait, 0.01))
 
 
 @dataclass
@@ -132,6 +165,7 @@ class LayerReader:
         layer: str,
         config: ReaderConfig | None = None,
         executor: Executor | None = None,
+        activity: OnDemandActivity | None = None,
     ) -> None:
         self.index = index
         self.blob = blob
@@ -145,9 +179,8 @@ class LayerReader:
         self.stats = FetchStats()
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
         self._offsets: dict[str, list[int]] = {}  # per file: its chunks' file offsets, for bisect
-        self._on_demand_active = 0
-        self._on_demand_idle = asyncio.Event()
-        self._on_demand_idle.set()
+        self.activity = activity or OnDemandActivity()
+        self._read_ends: dict[str, int] = {}  # per file: where its last read ended (sequential?)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -177,8 +210,12 @@ class LayerReader:
             self.cache.read_range(c.digest, lo, hi) for c, (lo, hi) in zip(needed, bounds, strict=True)
         ]
         missing = [c for c, piece in zip(needed, pieces, strict=True) if piece is None]
+        sequential = self._read_ends.get(entry.name) == offset
+        self._read_ends[entry.name] = end
         if missing:
-            extra = self._readahead(entry, last)
+            # Read ahead only for a file being read sequentially: a random access (a model
+            # loader seeking to one tensor) should not pay for chunks it will never read.
+            extra = self._readahead(entry, last) if sequential else []
             future = asyncio.run_coroutine_threadsafe(self._ensure(missing, extra, ON_DEMAND), self.loop)
             try:
                 fetched = future.result(timeout=self.config.read_timeout)
@@ -211,8 +248,7 @@ class LayerReader:
         """Bytes of every ``wanted`` chunk, fetching what no one is fetching yet (plus ``extra``,
         whose failure does not fail the read)."""
         if reason == ON_DEMAND:
-            self._on_demand_active += 1
-            self._on_demand_idle.clear()
+            self.activity.begin()
         try:
             waits = {c.digest: self._inflight[c.digest] for c in wanted if c.digest in self._inflight}
             # One fetch per distinct chunk: a file of zeros repeats the same chunk many times.
@@ -229,9 +265,7 @@ class LayerReader:
             return result
         finally:
             if reason == ON_DEMAND:
-                self._on_demand_active -= 1
-                if self._on_demand_active == 0:
-                    self._on_demand_idle.set()
+                self.activity.end(self.loop.time())
 
     def _start_fetch(
         self, chunks: list[Chunk], reason: str, *, gap: int | None = None, max_bytes: int | None = None
@@ -286,34 +320,40 @@ class LayerReader:
         await asyncio.gather(*(self._decode(s, raw) for s, raw in jobs))
 
     async def _decode(self, stream: _Stream, raw: bytes) -> None:
+        """Decode and store in a worker thread; count and resolve on the loop (no shared writes)."""
         try:
-            decoded = await self.loop.run_in_executor(self.executor, self._decode_and_store, stream, raw)
+            decoded, cache_failures = await self.loop.run_in_executor(
+                self.executor, self._decode_and_store, stream, raw
+            )
         except Exception as exc:
+            if isinstance(exc, FormatError):
+                self.stats.verify_failures += 1
             self._fail(stream.chunks, exc)
             return
+        self.stats.chunks_fetched += len(decoded)
+        self.stats.cache_write_failures += cache_failures
         for c in stream.chunks:
             self._resolve(c.digest, decoded[c.digest])
 
-    def _decode_and_store(self, stream: _Stream, raw: bytes) -> dict[str, bytes]:
+    def _decode_and_store(self, stream: _Stream, raw: bytes) -> tuple[dict[str, bytes], int]:
         out: dict[str, bytes] = {}
         for c in stream.chunks:
             try:
                 out[c.digest] = decompress_chunk(self.index.compression, raw, c)
             except FormatError as exc:
-                self.stats.verify_failures += 1
                 log.error(
                     "chunk failed verification; not served, not cached",
                     extra={"layer": self.layer, "digest": c.digest, "error": str(exc)},
                 )
                 raise
+        cache_failures = 0
         for digest, data in out.items():
             try:
                 self.cache.put(digest, data)
             except OSError as exc:  # a full disk degrades caching, never the read itself
-                self.stats.cache_write_failures += 1
+                cache_failures += 1
                 log.warning("cannot cache chunk", extra={"layer": self.layer, "error": str(exc)})
-        self.stats.chunks_fetched += len(out)
-        return out
+        return out, cache_failures
 
     def _resolve(self, digest: str, data: bytes) -> None:
         fut = self._inflight.pop(digest, None)
@@ -392,7 +432,8 @@ class LayerReader:
         self.stats.background_done = True
 
     async def _background_batch(self, batch: list[Chunk], nbytes: int) -> None:
-        await self._on_demand_idle.wait()  # on-demand reads always go first
+        # On-demand reads, of any layer, always go first.
+        await self.activity.wait_quiet(self.config.background_quiet_seconds, self.loop)
         todo = [c for c in batch if c.digest not in self._inflight]
         if todo:
             started = time.monotonic()

@@ -37,7 +37,7 @@ from snapshotter.fetcher import (
 from snapshotter.formats import MAX_FOOTER_SIZE, TocLocation, locate_toc, parse_toc
 from snapshotter.formats.index import FormatError, LayerIndex
 from snapshotter.fuse.layerfs import LayerFS, LayerTree, MountedLayer, is_fuse_mountpoint, unmount
-from snapshotter.reader import LayerReader, ReaderConfig
+from snapshotter.reader import LayerReader, OnDemandActivity, ReaderConfig
 from snapshotter.tocstore import StoredToc, TocStore
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ TOC_DIGEST_LABEL = "containerd.io/snapshot/stargz/toc.digest"
 REFERENCE_LABELS = ("containerd.io/snapshot/remote/stargz.reference", "containerd.io/snapshot/cri.image-ref")
 DIGEST_LABELS = ("containerd.io/snapshot/remote/stargz.digest", "containerd.io/snapshot/cri.layer-digest")
 RESOLVE_TTL_SECONDS = 60.0
+TAIL_FETCH_BYTES = 256 << 10  # footer + TOC of a layer of up to a few thousand files
 ZSTD_CHUNKED_ANNOTATIONS = (
     "io.containers.zstd-chunked.manifest-checksum",
     "io.github.containers.zstd-chunked.manifest-checksum",
@@ -128,6 +129,7 @@ class RemoteLayers:
         # Pools of their own: mounting waits on the loop, chunk decoding must never queue behind it.
         self.mount_executor = ThreadPoolExecutor(8, thread_name_prefix="lazysnap-mount")
         self.chunk_executor = ThreadPoolExecutor(8, thread_name_prefix="lazysnap-chunk")
+        self.activity = OnDemandActivity()  # shared: background fetches yield to any layer's reads
         self._mounts: dict[Path, _Mounted] = {}
         self._mount_locks: collections.defaultdict[Path, threading.Lock] = collections.defaultdict(
             threading.Lock
@@ -242,6 +244,7 @@ class RemoteLayers:
             layer=ref.digest,
             config=self.reader_config,
             executor=self.chunk_executor,
+            activity=self.activity,
         )
         tree = await self.loop.run_in_executor(self.mount_executor, LayerTree, index)
         fuse = MountedLayer(LayerFS(tree, reader, layer=ref.digest), mountpoint)
@@ -332,14 +335,18 @@ class RemoteLayers:
             raise NotLazyError("no-toc-digest", f"{ref.digest} ({media}): {why}")
         blob = self.client.blob(ref.reference, ref.digest, layer.size)
         try:
-            tail_start = max(0, layer.size - MAX_FOOTER_SIZE)
+            # One request for the footer and, for most layers, the whole TOC before it.
+            tail_start = max(0, layer.size - TAIL_FETCH_BYTES)
             (tail,) = await blob.read_ranges([(tail_start, layer.size)])
-            location = locate_toc(tail, layer.size, annotations)
+            location = locate_toc(tail[-MAX_FOOTER_SIZE:], layer.size, annotations)
             if location.length > self.max_toc_bytes:  # checked before a byte of it is fetched
                 raise NotLazyError(
                     "bad-toc", f"{ref.digest}: TOC of {location.length} bytes is over the limit"
                 )
-            (raw,) = await blob.read_ranges([(location.offset, location.offset + location.length)])
+            if location.offset >= tail_start:
+                raw = tail[location.offset - tail_start : location.offset - tail_start + location.length]
+            else:
+                (raw,) = await blob.read_ranges([(location.offset, location.offset + location.length)])
             index = await self._parse(raw, location, layer.size, expected)
         except FetchError as exc:
             raise NotLazyError(fetch_failure_reason(exc), f"{ref.digest}: {exc}") from None

@@ -132,6 +132,20 @@ def test_reads_return_the_files_bytes(layer: Layer) -> None:
     assert layer.blob.bytes_served == fetched  # second pass: all from the cache
 
 
+def test_readahead_only_for_sequential_reads(layer: Layer) -> None:
+    reader = layer.reader(readahead_bytes=1 << 20)
+    big = layer.index.entries["app/big.bin"]
+    reader.read(big, big.chunks[3].file_offset, 100)  # a random access: only its chunk
+    assert reader.stats.chunks_fetched == 1
+    reader.read(big, 0, 4096)  # a jump back: still not sequential
+    assert reader.stats.chunks_fetched == 2
+    reader.read(big, 4096, 65536)  # continues the last read and misses chunk 1: read ahead
+    deadline = time.monotonic() + 5  # the read returns before the readahead is decoded
+    while reader.stats.chunks_fetched < len(big.chunks) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reader.stats.chunks_fetched == len(big.chunks)  # 1 MiB of readahead covers the rest
+
+
 def test_repeated_chunks_are_fetched_once(layer: Layer) -> None:
     reader = layer.reader(readahead_bytes=0)
     zeros = layer.index.entries["var/zeros"]

@@ -208,7 +208,9 @@ async def test_stop_closes_listener_and_connections(loop_errors: list[dict[str, 
         await reader.readexactly(1000)
         await proxy.stop()
 
-        assert not [t for t in asyncio.all_tasks() if "ShapingProxy" in t.get_coro().__qualname__]
+        assert not [
+            t for t in asyncio.all_tasks() if "ShapingProxy" in getattr(t.get_coro(), "__qualname__", "")
+        ]
         with suppress(ConnectionError):
             await asyncio.wait_for(reader.read(-1), 2)  # EOF or reset, not a hang
         writer.close()
