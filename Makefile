@@ -68,7 +68,7 @@ demo: setup
 
 BENCH_ARGS ?=
 bench: setup
-	$(PY) benchmarks/fuse_throughput.py --out benchmarks/results/fuse-throughput.json
+	$(PY) -m benchmarks.fuse_throughput --out benchmarks/results/fuse-throughput.json
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:

@@ -7,7 +7,7 @@ Three sequential reads of one large file, each after dropping the kernel page ca
   fuse-warm  through FUSE, every chunk already in lazysnap's chunk cache on disk.
 Prints and writes JSON with MB/s and the ratios to local.
 
-    sudo .venv/bin/python benchmarks/fuse_throughput.py --size-mib 256 \
+    sudo .venv/bin/python -m benchmarks.fuse_throughput --size-mib 256 \
         --out benchmarks/results/fuse-throughput.json
 """
 
@@ -26,23 +26,12 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.harness import drop_page_cache
 from snapshotter.cache import ChunkCache
 from snapshotter.formats import build_estargz, locate_toc, parse_toc
 from snapshotter.fuse.layerfs import LayerFS, LayerTree, MountedLayer
 from snapshotter.reader import LayerReader, ReaderConfig
-
-
-class MemoryBlob:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    async def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
-        return [self.data[a:b] for a, b in ranges]
-
-
-def drop_page_cache() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+from tests.support.lazy import MemoryBlob
 
 
 def timed_read(path: Path, block: int = 1 << 20) -> float:

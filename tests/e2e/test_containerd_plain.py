@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from tests.e2e.conftest import ContainerdFactory, PushedImage, make_tmpdir, remove_tmpdir
 from tests.support.daemon import LazysnapDaemon
+from tests.support.lazy import wait_until
 from tests.support.services import Containerd, require_privileges, run_in_container, verify_container_fs
 
 SNAPSHOTTER = "lazysnap"
@@ -47,16 +47,6 @@ def ctr_snapshots(cd: Containerd, *args: str, check: bool = True) -> str:
 
 def backend_infos(daemon: LazysnapDaemon) -> list[pb.Info]:
     return [i for batch in daemon.stub.List(pb.ListSnapshotsRequest()) for i in batch.info]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 20) -> bool:
-    """Poll: containerd removes backend snapshots asynchronously, in its garbage collector."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def backend_name(daemon: LazysnapDaemon, key: str) -> pb.Info:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from snapshotter.admin import admin_socket, fetch_stats
 from tests.e2e.conftest import ContainerdFactory, make_tmpdir, remove_tmpdir
 from tests.support import mounts, oci
 from tests.support.daemon import LazysnapDaemon
+from tests.support.lazy import wait_until
 from tests.support.proxy import CountingProxy
 from tests.support.services import (
     Containerd,
@@ -139,15 +139,6 @@ def lazy_stack(containerd_factory: ContainerdFactory) -> Iterator[tuple[Lazysnap
         remove_tmpdir(workdir)
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def stats(daemon: LazysnapDaemon) -> dict[str, object]:
     return fetch_stats(admin_socket(daemon.root))
 
@@ -210,41 +201,29 @@ def test_gzip_image_falls_back_to_a_normal_pull(
 
 
 def test_prefetch_caches_prioritized_files_before_the_container_starts(
-    lazy_images: LazyImages, proxy: CountingProxy, containerd_factory: ContainerdFactory
+    lazy_images: LazyImages, proxy: CountingProxy, lazy_stack: tuple[LazysnapDaemon, Containerd]
 ) -> None:
-    require_privileges()
-    workdir = make_tmpdir()
-    config = lazysnap_config(workdir, prefetch={"background": False, "fetch_whole_below_bytes": 0})
-    daemon = LazysnapDaemon(workdir, config=config)
-    try:
-        daemon.start()
-        cd = containerd_factory(proxy_plugins={SNAPSHOTTER: str(daemon.address)})
-        ref = f"{proxy.host}/{lazy_images.estargz_prefetch}"
-        rpull(cd, ref)
-        layers = stats(daemon)["layers"]
-        assert isinstance(layers, dict) and len(layers) == 4
-        prefetching = [d for d, layer in layers.items() if layer["prefetch_files"] > 0]
-        assert prefetching, "ctr-remote wrote no .prefetch.landmark"
-        assert wait_until(lambda: all(stats(daemon)["layers"][d]["prefetch_done"] for d in prefetching))  # type: ignore[index]
-        layers = stats(daemon)["layers"]
-        assert isinstance(layers, dict)
-        before = {d: layer["bytes"]["on_demand"] for d, layer in layers.items()}
-        out = run_in_container(cd, ref, "/bin/cat", "/data/hello.txt", "/etc/motd", snapshotter=SNAPSHOTTER)
-        assert out == "hello from layer 2\nmotd from layer 2\n"
-        after = stats(daemon)["layers"]
-        assert isinstance(after, dict)
-        for digest in prefetching:
-            assert after[digest]["bytes"]["prefetch"] > 0
-        # Everything the container read came from the prefetched bytes: nothing fetched on demand.
-        assert (
-            {d: layer["bytes"]["on_demand"] for d, layer in after.items()}
-            == before
-            == dict.fromkeys(before, 0)
-        )
-        cd.stop()
-    finally:
-        daemon.stop()
-        remove_tmpdir(workdir)
+    daemon, cd = lazy_stack
+    ref = f"{proxy.host}/{lazy_images.estargz_prefetch}"
+    rpull(cd, ref)
+    layers = stats(daemon)["layers"]
+    assert isinstance(layers, dict) and len(layers) == 4
+    prefetching = [d for d, layer in layers.items() if layer["prefetch_files"] > 0]
+    assert prefetching, "ctr-remote wrote no .prefetch.landmark"
+    assert wait_until(lambda: all(stats(daemon)["layers"][d]["prefetch_done"] for d in prefetching))  # type: ignore[index]
+    layers = stats(daemon)["layers"]
+    assert isinstance(layers, dict)
+    before = {d: layer["bytes"]["on_demand"] for d, layer in layers.items()}
+    out = run_in_container(cd, ref, "/bin/cat", "/data/hello.txt", "/etc/motd", snapshotter=SNAPSHOTTER)
+    assert out == "hello from layer 2\nmotd from layer 2\n"
+    after = stats(daemon)["layers"]
+    assert isinstance(after, dict)
+    for digest in prefetching:
+        assert after[digest]["bytes"]["prefetch"] > 0
+    # Everything the container read came from the prefetched bytes: nothing fetched on demand.
+    assert (
+        {d: layer["bytes"]["on_demand"] for d, layer in after.items()} == before == dict.fromkeys(before, 0)
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])

@@ -10,7 +10,6 @@ import stat
 import subprocess
 import tarfile
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from snapshotter.formats import build_estargz, build_zstdchunked, locate_toc, pa
 from snapshotter.formats.index import Compression
 from snapshotter.fuse.layerfs import LayerFS, LayerTree, MountedLayer
 from snapshotter.reader import LayerReader, ReaderConfig
+from tests.support.lazy import MemoryBlob, running_loop
 from tests.support.mounts import unmount_all
 from tests.support.services import require_privileges
 
@@ -63,14 +63,6 @@ def source_tar() -> bytes:
     return buf.getvalue()
 
 
-class MemoryBlob:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    async def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
-        return [self.data[a:b] for a, b in ranges]
-
-
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     require_privileges(binaries=())
@@ -82,12 +74,8 @@ def workdir() -> Iterator[Path]:
 
 @pytest.fixture
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
+    with running_loop() as loop:
+        yield loop
 
 
 @pytest.mark.parametrize("compression", [Compression.GZIP, Compression.ZSTD], ids=["estargz", "zstdchunked"])

@@ -7,7 +7,6 @@ import dataclasses
 import hashlib
 import os
 import random
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from snapshotter.formats import build_estargz, build_zstdchunked, locate_toc, pa
 from snapshotter.formats.index import Compression, EntryType, LayerIndex
 from snapshotter.reader import LayerReader, ReaderConfig, ReadError
 from tests.support import oci
+from tests.support.lazy import MemoryBlob, running_loop
 
 FILES = {
     "app/big.bin": os.urandom(700_000),
@@ -38,28 +38,6 @@ def layer_tar() -> bytes:
     entries: list[oci.Entry] = [oci.Dir("app"), oci.Dir("etc"), oci.Dir("lib"), oci.Dir("var")]
     entries += [oci.File(name, data) for name, data in FILES.items()]
     return oci.layer_tar(entries)
-
-
-class MemoryBlob:
-    """A blob served from memory, recording requests; can fail, stall or corrupt on demand."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = bytearray(data)
-        self.requests: list[list[tuple[int, int]]] = []
-        self.fail: Exception | None = None
-        self.stall = asyncio.Event()
-        self.stall.set()
-
-    @property
-    def bytes_served(self) -> int:
-        return sum(b - a for req in self.requests for a, b in req)
-
-    async def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
-        await self.stall.wait()
-        if self.fail is not None:
-            raise self.fail
-        self.requests.append(list(ranges))
-        return [bytes(self.data[a:b]) for a, b in ranges]
 
 
 @dataclass
@@ -84,21 +62,8 @@ class Layer:
 
 @pytest.fixture
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop
-
-    async def cancel_pending() -> None:
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    asyncio.run_coroutine_threadsafe(cancel_pending(), loop).result(5)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
-    loop.close()
+    with running_loop() as loop:
+        yield loop
 
 
 def make_layer(tmp_path: Path, loop: asyncio.AbstractEventLoop, compression: Compression) -> Layer:
