@@ -180,7 +180,8 @@ class LayerReader:
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
         self._offsets: dict[str, list[int]] = {}  # per file: its chunks' file offsets, for bisect
         self.activity = activity or OnDemandActivity()
-        self._read_ends: dict[str, int] = {}  # per file: where its last read ended (sequential?)
+        # Per file: where its last read ended, the chunk it started in, its readahead window.
+        self._read_state: dict[str, tuple[int, int, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -210,12 +211,22 @@ class LayerReader:
             self.cache.read_range(c.digest, lo, hi) for c, (lo, hi) in zip(needed, bounds, strict=True)
         ]
         missing = [c for c, piece in zip(needed, pieces, strict=True) if piece is None]
-        sequential = self._read_ends.get(entry.name) == offset
-        self._read_ends[entry.name] = end
+        # Read ahead only for a file being read sequentially: a random access (a model loader
+        # seeking to one tensor) should not pay for chunks it will never read. A sequential
+        # reader's window doubles each time it enters a new chunk, so a long stream keeps the
+        # link busy while it consumes what has arrived.
+        prev_end, prev_chunk, window = self._read_state.get(entry.name, (-1, -1, 0))
+        touched = last - 1  # the furthest chunk this read reaches
+        sequential = prev_end == offset
+        if not sequential:
+            window = 0
+        elif touched != prev_chunk:
+            window = min(max(window * 2, self.config.readahead_bytes), self.config.readahead_bytes * 8)
+        self._read_state[entry.name] = (end, touched, window)
+        extra = self._readahead(entry, last, window) if window else []
+        if not missing and extra and touched != prev_chunk:
+            asyncio.run_coroutine_threadsafe(self._ensure([], extra, ON_DEMAND), self.loop)
         if missing:
-            # Read ahead only for a file being read sequentially: a random access (a model
-            # loader seeking to one tensor) should not pay for chunks it will never read.
-            extra = self._readahead(entry, last) if sequential else []
             future = asyncio.run_coroutine_threadsafe(self._ensure(missing, extra, ON_DEMAND), self.loop)
             try:
                 fetched = future.result(timeout=self.config.read_timeout)
@@ -229,17 +240,16 @@ class LayerReader:
                     pieces[i] = fetched[c.digest][lo:hi]
         return b"".join(p for p in pieces if p is not None)
 
-    def _readahead(self, entry: Entry, after: int) -> list[Chunk]:
-        """Chunks of the same file from index ``after``, up to readahead_bytes of compressed data."""
-        budget = self.config.readahead_bytes
+    def _readahead(self, entry: Entry, after: int, budget: int) -> list[Chunk]:
+        """Uncached chunks of the file from index ``after``, up to ``budget`` compressed bytes."""
         extra: list[Chunk] = []
         for i in range(after, len(entry.chunks)):
             c = entry.chunks[i]
             if budget <= 0:
                 break
-            if c.digest not in self.cache:
+            budget -= c.compressed_size
+            if c.digest not in self._inflight and c.digest not in self.cache:
                 extra.append(c)
-                budget -= c.compressed_size
         return extra
 
     # --- fetching on the loop -------------------------------------------------------------------
