@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # serves images on loopback, skopeo/umoci handle OCI images, fuse3 and stargz-snapshotter
 # (ctr-remote) come with lazy pulling, busybox-static fills test images.
 APT_PACKAGES := containerd runc docker-registry skopeo umoci fuse3 stargz-snapshotter \
-	busybox-static util-linux ca-certificates
+	busybox-static util-linux ca-certificates systemd
 
 .PHONY: help setup setup-apt setup-venv proto proto-check lint format unit test demo bench clean
 

@@ -28,6 +28,7 @@ from snapshotter.config import Config
 from snapshotter.fetcher import CredentialStore, HostsConfig, RegistryClient, default_docker_config
 from snapshotter.reader import ReaderConfig
 from snapshotter.remote import RemoteLayers
+from snapshotter.sdnotify import notify
 from snapshotter.service import add_to_server
 from snapshotter.snapshots import Snapshotter
 from snapshotter.tocstore import TocStore
@@ -173,12 +174,14 @@ async def serve(config: Config) -> None:
         secure_socket(config.address, config.grpc.socket_group)
         await server.start()
         socket_inode = config.address.stat().st_ino
+        notify("READY=1", f"STATUS=serving on {config.address}", f"MAINPID={os.getpid()}")
         log.info(
             "serving",
             extra={"version": __version__, "address": str(config.address), "root": str(config.root)},
         )
         await _wait_for_stop_signal()
         log.info("stopping", extra={"grace_seconds": STOP_GRACE_SECONDS})
+        notify("STOPPING=1")
         await server.stop(STOP_GRACE_SECONDS)
         await admin.cleanup()
         try:

@@ -309,3 +309,25 @@ def test_stats_command(daemon: LazysnapDaemon, workdir: Path) -> None:
     assert stat.S_IMODE(os.stat(daemon.root / "admin.sock").st_mode) == 0o600
     missing = run_cli("stats", "--root", str(workdir / "nowhere"))
     assert missing.returncode == 1 and "is the daemon running?" in missing.stderr
+
+
+def test_systemd_notify_protocol(workdir: Path) -> None:
+    """READY=1 only once the socket serves; STOPPING=1 on SIGTERM (the unit is Type=notify)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify_path = workdir / "notify.sock"
+    listener.bind(str(notify_path))
+    listener.settimeout(20)
+    d = LazysnapDaemon(workdir, env={"NOTIFY_SOCKET": str(notify_path)})
+    try:
+        d.start()
+        message = listener.recv(4096).decode()
+        fields = dict(line.split("=", 1) for line in message.splitlines())
+        assert fields["READY"] == "1" and fields["MAINPID"] == str(d.pid)
+        probe = socket.socket(socket.AF_UNIX)
+        probe.connect(str(d.address))  # ready means serving
+        probe.close()
+        d.stop()
+        assert "STOPPING=1" in listener.recv(4096).decode()
+    finally:
+        d.stop()
+        listener.close()

@@ -19,13 +19,21 @@ SNAPSHOTTER = "lazysnap"
 class LazysnapDaemon:
     """One daemon process with its root, socket and log file under ``workdir``."""
 
-    def __init__(self, workdir: Path, *, config: Path | None = None, extra_args: list[str] | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        config: Path | None = None,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.workdir = workdir
         self.root = workdir / "root"
         self.address = workdir / "lazysnap.sock"
         self.log_path = workdir / "lazysnap.log"
         self.config = config
         self.extra_args = extra_args or []
+        self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self._channel: grpc.Channel | None = None
 
@@ -39,7 +47,9 @@ class LazysnapDaemon:
     def start(self, timeout: float = 20.0) -> None:
         assert self.proc is None or self.proc.poll() is not None, "daemon already running"
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
