@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,3 +251,63 @@ def test_restart_mounts_lazy_layers_again_and_reuses_the_cache(
     )
     # What the first container read comes from the chunk cache: no registry needed.
     assert run_in_container(cd, ref, "/bin/sh", "-c", script, snapshotter=SNAPSHOTTER) == first
+
+
+def lazysnap_with(
+    workdir: Path, containerd_factory: ContainerdFactory, **sections: dict[str, object]
+) -> tuple[LazysnapDaemon, Containerd]:
+    daemon = LazysnapDaemon(workdir, config=lazysnap_config(workdir, **sections))
+    daemon.start()
+    return daemon, containerd_factory(proxy_plugins={SNAPSHOTTER: str(daemon.address)})
+
+
+LARGE_SHA256 = "/bin/busybox sha256sum /data/large.bin"
+
+
+def test_cache_stays_under_its_limit_while_reads_stay_correct(
+    lazy_images: LazyImages, proxy: CountingProxy, containerd_factory: ContainerdFactory
+) -> None:
+    require_privileges()
+    limit = 6 << 20  # well under the 16 MiB file the container reads, twice
+    workdir = make_tmpdir()
+    try:
+        daemon, cd = lazysnap_with(
+            workdir, containerd_factory, cache={"max_bytes": limit}, prefetch={"background": False}
+        )
+        ref = f"{proxy.host}/{lazy_images.estargz}"
+        rpull(cd, ref)
+        want = hashlib.sha256(lazy_images.large).hexdigest()
+        for _ in range(2):
+            out = run_in_container(cd, ref, "/bin/sh", "-c", LARGE_SHA256, snapshotter=SNAPSHOTTER)
+            assert out.split()[0] == want
+            cache = stats(daemon)["cache"]
+            assert isinstance(cache, dict) and cache["bytes"] <= limit * 1.05 and cache["evictions"] > 0
+        cd.stop()
+        daemon.stop()
+    finally:
+        remove_tmpdir(workdir)
+
+
+def test_full_disk_under_the_cache_degrades_to_uncached_reads(
+    lazy_images: LazyImages, proxy: CountingProxy, containerd_factory: ContainerdFactory
+) -> None:
+    require_privileges()
+    workdir = make_tmpdir()
+    cache_dir = workdir / "root" / "cache"
+    cache_dir.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "lztiny", str(cache_dir)], check=True)
+    try:
+        daemon, cd = lazysnap_with(workdir, containerd_factory, prefetch={"background": False})
+        ref = f"{proxy.host}/{lazy_images.estargz}"
+        rpull(cd, ref)
+        out = run_in_container(cd, ref, "/bin/sh", "-c", LARGE_SHA256, snapshotter=SNAPSHOTTER)
+        assert out.split()[0] == hashlib.sha256(lazy_images.large).hexdigest()
+        layers = stats(daemon)["layers"]
+        assert isinstance(layers, dict)
+        assert sum(layer["cache_write_failures"] for layer in layers.values()) > 0  # the disk was full
+        assert daemon.proc is not None and daemon.proc.poll() is None  # and the daemon lives on
+        cd.stop()
+        daemon.stop()
+    finally:
+        mounts.unmount_all(cache_dir)
+        remove_tmpdir(workdir)

@@ -18,7 +18,7 @@ import stat
 import subprocess
 import tarfile
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -188,6 +188,21 @@ class LayerBlob:
     diff_id: str
     uncompressed_size: int
     media_type: str = MEDIA_TYPE_LAYER_GZIP
+    annotations: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class EncodedLayer:
+    """What an encoder makes of a layer's uncompressed tar: the blob and how to describe it."""
+
+    blob: bytes
+    media_type: str = MEDIA_TYPE_LAYER_GZIP
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    diff_id: str = ""  # digest of what the blob decompresses to, if not the input tar itself
+
+
+def gzip_layer(raw: bytes) -> EncodedLayer:
+    return EncodedLayer(gzip_bytes(raw))
 
 
 @dataclass(frozen=True)
@@ -243,8 +258,10 @@ def build_layout(
     tag: str,
     cmd: Sequence[str] | None = None,
     env: Sequence[str] | None = None,
+    encode: Callable[[bytes], EncodedLayer] = gzip_layer,
 ) -> Image:
-    """Write (or add ``tag`` to) an OCI image layout containing one image built from ``layers``."""
+    """Write (or add ``tag`` to) an OCI image layout containing one image built from ``layers``;
+    ``encode`` turns each layer's tar into its blob (gzip by default; tests craft eStargz)."""
     layout = Path(layout_dir)
     layout.mkdir(parents=True, exist_ok=True)
     (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
@@ -252,8 +269,11 @@ def build_layout(
     blobs: list[LayerBlob] = []
     for layer in layers:
         raw = layer_tar(layer)
-        digest, size = _write_blob(layout, gzip_bytes(raw))
-        blobs.append(LayerBlob(digest, size, sha256_digest(raw), len(raw)))
+        encoded = encode(raw)
+        digest, size = _write_blob(layout, encoded.blob)
+        annotations = tuple(sorted(encoded.annotations.items()))
+        diff_id = encoded.diff_id or sha256_digest(raw)
+        blobs.append(LayerBlob(digest, size, diff_id, len(raw), encoded.media_type, annotations))
 
     config = {
         "architecture": "amd64",
@@ -271,7 +291,15 @@ def build_layout(
         "schemaVersion": 2,
         "mediaType": MEDIA_TYPE_MANIFEST,
         "config": {"mediaType": MEDIA_TYPE_CONFIG, "digest": config_digest, "size": config_size},
-        "layers": [{"mediaType": b.media_type, "digest": b.digest, "size": b.size} for b in blobs],
+        "layers": [
+            {
+                "mediaType": b.media_type,
+                "digest": b.digest,
+                "size": b.size,
+                **({"annotations": dict(b.annotations)} if b.annotations else {}),
+            }
+            for b in blobs
+        ],
     }
     manifest_digest, manifest_size = _write_blob(layout, _dumps(manifest))
 

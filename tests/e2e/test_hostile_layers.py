@@ -1,0 +1,135 @@
+"""Crafted eStargz layers through real containerd: a TOC that does not match its manifest digest
+falls back to a normal pull; chunk bytes that do not match their chunkDigest are never served nor
+cached (EIO), while the rest of the layer and the daemon keep working."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from snapshotter.admin import admin_socket, fetch_stats
+from snapshotter.formats import TOC_DIGEST_ANNOTATION, build_estargz
+from tests.e2e.conftest import ContainerdFactory, make_tmpdir, remove_tmpdir
+from tests.support import oci
+from tests.support.daemon import LazysnapDaemon
+from tests.support.services import (
+    Containerd,
+    Registry,
+    require_privileges,
+    run_container,
+    verify_container_fs,
+)
+
+SNAPSHOTTER = "lazysnap"
+TAMPERED_LAYER = 1  # the second layer holds /data/hello.txt
+
+
+def estargz(raw: bytes) -> oci.EncodedLayer:
+    # Level 0 (stored deflate blocks): the compressed layout depends only on the sizes, so a layer
+    # with other bytes of the same length has the same offsets, and TOCs can be swapped.
+    built = build_estargz(raw, compression_level=0)
+    return oci.EncodedLayer(built.blob, built.media_type, built.annotations, built.diff_id)
+
+
+def bad_toc_digest(raw: bytes) -> oci.EncodedLayer:
+    layer = estargz(raw)
+    wrong = "sha256:" + hashlib.sha256(b"not this TOC").hexdigest()
+    return oci.EncodedLayer(
+        layer.blob, layer.media_type, {**layer.annotations, TOC_DIGEST_ANNOTATION: wrong}, layer.diff_id
+    )
+
+
+def tampered(raw: bytes) -> oci.EncodedLayer:
+    """The honest layer's TOC (so it verifies) over a body where hello.txt says something else."""
+    honest = build_estargz(raw, compression_level=0)
+    evil_raw = raw.replace(b"hello from layer 2\n", b"HELLO FROM EVE!!!\n\n")
+    assert evil_raw != raw and len(evil_raw) == len(raw)
+    evil = build_estargz(evil_raw, compression_level=0)
+    assert evil.toc_offset == honest.toc_offset
+    blob = evil.blob[: evil.toc_offset] + honest.blob[honest.toc_offset :]
+    return oci.EncodedLayer(blob, honest.media_type, honest.annotations, honest.diff_id)
+
+
+@pytest.fixture(scope="module")
+def hostile(registry: Registry) -> Iterator[dict[str, object]]:
+    require_privileges(binaries=("containerd", "ctr", "ctr-remote", "docker-registry", "skopeo"))
+    workdir = make_tmpdir()
+    try:
+        spec = oci.test_image_layers()
+        refs: dict[str, object] = {"expected": spec.expected}
+        for name, bad in (("bad-toc-digest", bad_toc_digest), ("tampered-chunk", tampered)):
+            layers = iter(range(len(spec.layers)))
+
+            def encode(raw: bytes, bad=bad, layers=layers) -> oci.EncodedLayer:  # type: ignore[no-untyped-def]
+                return bad(raw) if next(layers) == TAMPERED_LAYER else estargz(raw)
+
+            image = oci.build_layout(workdir / name, spec.layers, tag=name, encode=encode)
+            refs[name] = oci.push(image.layout_dir, name, registry.host, "lztest/hostile")
+            if name == "tampered-chunk":
+                toc = json.loads(
+                    build_estargz(oci.layer_tar(spec.layers[TAMPERED_LAYER]), compression_level=0).toc_json
+                )
+                refs["hello_chunk"] = next(
+                    e["chunkDigest"] for e in toc["entries"] if e["name"] == "data/hello.txt"
+                )
+        yield refs
+    finally:
+        remove_tmpdir(workdir)
+
+
+@pytest.fixture
+def stack(containerd_factory: ContainerdFactory) -> Iterator[tuple[LazysnapDaemon, Containerd]]:
+    require_privileges()
+    workdir = make_tmpdir()
+    (workdir / "config.toml").write_text("[prefetch]\nbackground = false\nfetch_whole_below_bytes = 0\n")
+    daemon = LazysnapDaemon(workdir, config=workdir / "config.toml")
+    try:
+        daemon.start()
+        cd = containerd_factory(proxy_plugins={SNAPSHOTTER: str(daemon.address)})
+        yield daemon, cd
+        cd.stop()
+    finally:
+        daemon.stop()
+        remove_tmpdir(workdir)
+
+
+def rpull(cd: Containerd, ref: str) -> None:
+    cd.ctr(
+        "image", "rpull", "--plain-http", "--snapshotter", SNAPSHOTTER, ref, binary="ctr-remote", timeout=180
+    )
+
+
+def test_toc_not_matching_the_manifest_falls_back(
+    hostile: dict[str, object], stack: tuple[LazysnapDaemon, Containerd]
+) -> None:
+    daemon, cd = stack
+    ref = str(hostile["bad-toc-digest"])
+    rpull(cd, ref)
+    stats = fetch_stats(admin_socket(daemon.root))
+    assert stats["lazy_mounts"] == 2 and stats["not_lazy"] == {"bad-toc": 1}, stats
+    assert "bad-toc" in daemon.log_tail(400) and "TOC digest" in daemon.log_tail(400)
+    expected = hostile["expected"]
+    assert isinstance(expected, dict)
+    assert verify_container_fs(cd, ref, expected, snapshotter=SNAPSHOTTER) == []
+
+
+def test_chunk_not_matching_its_digest_is_eio_and_never_cached(
+    hostile: dict[str, object], stack: tuple[LazysnapDaemon, Containerd]
+) -> None:
+    daemon, cd = stack
+    ref = str(hostile["tampered-chunk"])
+    rpull(cd, ref)
+    assert fetch_stats(admin_socket(daemon.root))["lazy_mounts"] == 3
+    bad = run_container(cd, ref, "/bin/cat", "/data/hello.txt", snapshotter=SNAPSHOTTER)
+    assert bad.returncode != 0 and "HELLO" not in bad.stdout
+    good = run_container(cd, ref, "/bin/cat", "/etc/motd", "/data/orig.txt", snapshotter=SNAPSHOTTER)
+    assert good.returncode == 0 and good.stdout == "motd from layer 2\nhardlinked content\n"
+    layers = fetch_stats(admin_socket(daemon.root))["layers"]
+    assert isinstance(layers, dict) and sum(layer["verify_failures"] for layer in layers.values()) >= 1
+    hex_digest = str(hostile["hello_chunk"]).split(":")[1]
+    assert not list(Path(daemon.root, "cache").rglob(hex_digest)), "an unverified chunk was cached"
+    assert daemon.proc is not None and daemon.proc.poll() is None
