@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 ON_DEMAND, PREFETCH, BACKGROUND = "on_demand", "prefetch", "background"
 PREFETCH_PARALLEL_REQUESTS = 4
+SEQUENTIAL_SLACK_BYTES = 512 << 10
 
 
 class BlobSource(Protocol):
@@ -217,7 +218,9 @@ class LayerReader:
         # link busy while it consumes what has arrived.
         prev_end, prev_chunk, window = self._read_state.get(entry.name, (-1, -1, 0))
         touched = last - 1  # the furthest chunk this read reaches
-        sequential = prev_end == offset
+        # The kernel issues readahead requests in parallel FUSE threads, so a sequential stream
+        # arrives slightly out of order: "near where the last read ended" counts as sequential.
+        sequential = prev_end >= 0 and abs(offset - prev_end) <= SEQUENTIAL_SLACK_BYTES
         if not sequential:
             window = 0
         elif touched != prev_chunk:
