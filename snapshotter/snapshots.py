@@ -156,9 +156,7 @@ class Snapshotter:
         fs = self.fs_path(sid)
         if self.remote.check(fs):
             return True
-        if is_fuse_mountpoint(fs):  # dead mount of a previous daemon process
-            unmount(fs)
-        try:
+        try:  # also replaces a dead mount left by a previous daemon process
             self.remote.mount(self._remote_labels[sid], fs)
         except NotLazyError as exc:
             log.error("cannot mount lazy layer again", extra={"id": sid, "error": str(exc)})
