@@ -22,9 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.shaping_proxy import ShapingProxy, from_profile
-from snapshotter.admin import admin_socket, fetch_stats
 from tests.support import mounts, oci
-from tests.support.daemon import LazysnapDaemon
+from tests.support.daemon import LazysnapDaemon, write_config
 from tests.support.services import Containerd, Registry, run_container
 
 SNAPSHOTTER = "lazysnap"
@@ -162,16 +161,6 @@ def registry_and_proxy(profile: str) -> Iterator[tuple[Registry, ShapingProxy]]:
         remove_workdir(workdir)
 
 
-def lazysnap_config(workdir: Path, overrides: dict[str, dict[str, object]] | None = None) -> Path:
-    lines: list[str] = []
-    for section, values in (overrides or {}).items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-    path = workdir / "lazysnap.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def cold_run(
     images: ImageSet,
     proxy: ShapingProxy,
@@ -189,7 +178,9 @@ def cold_run(
         if mode != "overlayfs":
             lzdir = workdir / "lz"
             lzdir.mkdir()
-            daemon = LazysnapDaemon(lzdir, config=lazysnap_config(lzdir, lazysnap_overrides))
+            daemon = LazysnapDaemon(
+                lzdir, config=write_config(lzdir / "lazysnap.toml", lazysnap_overrides or {})
+            )
             daemon.start()
             proxy_plugins[SNAPSHOTTER] = str(daemon.address)
         cd = Containerd(workdir / "cd", proxy_plugins)
@@ -202,10 +193,7 @@ def cold_run(
         if mode == "overlayfs":
             cd.pull(ref, timeout=3600)
         else:
-            cd.ctr(
-                "image", "rpull", "--plain-http", "--snapshotter", SNAPSHOTTER, ref,
-                binary="ctr-remote", timeout=3600,
-            )  # fmt: skip
+            cd.rpull(ref, snapshotter=SNAPSHOTTER, timeout=3600)
         pulled = time.monotonic()
         snapshotter = None if mode == "overlayfs" else SNAPSHOTTER
         proc = run_container(cd, ref, *images.workload.command, snapshotter=snapshotter, timeout=3600)
@@ -213,7 +201,7 @@ def cold_run(
         if proc.returncode != 0 or "ready" not in proc.stdout:
             raise RuntimeError(f"{mode} workload failed ({proc.returncode}): {proc.stdout} {proc.stderr}")
         down, _ = proxy.reset_counters()
-        lazy = fetch_stats(admin_socket(daemon.root)) if daemon is not None else {}
+        lazy = daemon.stats() if daemon is not None else {}
         return RunResult(
             image=images.workload.name,
             mode=mode,

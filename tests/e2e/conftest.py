@@ -21,6 +21,7 @@ if _REPO_ROOT not in sys.path:  # allow `from tests.support ...` under any pytes
     sys.path.insert(0, _REPO_ROOT)
 
 from tests.support import mounts, oci  # noqa: E402
+from tests.support.daemon import LazysnapDaemon, write_config  # noqa: E402
 from tests.support.oci import PushedImage  # noqa: E402
 from tests.support.services import Containerd, Registry, require_privileges  # noqa: E402
 
@@ -100,6 +101,26 @@ def containerd_factory() -> Iterator[ContainerdFactory]:
             errors.append(f"{workdir}: {exc}")
     if errors:
         pytest.fail("containerd teardown problems:\n" + "\n".join(errors), pytrace=False)
+
+
+@pytest.fixture
+def lazy_stack(containerd_factory: ContainerdFactory) -> Iterator[tuple[LazysnapDaemon, Containerd]]:
+    """lazysnap without background or whole-layer fetch (so laziness is observable), and a
+    containerd that uses it; containerd stops first."""
+    require_privileges()
+    workdir = make_tmpdir()
+    config = write_config(
+        workdir / "config.toml", {"prefetch": {"background": False, "fetch_whole_below_bytes": 0}}
+    )
+    daemon = LazysnapDaemon(workdir, config=config)
+    try:
+        daemon.start()
+        cd = containerd_factory(proxy_plugins={"lazysnap": str(daemon.address)})
+        yield daemon, cd
+        cd.stop()
+    finally:
+        daemon.stop()
+        remove_tmpdir(workdir)
 
 
 @pytest.fixture

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.admin import admin_socket, fetch_stats
 from snapshotter.formats import TOC_DIGEST_ANNOTATION, build_estargz
-from tests.e2e.conftest import ContainerdFactory, make_tmpdir, remove_tmpdir
+from tests.e2e.conftest import make_tmpdir, remove_tmpdir
 from tests.support import oci
 from tests.support.daemon import LazysnapDaemon
 from tests.support.services import (
@@ -81,35 +80,13 @@ def hostile(registry: Registry) -> Iterator[dict[str, object]]:
         remove_tmpdir(workdir)
 
 
-@pytest.fixture
-def stack(containerd_factory: ContainerdFactory) -> Iterator[tuple[LazysnapDaemon, Containerd]]:
-    require_privileges()
-    workdir = make_tmpdir()
-    (workdir / "config.toml").write_text("[prefetch]\nbackground = false\nfetch_whole_below_bytes = 0\n")
-    daemon = LazysnapDaemon(workdir, config=workdir / "config.toml")
-    try:
-        daemon.start()
-        cd = containerd_factory(proxy_plugins={SNAPSHOTTER: str(daemon.address)})
-        yield daemon, cd
-        cd.stop()
-    finally:
-        daemon.stop()
-        remove_tmpdir(workdir)
-
-
-def rpull(cd: Containerd, ref: str) -> None:
-    cd.ctr(
-        "image", "rpull", "--plain-http", "--snapshotter", SNAPSHOTTER, ref, binary="ctr-remote", timeout=180
-    )
-
-
 def test_toc_not_matching_the_manifest_falls_back(
-    hostile: dict[str, object], stack: tuple[LazysnapDaemon, Containerd]
+    hostile: dict[str, object], lazy_stack: tuple[LazysnapDaemon, Containerd]
 ) -> None:
-    daemon, cd = stack
+    daemon, cd = lazy_stack
     ref = str(hostile["bad-toc-digest"])
-    rpull(cd, ref)
-    stats = fetch_stats(admin_socket(daemon.root))
+    cd.rpull(ref)
+    stats = daemon.stats()
     assert stats["lazy_mounts"] == 2 and stats["not_lazy"] == {"bad-toc": 1}, stats
     assert "bad-toc" in daemon.log_tail(400) and "TOC digest" in daemon.log_tail(400)
     expected = hostile["expected"]
@@ -118,17 +95,17 @@ def test_toc_not_matching_the_manifest_falls_back(
 
 
 def test_chunk_not_matching_its_digest_is_eio_and_never_cached(
-    hostile: dict[str, object], stack: tuple[LazysnapDaemon, Containerd]
+    hostile: dict[str, object], lazy_stack: tuple[LazysnapDaemon, Containerd]
 ) -> None:
-    daemon, cd = stack
+    daemon, cd = lazy_stack
     ref = str(hostile["tampered-chunk"])
-    rpull(cd, ref)
-    assert fetch_stats(admin_socket(daemon.root))["lazy_mounts"] == 3
+    cd.rpull(ref)
+    assert daemon.stats()["lazy_mounts"] == 3
     bad = run_container(cd, ref, "/bin/cat", "/data/hello.txt", snapshotter=SNAPSHOTTER)
     assert bad.returncode != 0 and "HELLO" not in bad.stdout
     good = run_container(cd, ref, "/bin/cat", "/etc/motd", "/data/orig.txt", snapshotter=SNAPSHOTTER)
     assert good.returncode == 0 and good.stdout == "motd from layer 2\nhardlinked content\n"
-    layers = fetch_stats(admin_socket(daemon.root))["layers"]
+    layers = daemon.stats()["layers"]
     assert isinstance(layers, dict) and sum(layer["verify_failures"] for layer in layers.values()) >= 1
     hex_digest = str(hostile["hello_chunk"]).split(":")[1]
     assert not list(Path(daemon.root, "cache").rglob(hex_digest)), "an unverified chunk was cached"

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.admin import admin_socket, fetch_stats
 from tests.e2e.conftest import ContainerdFactory, make_tmpdir, remove_tmpdir
 from tests.support import mounts, oci
-from tests.support.daemon import LazysnapDaemon
+from tests.support.daemon import LazysnapDaemon, write_config
 from tests.support.lazy import wait_until
 from tests.support.proxy import CountingProxy
 from tests.support.services import (
@@ -112,44 +111,6 @@ def proxy(registry: Registry) -> Iterator[CountingProxy]:
     p.stop()
 
 
-def lazysnap_config(workdir: Path, **sections: dict[str, object]) -> Path:
-    lines = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    path = workdir / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.fixture
-def lazy_stack(containerd_factory: ContainerdFactory) -> Iterator[tuple[LazysnapDaemon, Containerd]]:
-    """lazysnap without background fetch or whole-layer fetch (so laziness is observable), and a
-    containerd that uses it."""
-    require_privileges()
-    workdir = make_tmpdir()
-    config = lazysnap_config(workdir, prefetch={"background": False, "fetch_whole_below_bytes": 0})
-    daemon = LazysnapDaemon(workdir, config=config)
-    try:
-        daemon.start()
-        cd = containerd_factory(proxy_plugins={SNAPSHOTTER: str(daemon.address)})
-        yield daemon, cd
-        cd.stop()
-    finally:
-        daemon.stop()
-        remove_tmpdir(workdir)
-
-
-def stats(daemon: LazysnapDaemon) -> dict[str, object]:
-    return fetch_stats(admin_socket(daemon.root))
-
-
-def rpull(cd: Containerd, ref: str) -> None:
-    cd.ctr(
-        "image", "rpull", "--plain-http", "--snapshotter", SNAPSHOTTER, ref, binary="ctr-remote", timeout=180
-    )
-
-
 def fuse_mounts_under(path: Path) -> list[str]:
     return [m.target for m in mounts.mounts_under(path) if m.fstype.startswith("fuse")]
 
@@ -160,9 +121,9 @@ def test_rpull_is_lazy_and_the_container_reads_right_bytes(
 ) -> None:
     daemon, cd = lazy_stack
     ref = f"{proxy.host}/{getattr(lazy_images, variant)}"
-    rpull(cd, ref)
+    cd.rpull(ref)
     pulled = proxy.reset()
-    st = stats(daemon)
+    st = daemon.stats()
     assert st["lazy_mounts"] == 4, st
     assert len(fuse_mounts_under(daemon.root)) == 4
     total = lazy_images.total_size[variant]
@@ -184,7 +145,7 @@ def test_rpull_is_lazy_and_the_container_reads_right_bytes(
 
     # The whole tree, as overlayfs would show the same image pulled normally.
     assert verify_container_fs(cd, ref, lazy_images.expected, snapshotter=SNAPSHOTTER) == []
-    layers = stats(daemon)["layers"]
+    layers = daemon.stats()["layers"]
     assert isinstance(layers, dict) and all(layer["verify_failures"] == 0 for layer in layers.values())
 
 
@@ -193,8 +154,8 @@ def test_gzip_image_falls_back_to_a_normal_pull(
 ) -> None:
     daemon, cd = lazy_stack
     ref = f"{proxy.host}/{lazy_images.gzip}"
-    rpull(cd, ref)
-    st = stats(daemon)
+    cd.rpull(ref)
+    st = daemon.stats()
     assert st["lazy_mounts"] == 0 and st["not_lazy"] == {"no-toc-digest": 4}, st
     assert proxy.reset() >= lazy_images.total_size["gzip"]  # containerd downloaded every layer
     assert fuse_mounts_under(daemon.root) == []
@@ -206,18 +167,18 @@ def test_prefetch_caches_prioritized_files_before_the_container_starts(
 ) -> None:
     daemon, cd = lazy_stack
     ref = f"{proxy.host}/{lazy_images.estargz_prefetch}"
-    rpull(cd, ref)
-    layers = stats(daemon)["layers"]
+    cd.rpull(ref)
+    layers = daemon.stats()["layers"]
     assert isinstance(layers, dict) and len(layers) == 4
     prefetching = [d for d, layer in layers.items() if layer["prefetch_files"] > 0]
     assert prefetching, "ctr-remote wrote no .prefetch.landmark"
-    assert wait_until(lambda: all(stats(daemon)["layers"][d]["prefetch_done"] for d in prefetching))  # type: ignore[index]
-    layers = stats(daemon)["layers"]
+    assert wait_until(lambda: all(daemon.stats()["layers"][d]["prefetch_done"] for d in prefetching))  # type: ignore[index]
+    layers = daemon.stats()["layers"]
     assert isinstance(layers, dict)
     before = {d: layer["bytes"]["on_demand"] for d, layer in layers.items()}
     out = run_in_container(cd, ref, "/bin/cat", "/data/hello.txt", "/etc/motd", snapshotter=SNAPSHOTTER)
     assert out == "hello from layer 2\nmotd from layer 2\n"
-    after = stats(daemon)["layers"]
+    after = daemon.stats()["layers"]
     assert isinstance(after, dict)
     for digest in prefetching:
         assert after[digest]["bytes"]["prefetch"] > 0
@@ -233,7 +194,7 @@ def test_restart_mounts_lazy_layers_again_and_reuses_the_cache(
 ) -> None:
     daemon, cd = lazy_stack
     ref = f"{proxy.host}/{lazy_images.estargz}"
-    rpull(cd, ref)
+    cd.rpull(ref)
     script = "/bin/busybox sha256sum /data/big.bin /data/hello.txt"
     first = run_in_container(cd, ref, "/bin/sh", "-c", script, snapshotter=SNAPSHOTTER)
     targets = sorted(fuse_mounts_under(daemon.root))
@@ -245,7 +206,7 @@ def test_restart_mounts_lazy_layers_again_and_reuses_the_cache(
     proxy.stop()  # the registry is gone while the daemon restarts
     daemon.start()  # mounts every lazy layer again, from its stored TOCs, before it serves
     assert sorted(fuse_mounts_under(daemon.root)) == targets
-    assert stats(daemon)["lazy_mounts"] == 4
+    assert daemon.stats()["lazy_mounts"] == 4
     assert wait_until(
         lambda: cd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls", check=False).returncode == 0
     )
@@ -256,7 +217,7 @@ def test_restart_mounts_lazy_layers_again_and_reuses_the_cache(
 def lazysnap_with(
     workdir: Path, containerd_factory: ContainerdFactory, **sections: dict[str, object]
 ) -> tuple[LazysnapDaemon, Containerd]:
-    daemon = LazysnapDaemon(workdir, config=lazysnap_config(workdir, **sections))
+    daemon = LazysnapDaemon(workdir, config=write_config(workdir / "config.toml", sections))
     daemon.start()
     return daemon, containerd_factory(proxy_plugins={SNAPSHOTTER: str(daemon.address)})
 
@@ -275,12 +236,12 @@ def test_cache_stays_under_its_limit_while_reads_stay_correct(
             workdir, containerd_factory, cache={"max_bytes": limit}, prefetch={"background": False}
         )
         ref = f"{proxy.host}/{lazy_images.estargz}"
-        rpull(cd, ref)
+        cd.rpull(ref)
         want = hashlib.sha256(lazy_images.large).hexdigest()
         for _ in range(2):
             out = run_in_container(cd, ref, "/bin/sh", "-c", LARGE_SHA256, snapshotter=SNAPSHOTTER)
             assert out.split()[0] == want
-            cache = stats(daemon)["cache"]
+            cache = daemon.stats()["cache"]
             assert isinstance(cache, dict) and cache["bytes"] <= limit * 1.05 and cache["evictions"] > 0
         cd.stop()
         daemon.stop()
@@ -299,10 +260,10 @@ def test_full_disk_under_the_cache_degrades_to_uncached_reads(
     try:
         daemon, cd = lazysnap_with(workdir, containerd_factory, prefetch={"background": False})
         ref = f"{proxy.host}/{lazy_images.estargz}"
-        rpull(cd, ref)
+        cd.rpull(ref)
         out = run_in_container(cd, ref, "/bin/sh", "-c", LARGE_SHA256, snapshotter=SNAPSHOTTER)
         assert out.split()[0] == hashlib.sha256(lazy_images.large).hexdigest()
-        layers = stats(daemon)["layers"]
+        layers = daemon.stats()["layers"]
         assert isinstance(layers, dict)
         assert sum(layer["cache_write_failures"] for layer in layers.values()) > 0  # the disk was full
         assert daemon.proc is not None and daemon.proc.poll() is None  # and the daemon lives on

@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 
+from snapshotter.admin import admin_socket, fetch_stats
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 
 SNAPSHOTTER = "lazysnap"
+
+
+def write_config(path: Path, sections: Mapping[str, Mapping[str, object]]) -> Path:
+    """A lazysnap config file with these ``[section] key = value`` settings (TOML via JSON values)."""
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 class LazysnapDaemon:
@@ -96,6 +110,10 @@ class LazysnapDaemon:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
+
+    def stats(self) -> dict[str, Any]:
+        """The daemon's lazy-pull statistics from its admin endpoint."""
+        return fetch_stats(admin_socket(self.root))
 
     @property
     def pid(self) -> int:

@@ -371,6 +371,11 @@ class Containerd(_Daemon):
             args += ["--snapshotter", snapshotter]
         return self.ctr(*args, *extra_args, ref, timeout=timeout, binary=binary)
 
+    def rpull(self, ref: str, *, snapshotter: str = "lazysnap", timeout: float = 180) -> None:
+        """``ctr-remote image rpull``: a pull that passes the labels a remote snapshotter needs."""
+        args = ("image", "rpull", "--plain-http", "--snapshotter", snapshotter, ref)
+        self.ctr(*args, binary="ctr-remote", timeout=timeout)
+
     # -- teardown ---------------------------------------------------------
 
     def _shim_pids(self) -> set[int]:
