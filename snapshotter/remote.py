@@ -49,6 +49,9 @@ TOC_DIGEST_LABEL = "containerd.io/snapshot/stargz/toc.digest"
 # Image reference and layer digest, from ctr-remote's handler or from the CRI plugin/nerdctl.
 REFERENCE_LABELS = ("containerd.io/snapshot/remote/stargz.reference", "containerd.io/snapshot/cri.image-ref")
 DIGEST_LABELS = ("containerd.io/snapshot/remote/stargz.digest", "containerd.io/snapshot/cri.layer-digest")
+# Comma-separated digests of this layer and the ones above it in the image.
+NEIGHBOUR_LABELS = ("containerd.io/snapshot/remote/stargz.layers", "containerd.io/snapshot/cri.image-layers")
+MAX_NEIGHBOURS = 32
 RESOLVE_TTL_SECONDS = 60.0
 TAIL_FETCH_BYTES = 256 << 10  # footer + TOC of a layer of up to a few thousand files
 ZSTD_CHUNKED_ANNOTATIONS = (
@@ -136,6 +139,7 @@ class RemoteLayers:
         )
         # containerd prepares an image's layers one after another: resolve its manifest once.
         self._resolved: dict[str, tuple[float, asyncio.Task[ResolvedImage]]] = {}
+        self._indexes: dict[str, asyncio.Task[LayerIndex]] = {}  # TOCs being fetched, by layer digest
         self.not_lazy = collections.Counter[str]()  # reason -> layers pulled normally
         self.lazy_mounts = 0
 
@@ -231,7 +235,8 @@ class RemoteLayers:
 
     async def _mount(self, labels: Mapping[str, str], mountpoint: Path) -> None:
         ref = layer_ref(labels)
-        index = await self._stored_index(ref) or await self._fetch_index(ref, labels)
+        self._fetch_neighbours(ref, labels)
+        index = await self._index(ref, labels)
         oversized = max((c.size for e in index.entries.values() for c in e.chunks), default=0)
         if oversized > self.max_chunk_bytes:
             raise NotLazyError("chunk-too-large", f"{ref.digest}: a chunk of {oversized} bytes")
@@ -296,6 +301,36 @@ class RemoteLayers:
                 max_toc_bytes=self.max_toc_bytes,
             ),
         )
+
+    def _fetch_neighbours(self, ref: LayerRef, labels: Mapping[str, str]) -> None:
+        """containerd prepares an image's layers one after another, each costing round trips to
+        fetch its TOC; start fetching the TOCs of the layers above this one now, in parallel."""
+        listed = next((labels[k] for k in NEIGHBOUR_LABELS if labels.get(k)), "")
+        for digest in [d.strip() for d in listed.split(",") if d.strip()][:MAX_NEIGHBOURS]:
+            if digest != ref.digest and digest not in self._indexes and not self.tocs.has(digest):
+                self._start_index(LayerRef(ref.reference, digest), {})
+
+    def _start_index(self, ref: LayerRef, labels: Mapping[str, str]) -> asyncio.Task[LayerIndex]:
+        task = self.loop.create_task(self._fetch_index(ref, labels))
+        # A neighbour fetched ahead may never be mounted; its failure is reported when it is.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._indexes[ref.digest] = task
+        return task
+
+    async def _index(self, ref: LayerRef, labels: Mapping[str, str]) -> LayerIndex:
+        """The layer's verified index: being fetched ahead (a neighbour's mount started it),
+        stored at an earlier mount, or fetched now."""
+        task = self._indexes.get(ref.digest)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            stored = await self._stored_index(ref)
+            if stored is not None:
+                return stored
+            task = self._start_index(ref, labels)
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._indexes.pop(ref.digest, None)
 
     async def _stored_index(self, ref: LayerRef) -> LayerIndex | None:
         """The index from the TOC verified at first mount, if we kept it (restart, remount)."""

@@ -55,6 +55,9 @@ class TocStore:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)  # the .json goes last: present means complete
 
+    def has(self, digest: str) -> bool:
+        return self._paths(digest)[0].exists()
+
     def load(self, digest: str) -> StoredToc | None:
         meta_path, raw_path = self._paths(digest)
         try:

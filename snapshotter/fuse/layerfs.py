@@ -15,6 +15,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,13 +282,16 @@ class MountedLayer:
     def start(self, timeout: float = 10.0) -> None:
         """Mount and return once the kernel serves the mountpoint."""
         self._thread.start()
-        deadline = threading.Event()
-        for _ in range(int(timeout / 0.02)):
+        waiter = threading.Event()
+        deadline = time.monotonic() + timeout
+        pause = 0.001  # a mount usually appears within milliseconds; containerd waits on each
+        while time.monotonic() < deadline:
             if self.error is not None or not self._thread.is_alive():
                 raise OSError(f"FUSE mount of {self.mountpoint} failed: {self.error}")
             if is_fuse_mountpoint(self.mountpoint):
                 return
-            deadline.wait(0.02)
+            waiter.wait(pause)
+            pause = min(pause * 2, 0.05)
         self.unmount(timeout=1.0)  # in case it appears after all
         raise OSError(f"FUSE mount of {self.mountpoint} did not appear within {timeout}s")
 
