@@ -184,7 +184,6 @@ class LayerReader:
         # Per file: where its last read ended, the chunk it started in, its readahead window.
         self._read_state: dict[str, tuple[int, int, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._closed = False
 
     # --- reads from FUSE threads ------------------------------------------------------------
 
@@ -456,7 +455,6 @@ class LayerReader:
                 await asyncio.sleep(max(0.0, budget - (time.monotonic() - started)))
 
     async def close(self) -> None:
-        self._closed = True
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

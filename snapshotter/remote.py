@@ -105,7 +105,6 @@ class _Mounted:
     index: LayerIndex
     reader: LayerReader
     fuse: MountedLayer
-    mounted_at: float
 
 
 class RemoteLayers:
@@ -262,7 +261,7 @@ class RemoteLayers:
             raise
         except OSError as exc:
             raise NotLazyError("fuse-mount-failed", str(exc)) from None
-        self._mounts[mountpoint] = _Mounted(ref, index, reader, fuse, time.time())
+        self._mounts[mountpoint] = _Mounted(ref, index, reader, fuse)
         self.lazy_mounts += 1
         reader.start()
         log.info(
