@@ -2,7 +2,8 @@
 
 protoc writes imports relative to the proto root (``from containerd.types import ...``); we rewrite
 them to live under ``snapshotter.api`` so the generated code never claims a top-level ``containerd``
-package. ``--check`` regenerates into a temporary directory and fails if the committed code differs.
+(or, for the CRI subset in ``proto/runtime``, ``runtime``) package. ``--check`` regenerates into a
+temporary directory and fails if the committed code differs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 OUT_PACKAGE = "snapshotter.api"
 OUT_DIR = ROOT / "snapshotter" / "api"
-IMPORT_RE = re.compile(r"^(from|import) containerd\.", re.MULTILINE)
+# Top-level packages under proto/: containerd's Snapshots API and the CRI image service (runtime.v1).
+PROTO_PACKAGES = ("containerd", "runtime")
+IMPORT_RE = re.compile(rf"^(from|import) ({'|'.join(PROTO_PACKAGES)})\.", re.MULTILINE)
 
 
 def generate(out_dir: Path) -> None:
@@ -39,7 +42,7 @@ def generate(out_dir: Path) -> None:
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     for path in out_dir.rglob("*.py*"):
-        text = IMPORT_RE.sub(rf"\1 {OUT_PACKAGE}.containerd.", path.read_text())
+        text = IMPORT_RE.sub(rf"\1 {OUT_PACKAGE}.\2.", path.read_text())
         path.write_text(text)
     for directory in [out_dir, *(d for d in out_dir.rglob("*") if d.is_dir())]:
         (directory / "__init__.py").touch()

@@ -1,20 +1,38 @@
 """Admin endpoint: a small HTTP server on a root-only unix socket, for operators and tests.
 
+The daemon serves it on ``ROOT/admin.sock``; the FUSE manager serves the same routes (plus its
+mount routes) on ``ROOT/fuse.sock``, and the daemon's answers come from the manager's.
+
 ``GET /stats`` returns JSON: lazy mounts, why layers were not served lazily, cache counters and,
 per mounted layer, the bytes fetched on demand, by prefetch and in the background.
+``GET /profile?image=REF`` returns the image's startup profile (files in first-read order) when
+profile recording is on. ``GET /metrics`` serves Prometheus metrics, ``POST /cache/prune?
+keep_bytes=N`` shrinks the chunk cache, and ``POST /log-level?level=debug`` changes the log level
+of the running processes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
+import logging
 import os
 import socket
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
+
+from snapshotter.config import LOG_LEVELS
+from snapshotter.logsetup import set_level
+from snapshotter.metrics import CONTENT_TYPE, Metrics
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 def admin_socket(root: Path) -> Path:
@@ -22,12 +40,93 @@ def admin_socket(root: Path) -> Path:
     return root / "admin.sock"
 
 
-async def start_admin(address: Path, stats: Callable[[], dict[str, Any]]) -> web.AppRunner:
-    async def handle_stats(_: web.Request) -> web.Response:
-        return web.json_response(stats())
+class AdminError(OSError):
+    """The endpoint answered with an error; ``str()`` is its message, ``status`` its HTTP status."""
 
-    app = web.Application()
-    app.router.add_get("/stats", handle_stats)
+    def __init__(self, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class LazyBackend(Protocol):
+    """Where the lazy-layer answers come from: the FUSE manager (in-process, or over its socket)."""
+
+    def stats(self) -> dict[str, Any]: ...
+    def profile(self, image: str) -> list[str]: ...  # AdminError(404) when none was recorded
+    def prune(self, keep_bytes: int) -> dict[str, Any]: ...
+    def set_log_level(self, level: str) -> None: ...
+    def metrics_text(self) -> str: ...
+
+
+def admin_app(backend: LazyBackend | None, metrics: Metrics | None) -> web.Application:
+    async def call(fn: Callable[[], Any]) -> web.Response:
+        try:
+            return web.json_response(await asyncio.to_thread(fn))
+        except AdminError as exc:
+            return web.json_response({"error": str(exc)}, status=exc.status)
+
+    def lazy_off() -> web.Response:
+        return web.json_response({"error": "lazy pulling is off (remote.enabled = false)"}, status=409)
+
+    async def stats(_: web.Request) -> web.Response:
+        return await call(backend.stats) if backend is not None else web.json_response({})
+
+    async def profile(request: web.Request) -> web.Response:
+        if backend is None:
+            return lazy_off()
+        image = request.query.get("image", "")
+        return await call(lambda: {"image": image, "files": backend.profile(image)})
+
+    async def prune(request: web.Request) -> web.Response:
+        if backend is None:
+            return lazy_off()
+        raw = request.query.get("keep_bytes", "0")
+        if not raw.isdigit():
+            return web.json_response({"error": f"keep_bytes {raw!r} is not a number of bytes"}, status=400)
+        return await call(lambda: backend.prune(int(raw)))
+
+    async def log_level(request: web.Request) -> web.Response:
+        level = request.query.get("level", "")
+        if level not in LOG_LEVELS:
+            return web.json_response(
+                {"error": f"level {level!r} is not one of {', '.join(LOG_LEVELS)}"}, status=400
+            )
+        set_level(level)
+        log.warning("log level changed", extra={"level": level})
+        if backend is None:
+            return web.json_response({"level": level})
+
+        def both() -> dict[str, str]:
+            backend.set_log_level(level)
+            return {"level": level}
+
+        return await call(both)
+
+    async def render(_: web.Request) -> web.Response:
+        def text() -> bytes:
+            own = metrics.render() if metrics is not None else b""
+            return own + (backend.metrics_text().encode() if backend is not None else b"")
+
+        try:
+            body = await asyncio.to_thread(text)
+        except AdminError as exc:
+            return web.Response(status=exc.status, text=str(exc))
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    app = web.Application(client_max_size=16 << 20)
+    app.router.add_get("/stats", stats)
+    app.router.add_get("/profile", profile)
+    app.router.add_post("/cache/prune", prune)
+    app.router.add_post("/log-level", log_level)
+    app.router.add_get("/metrics", render)
+    return app
+
+
+async def serve_unix(app: web.Application, address: Path) -> web.AppRunner:
+    """Serve ``app`` on a unix socket that is root-only (0600) from its first instant."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     address.unlink(missing_ok=True)
@@ -37,6 +136,39 @@ async def start_admin(address: Path, stats: Callable[[], dict[str, Any]]) -> web
     finally:
         os.umask(old_umask)
     return runner
+
+
+async def start_admin(address: Path, backend: LazyBackend | None, metrics: Metrics | None) -> web.AppRunner:
+    return await serve_unix(admin_app(backend, metrics), address)
+
+
+async def start_metrics(address: str, render: Callable[[], bytes]) -> web.AppRunner:
+    """Serve /metrics on ``HOST:PORT`` or ``unix:/path`` (config ``metrics.address``)."""
+
+    async def handle(_: web.Request) -> web.Response:
+        try:
+            body = await asyncio.to_thread(render)
+        except AdminError as exc:
+            return web.Response(status=exc.status, text=str(exc))
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    app = web.Application()
+    app.router.add_get("/metrics", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site: web.BaseSite
+    if address.startswith("unix:"):
+        path = Path(address.removeprefix("unix:"))
+        path.unlink(missing_ok=True)
+        site = web.UnixSite(runner, str(path))
+    else:
+        host, _, port = address.rpartition(":")
+        site = web.TCPSite(runner, host.strip("[]"), int(port))
+    await site.start()
+    return runner
+
+
+# --- the client side (CLI, tests, the daemon talking to the FUSE manager) -------------------------
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -51,16 +183,60 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def fetch_stats(address: Path, timeout: float = 10.0) -> dict[str, Any]:
-    """GET /stats from a running daemon (blocking; for the CLI and tests)."""
+def unix_request(
+    address: Path, method: str, path: str, body: object = None, *, timeout: float = 10.0
+) -> tuple[int, bytes]:
+    """One HTTP request over a unix socket (blocking): (status, body). OSError when unreachable."""
     conn = _UnixHTTPConnection(address, timeout)
     try:
-        conn.request("GET", "/stats")
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {} if payload is None else {"Content-Type": "application/json"}
+        conn.request(method, path, body=payload, headers=headers)
         response = conn.getresponse()
-        body = response.read()
-        if response.status != 200:
-            raise OSError(f"admin endpoint {address} answered {response.status}: {body[:200]!r}")
-        result: dict[str, Any] = json.loads(body)
-        return result
+        return response.status, response.read()
     finally:
         conn.close()
+
+
+def admin_get(
+    address: Path, path: str, timeout: float = 10.0, *, method: str = "GET", body: object = None
+) -> dict[str, Any]:
+    """Ask an admin endpoint for ``path`` and decode its JSON; AdminError carries its error."""
+    status, raw = unix_request(address, method, path, body, timeout=timeout)
+    if status != 200:
+        try:
+            message = str(json.loads(raw)["error"])
+        except (ValueError, KeyError, TypeError):
+            message = f"{address} answered {status}: {raw[:200]!r}"
+        raise AdminError(message, status)
+    result: dict[str, Any] = json.loads(raw)
+    return result
+
+
+def fetch_stats(address: Path, timeout: float = 10.0) -> dict[str, Any]:
+    """GET /stats from a running daemon (blocking; for the CLI and tests)."""
+    return admin_get(address, "/stats", timeout)
+
+
+def fetch_profile(address: Path, image: str, timeout: float = 10.0) -> list[str]:
+    """The startup profile of ``image`` from a running daemon; AdminError says why not."""
+    result = admin_get(address, "/profile?" + urllib.parse.urlencode({"image": image}), timeout)
+    return [str(f) for f in result["files"]]
+
+
+def set_log_level(address: Path, level: str, timeout: float = 10.0) -> None:
+    """Change a running daemon's log level; AdminError says why not."""
+    admin_get(address, "/log-level?" + urllib.parse.urlencode({"level": level}), timeout, method="POST")
+
+
+def fetch_metrics(address: Path, timeout: float = 10.0) -> str:
+    """The Prometheus text exposition from an admin socket."""
+    status, raw = unix_request(address, "GET", "/metrics", timeout=timeout)
+    if status != 200:
+        raise AdminError(f"{address} answered {status} for /metrics: {raw[:200]!r}", status)
+    return raw.decode()
+
+
+def prune_cache(address: Path, keep_bytes: int = 0, timeout: float = 60.0) -> dict[str, Any]:
+    """Ask a running daemon to shrink its chunk cache to ``keep_bytes``."""
+    return admin_get(address, f"/cache/prune?keep_bytes={keep_bytes}", timeout, method="POST")

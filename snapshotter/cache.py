@@ -150,10 +150,21 @@ class ChunkCache:
         if unlink:
             self._path(hexdigest).unlink(missing_ok=True)
 
+    def prune(self, keep_bytes: int = 0) -> tuple[int, int]:
+        """Evict least recently used chunks until at most ``keep_bytes`` remain (operators: free
+        disk now). Returns (chunks, bytes) removed. A chunk being read stays readable to that
+        reader (its file is open); later reads fetch it again."""
+        with self._lock:
+            before_chunks, before_bytes = len(self._lru), self._total
+            self._evict_to_locked(keep_bytes)
+            return before_chunks - len(self._lru), before_bytes - self._total
+
     def _evict_locked(self) -> None:
         if self._total <= self.max_bytes:
             return
-        low_water = self.max_bytes * 9 // 10  # evict in batches, not one chunk per put
+        self._evict_to_locked(self.max_bytes * 9 // 10)  # evict in batches, not one chunk per put
+
+    def _evict_to_locked(self, low_water: int) -> None:
         while self._lru and self._total > low_water:
             hexdigest, size = self._lru.popitem(last=False)
             self._total -= size

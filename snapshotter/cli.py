@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 from pathlib import Path
 
 from snapshotter import __version__
+from snapshotter.cli_admin import add_admin_parsers, run_admin
 from snapshotter.config import LOG_LEVELS, load
 from snapshotter.errors import ConfigError
 from snapshotter.logsetup import setup as setup_logging
@@ -30,13 +30,83 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", type=Path, help="unix socket path (overrides config `address`)")
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="overrides config `log.level`")
 
+    manager = commands.add_parser(
+        "fuse-manager",
+        help="serve lazy layers' FUSE mounts (started by `serve`; outlives it so containers keep "
+        "their layers across daemon restarts)",
+    )
+    manager.add_argument("--config", type=Path, help="TOML config file (the daemon's)")
+    manager.add_argument("--root", type=Path, help="state directory (overrides config `root`)")
+    manager.add_argument("--log-level", choices=LOG_LEVELS, help="overrides config `log.level`")
+
     check = commands.add_parser("check-config", help="validate a config file and print the result")
     check.add_argument("config", type=Path)
 
-    stats = commands.add_parser("stats", help="print a running daemon's lazy-pull statistics (JSON)")
-    stats.add_argument("--config", type=Path, help="the daemon's config file")
-    stats.add_argument("--root", type=Path, help="the daemon's root (overrides config `root`)")
+    add_admin_parsers(commands)
+    _add_convert_parser(commands)
     return parser
+
+
+def _size(text: str) -> int:
+    from snapshotter.convert import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_convert_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from snapshotter.fetcher import DEFAULT_CONFIG_DIR, default_docker_config
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert an image to a lazily pullable format (eStargz, zstd:chunked, nydus)",
+        description="Convert every layer of SRC to FORMAT and store the image as DST. SRC and DST are "
+        "registry references (HOST/REPO[:TAG], optionally with docker://) or OCI image layout "
+        "directories as skopeo writes them: oci:DIR[:TAG] (for DST the tag defaults to latest).",
+    )
+    convert.add_argument("source", metavar="SRC", help="image to convert")
+    convert.add_argument("destination", metavar="DST", help="where to store the converted image")
+    convert.add_argument("--format", required=True, choices=("estargz", "zstdchunked", "nydus"))
+    convert.add_argument(
+        "--prefetch-files",
+        metavar="FILE",
+        type=Path,
+        help="paths read at startup, one per line in access order ('#' comments; JSON lines "
+        'with a "path", as ctr-remote records them, work too): stored first and prefetched',
+    )
+    convert.add_argument(
+        "--chunk-size",
+        metavar="BYTES",
+        type=_size,
+        help="chunk size, e.g. 1M or 4MiB (default 4MiB for estargz/zstdchunked, 1MiB for nydus)",
+    )
+    convert.add_argument(
+        "--compression-level", metavar="N", type=int, help="gzip 0-9 (default 9) or zstd 1-22 (default 3)"
+    )
+    convert.add_argument(
+        "--hosts-dir",
+        metavar="DIR",
+        type=Path,
+        default=DEFAULT_CONFIG_DIR,
+        help=f"containerd hosts.toml directory (default {DEFAULT_CONFIG_DIR})",
+    )
+    convert.add_argument(
+        "--docker-config",
+        metavar="FILE",
+        type=Path,
+        default=default_docker_config(),
+        help="docker config.json with registry credentials (default: $DOCKER_CONFIG or ~/.docker)",
+    )
+    convert.add_argument(
+        "--plain-http",
+        action="store_true",
+        help="speak plain HTTP to the SRC and DST registries (loopback registries always are)",
+    )
+    convert.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress or summary; print only the result's name"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,26 +119,63 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(config)
         return 0
-    if args.command == "stats":
-        return _stats(args)
+    if (code := run_admin(args)) is not None:
+        return code
+    if args.command == "convert":
+        return _convert(args)
+    if args.command == "fuse-manager":
+        return _fuse_manager(args)
     return _serve(args)
 
 
-def _stats(args: argparse.Namespace) -> int:
-    from snapshotter.admin import admin_socket, fetch_stats
+def _convert(args: argparse.Namespace) -> int:
+    """Exit 0 when converted, 2 for bad input (arguments, files, config), 1 when the work failed."""
+    from snapshotter.convert import ConvertError, ConvertOptions, convert_image, parse_prefetch_file
+    from snapshotter.fetcher import FetchError
+    from snapshotter.image import LayoutError, parse_location, reporter, summary_text
 
     try:
-        config = load(args.config, root=args.root)
-    except ConfigError as exc:
+        source, destination = parse_location(args.source), parse_location(args.destination)
+        prioritized = parse_prefetch_file(args.prefetch_files) if args.prefetch_files else ()
+        options = ConvertOptions(
+            format=args.format,
+            chunk_size=args.chunk_size,
+            prioritized_files=prioritized,
+            compression_level=args.compression_level,
+        )
+    except OSError as exc:
+        print(f"lazysnap: cannot read {args.prefetch_files}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
         print(f"lazysnap: {exc}", file=sys.stderr)
         return 2
-    address = admin_socket(config.root)
+    setup_logging("warning", "logfmt")  # the registry client's warnings (retries, failovers)
+    progress = reporter(quiet=args.quiet)
     try:
-        stats = fetch_stats(address)
-    except OSError as exc:
-        print(f"lazysnap: cannot read stats from {address} (is the daemon running?): {exc}", file=sys.stderr)
+        summary = asyncio.run(
+            convert_image(
+                source,
+                destination,
+                options,
+                hosts_dir=args.hosts_dir,
+                docker_config=args.docker_config,
+                plain_http=args.plain_http,
+                progress=progress,
+            )
+        )
+    except (ConvertError, FetchError, LayoutError) as exc:
+        print(f"lazysnap: convert failed: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(stats, indent=2, sort_keys=True))
+    except ValueError as exc:  # options, hosts.toml or docker config rejected
+        print(f"lazysnap: {exc}", file=sys.stderr)
+        return 2
+    if summary.missing_prioritized:
+        print(
+            f"lazysnap: warning: {len(summary.missing_prioritized)} prefetch file(s) found in no layer: "
+            + ", ".join(summary.missing_prioritized),
+            file=sys.stderr,
+        )
+    print(summary.reference if args.quiet else summary_text(summary))
     return 0
 
 
@@ -82,7 +189,28 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     setup_logging(args.log_level or config.log.level, config.log.format)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, args.config, args.log_level))
+    except StartupError as exc:
+        log.error("refusing to start: %s", exc)
+        return 1
+    return 0
+
+
+def _fuse_manager(args: argparse.Namespace) -> int:
+    from snapshotter.daemon import StartupError
+    from snapshotter.fusemanager import ManagerRunningError, serve_manager
+
+    try:
+        config = load(args.config, root=args.root)
+    except ConfigError as exc:
+        print(f"lazysnap: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(args.log_level or config.log.level, config.log.format)
+    try:
+        asyncio.run(serve_manager(config))
+    except ManagerRunningError as exc:
+        log.error("refusing to start: %s", exc)
+        return 3
     except StartupError as exc:
         log.error("refusing to start: %s", exc)
         return 1

@@ -82,6 +82,46 @@ class ReadConfig:
 
 
 @dataclass(frozen=True)
+class ProfileConfig:
+    # Record, per image, the files its container reads first (`lazysnap profile export`).
+    record: bool = False
+    window_seconds: float = 60.0  # record first reads during this long after each layer mount
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # Prometheus endpoint: "" = only on the admin socket; "HOST:PORT" or "unix:/path".
+    address: str = ""
+
+    def validate(self, where: str) -> None:
+        if not self.address or self.address.startswith("unix:/"):
+            return
+        host, sep, port = self.address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"{where}metrics.address: {self.address!r} is not HOST:PORT or unix:/absolute/path"
+            )
+
+
+@dataclass(frozen=True)
+class CriConfig:
+    # Serve the CRI image-service proxy that hands Kubernetes pull secrets to lazy pulls.
+    enable: bool = False
+    listen: Path = Path("/run/lazysnap/cri.sock")  # the kubelet's --image-service-endpoint
+    containerd_socket: Path = Path("/run/containerd/containerd.sock")  # calls are forwarded here
+    persist_credentials: bool = False  # keep pull secrets in ROOT/cri/credentials.json (0600)
+
+    def validate(self, where: str) -> None:
+        for key, path in (("listen", self.listen), ("containerd_socket", self.containerd_socket)):
+            if not path.is_absolute():
+                raise ConfigError(f"{where}cri.{key}: {str(path)!r} must be an absolute path")
+            if len(str(path).encode()) > 107:
+                raise ConfigError(
+                    f"{where}cri.{key}: {str(path)!r} is longer than a unix socket path may be (107 bytes)"
+                )
+
+
+@dataclass(frozen=True)
 class Config:
     root: Path = Path("/var/lib/lazysnap")
     address: Path = Path("/run/lazysnap/lazysnap.sock")
@@ -92,6 +132,9 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     read: ReadConfig = field(default_factory=ReadConfig)
+    cri: CriConfig = field(default_factory=CriConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def validate(self, where: str = "") -> None:
         if not self.root.is_absolute():
@@ -103,6 +146,8 @@ class Config:
                 f"{where}address: {str(self.address)!r} is longer than a unix socket path may be (107 bytes)"
             )
         self.log.validate(where)
+        self.cri.validate(where)
+        self.metrics.validate(where)
         positive = {
             "remote.mount_timeout_seconds": self.remote.mount_timeout_seconds,
             "remote.max_toc_bytes": self.remote.max_toc_bytes,
@@ -110,6 +155,7 @@ class Config:
             "cache.max_bytes": self.cache.max_bytes,
             "read.timeout_seconds": self.read.timeout_seconds,
             "read.max_request_bytes": self.read.max_request_bytes,
+            "profile.window_seconds": self.profile.window_seconds,
         }
         not_negative = {
             "fetch.max_retries": self.fetch.max_retries,

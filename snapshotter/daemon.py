@@ -1,5 +1,8 @@
 """The ``lazysnap serve`` daemon: root directory, socket, gRPC server, signals.
 
+Lazy layers are served by the FUSE manager (``snapshotter.fusemanager``), a process the daemon
+starts and leaves running, so that containers keep their layers while the daemon restarts.
+
 Owns process-level concerns: one daemon per root (an flock on ROOT/lazysnap.lock), one daemon per
 socket (a live socket is never stolen), a socket only root (or the configured group) can use, and a
 clean stop on SIGTERM/SIGINT that removes the socket and closes the store.
@@ -16,22 +19,20 @@ import os
 import signal
 import socket
 import stat
+import sys
 from pathlib import Path
 from typing import IO
 
 import grpc
 
 from snapshotter import __version__
-from snapshotter.admin import admin_socket, start_admin
-from snapshotter.cache import ChunkCache
+from snapshotter.admin import admin_socket, start_admin, start_metrics
 from snapshotter.config import Config
-from snapshotter.fetcher import CredentialStore, HostsConfig, RegistryClient, default_docker_config
-from snapshotter.reader import ReaderConfig
-from snapshotter.remote import RemoteLayers
+from snapshotter.fuseclient import FuseManagerClient
+from snapshotter.metrics import Metrics
 from snapshotter.sdnotify import notify
 from snapshotter.service import add_to_server
 from snapshotter.snapshots import Snapshotter
-from snapshotter.tocstore import TocStore
 
 log = logging.getLogger(__name__)
 
@@ -117,55 +118,50 @@ def secure_socket(address: Path, group: str) -> None:
     os.chmod(address, 0o660)
 
 
-def build_remote(config: Config, loop: asyncio.AbstractEventLoop) -> RemoteLayers:
-    hosts = HostsConfig(config.fetch.hosts_dir, plain_http_hosts=config.fetch.plain_http_hosts)
-    docker_config = (
-        Path(config.fetch.docker_config) if config.fetch.docker_config else default_docker_config()
-    )
-    credentials = CredentialStore(docker_config if docker_config.exists() else None)
-    client = RegistryClient(
-        hosts, credentials, timeout=config.fetch.timeout_seconds, max_retries=config.fetch.max_retries
-    )
-    reader_config = ReaderConfig(
-        read_timeout=config.read.timeout_seconds,
-        readahead_bytes=config.read.readahead_bytes,
-        merge_gap_bytes=config.read.merge_gap_bytes,
-        max_request_bytes=config.read.max_request_bytes,
-        prefetch=config.prefetch.enabled,
-        fetch_whole_below_bytes=config.prefetch.fetch_whole_below_bytes,
-        background=config.prefetch.background,
-        background_rate_bytes=config.prefetch.background_rate_bytes,
-        background_delay_seconds=config.prefetch.background_delay_seconds,
-        background_quiet_seconds=config.prefetch.background_quiet_seconds,
-    )
-    cache = ChunkCache(config.root / "cache", config.cache.max_bytes)
-    return RemoteLayers(
-        client,
-        cache,
-        loop,
-        TocStore(config.root / "layers"),
-        reader_config=reader_config,
-        max_toc_bytes=config.remote.max_toc_bytes,
-        mount_timeout=config.remote.mount_timeout_seconds,
-    )
+def manager_command(config: Config, config_path: Path | None, log_level: str | None) -> list[str]:
+    """How the daemon starts the FUSE manager of its root (same interpreter, same config)."""
+    cmd = [sys.executable, "-m", "snapshotter", "fuse-manager", "--root", str(config.root)]
+    if config_path is not None:
+        cmd += ["--config", str(config_path.resolve())]
+    if log_level is not None:
+        cmd += ["--log-level", log_level]
+    return cmd
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, config_path: Path | None = None, log_level: str | None = None) -> None:
     lock = RootLock(config.root)
     snapshotter: Snapshotter | None = None
-    remote: RemoteLayers | None = None
     try:
         claim_socket_path(config.address)
+        manager: FuseManagerClient | None = None
         if config.remote.enabled:
-            remote = await asyncio.to_thread(build_remote, config, asyncio.get_running_loop())
-        snapshotter = Snapshotter(config.root, remote=remote)
+            manager = FuseManagerClient(
+                config.root,
+                manager_command(config, config_path, log_level),
+                mount_timeout=config.remote.mount_timeout_seconds,
+            )
+            try:
+                found = await asyncio.to_thread(manager.ensure_running)
+            except OSError as exc:
+                raise StartupError(f"cannot start the FUSE manager: {exc}") from None
+            log.info("FUSE manager serves lazy layers", extra={"pid": found.get("pid")})
+        snapshotter = Snapshotter(config.root, remote=manager)
         removed = await asyncio.to_thread(snapshotter.cleanup)
         if removed:
             log.info("cleaned directories of interrupted operations", extra={"count": len(removed)})
+        # Layers the manager still serves (the daemon restarted) are kept; dead ones are remounted.
         await asyncio.to_thread(snapshotter.restore_remote)
-        admin = await start_admin(admin_socket(config.root), remote.stats if remote else dict)
+        metrics = Metrics()
+        admin = await start_admin(admin_socket(config.root), manager, metrics)
+        metrics_site = None
+        if config.metrics.address:
+
+            def render() -> bytes:
+                return metrics.render() + (manager.metrics_text().encode() if manager is not None else b"")
+
+            metrics_site = await start_metrics(config.metrics.address, render)
         server = grpc.aio.server()
-        add_to_server(server, snapshotter)
+        add_to_server(server, snapshotter, metrics.observe_grpc)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
         try:
             server.add_insecure_port(f"unix:{config.address}")
@@ -184,14 +180,16 @@ async def serve(config: Config) -> None:
         notify("STOPPING=1")
         await server.stop(STOP_GRACE_SECONDS)
         await admin.cleanup()
+        if metrics_site is not None:
+            await metrics_site.cleanup()
         try:
             if config.address.stat().st_ino == socket_inode:
                 config.address.unlink()
         except FileNotFoundError:
             pass
     finally:
-        if remote is not None:
-            await remote.close()  # unmounts every lazy layer; their FUSE servers live in this process
+        # The FUSE manager is left running: containers on lazy layers keep reading while the
+        # daemon restarts. Stopping the manager (SIGTERM to ROOT/fuse.pid) unmounts them.
         if snapshotter is not None:
             snapshotter.close()
         lock.release()

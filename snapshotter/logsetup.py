@@ -45,11 +45,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(_fields(record), default=str)
 
 
+def set_level(level: str) -> None:
+    """Change the daemon's log level while it runs (the admin endpoint calls this)."""
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    for noisy in ("asyncio", "grpc"):  # their debug output is about their internals, not ours
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
 def setup(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for noisy in ("asyncio", "grpc"):  # their debug output is about their internals, not ours
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    set_level(level)

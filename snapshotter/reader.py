@@ -16,7 +16,7 @@ import bisect
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -117,24 +117,25 @@ class FetchStats:
 class _Stream:
     """One compressed stream (gzip member / zstd frame) and the chunks decoded from it."""
 
+    blob: str  # "" for the layer's own blob
     offset: int
     size: int
     chunks: tuple[Chunk, ...]
 
 
 def _streams(chunks: Iterable[Chunk]) -> list[_Stream]:
-    by_stream: dict[tuple[int, int], dict[str, Chunk]] = {}
+    by_stream: dict[tuple[str, int, int], dict[str, Chunk]] = {}
     for c in chunks:
-        by_stream.setdefault((c.compressed_offset, c.compressed_size), {})[c.digest] = c
-    return [_Stream(off, size, tuple(cs.values())) for (off, size), cs in sorted(by_stream.items())]
+        by_stream.setdefault((c.blob, c.compressed_offset, c.compressed_size), {})[c.digest] = c
+    return [_Stream(b, off, size, tuple(cs.values())) for (b, off, size), cs in sorted(by_stream.items())]
 
 
 def _batches(chunks: list[Chunk], max_bytes: int) -> list[list[Chunk]]:
     """Split chunks (in blob order) into runs of at most ``max_bytes`` compressed bytes."""
     batches: list[list[Chunk]] = []
     size = 0
-    for c in sorted(chunks, key=lambda c: c.compressed_offset):
-        if not batches or size + c.compressed_size > max_bytes:
+    for c in sorted(chunks, key=lambda c: (c.blob, c.compressed_offset)):
+        if not batches or size + c.compressed_size > max_bytes or c.blob != batches[-1][-1].blob:
             batches.append([])
             size = 0
         batches[-1].append(c)
@@ -155,6 +156,10 @@ def coalesce(streams: Sequence[_Stream], gap: int, max_bytes: int) -> list[tuple
     return [(a, b) for a, b in ranges]
 
 
+async def _gather_none(coros: list[Coroutine[object, object, None]]) -> None:
+    await asyncio.gather(*coros)
+
+
 class LayerReader:
     def __init__(
         self,
@@ -164,12 +169,18 @@ class LayerReader:
         loop: asyncio.AbstractEventLoop,
         *,
         layer: str,
+        other_blobs: Mapping[str, BlobSource] | None = None,
         config: ReaderConfig | None = None,
         executor: Executor | None = None,
         activity: OnDemandActivity | None = None,
     ) -> None:
         self.index = index
         self.blob = blob
+        # Blobs of other layers of the image that hold some of this layer's chunks, by digest.
+        self.blobs: dict[str, BlobSource] = {"": blob, **(other_blobs or {})}
+        missing = set(index.blobs) - set(self.blobs)
+        if missing:
+            raise ValueError(f"layer {layer}: no source for blobs {sorted(missing)}")
         self.cache = cache
         self.loop = loop
         self.layer = layer
@@ -184,6 +195,8 @@ class LayerReader:
         # Per file: where its last read ended, the chunk it started in, its readahead window.
         self._read_state: dict[str, tuple[int, int, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Chunks whose fetch outlasted a read's timeout and is still running (loop only); see _give_up.
+        self._timed_out: set[str] = set()
 
     # --- reads from FUSE threads ------------------------------------------------------------
 
@@ -234,6 +247,7 @@ class LayerReader:
                 fetched = future.result(timeout=self.config.read_timeout)
             except TimeoutError:
                 future.cancel()
+                self.loop.call_soon_threadsafe(self._give_up, [c.digest for c in missing])
                 raise ReadError(
                     f"layer {self.layer}: read of {entry.name!r} timed out after {self.config.read_timeout}s"
                 ) from None
@@ -262,6 +276,8 @@ class LayerReader:
         if reason == ON_DEMAND:
             self.activity.begin()
         try:
+            if any(c.digest in self._timed_out for c in wanted):
+                raise ReadError(f"layer {self.layer}: still fetching chunks whose read timed out")
             waits = {c.digest: self._inflight[c.digest] for c in wanted if c.digest in self._inflight}
             # One fetch per distinct chunk: a file of zeros repeats the same chunk many times.
             todo = list({c.digest: c for c in [*wanted, *extra] if c.digest not in self._inflight}.values())
@@ -289,20 +305,33 @@ class LayerReader:
                 fut = self.loop.create_future()
                 fut.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
                 self._inflight[c.digest] = fut
-        ranges = coalesce(
-            streams,
-            self.config.merge_gap_bytes if gap is None else gap,
-            self.config.max_request_bytes if max_bytes is None else max_bytes,
-        )
-        task = self.loop.create_task(self._fetch(streams, ranges, reason))
+        by_blob: dict[str, list[_Stream]] = {}
+        for s in streams:
+            by_blob.setdefault(s.blob, []).append(s)
+        fetches = [
+            self._fetch(
+                blob,
+                group,
+                coalesce(
+                    group,
+                    self.config.merge_gap_bytes if gap is None else gap,
+                    self.config.max_request_bytes if max_bytes is None else max_bytes,
+                ),
+                reason,
+            )
+            for blob, group in by_blob.items()
+        ]
+        task = self.loop.create_task(_gather_none(fetches))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _fetch(self, streams: list[_Stream], ranges: list[tuple[int, int]], reason: str) -> None:
+    async def _fetch(
+        self, blob: str, streams: list[_Stream], ranges: list[tuple[int, int]], reason: str
+    ) -> None:
         try:
             started = time.monotonic()
-            blobs = await self.blob.read_ranges(ranges)
+            blobs = await self.blobs[blob].read_ranges(ranges)
             self.stats.bytes[reason] += sum(len(b) for b in blobs)
             self.stats.requests[reason] += len(ranges)
             log.debug(
@@ -367,13 +396,20 @@ class LayerReader:
                 log.warning("cannot cache chunk", extra={"layer": self.layer, "error": str(exc)})
         return out, cache_failures
 
+    def _give_up(self, digests: list[str]) -> None:
+        """A read timed out waiting for these chunks. Until their fetch ends, reads of them fail at
+        once: the kernel retries a failed read straight away, which must not wait a second timeout."""
+        self._timed_out.update(d for d in digests if d in self._inflight)
+
     def _resolve(self, digest: str, data: bytes) -> None:
+        self._timed_out.discard(digest)
         fut = self._inflight.pop(digest, None)
         if fut is not None and not fut.done():
             fut.set_result(data)
 
     def _fail(self, chunks: Iterable[Chunk], exc: BaseException) -> None:
         for c in chunks:
+            self._timed_out.discard(c.digest)
             fut = self._inflight.pop(c.digest, None)
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
@@ -385,7 +421,7 @@ class LayerReader:
         for e in self.index.entries.values():
             for c in e.chunks:
                 seen.setdefault(c.digest, c)
-        return sorted(seen.values(), key=lambda c: (c.compressed_offset, c.inner_offset))
+        return sorted(seen.values(), key=lambda c: (c.blob, c.compressed_offset, c.inner_offset))
 
     def start(self) -> None:
         """Begin prefetch and background fetch (on the loop); returns at once."""
@@ -413,10 +449,24 @@ class LayerReader:
             return
         chunks = self.all_chunks()
         if self.index.blob_size > self.config.fetch_whole_below_bytes:
-            if self.index.no_prefetch or self.index.prefetch_end <= 0:
+            end = self.index.prefetch_end
+            # Prioritized chunks stored once per image in a lower layer's blob lie outside
+            # [0, prefetch_end) of this blob; the prefetch list names them.
+            elsewhere = {
+                c.digest
+                for name in self.index.prefetch
+                if (e := self.index.entries.get(name)) is not None
+                for c in e.chunks
+                if c.blob
+            }
+            if self.index.no_prefetch or (end <= 0 and not elsewhere):
                 self.stats.prefetch_done = True
                 return
-            chunks = [c for c in chunks if c.compressed_offset + c.compressed_size <= self.index.prefetch_end]
+            chunks = [
+                c
+                for c in chunks
+                if (not c.blob and c.compressed_offset + c.compressed_size <= end) or c.digest in elsewhere
+            ]
         todo = await self.loop.run_in_executor(self.executor, self._uncached, chunks)
         # Everything prioritized lies in [0, prefetch_end): few large requests, a bounded number
         # in flight (memory), each resolving its chunks as it lands so reads need not wait for all.

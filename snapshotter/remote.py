@@ -18,11 +18,11 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from snapshotter.cache import ChunkCache
 from snapshotter.fetcher import (
@@ -34,9 +34,11 @@ from snapshotter.fetcher import (
     RegistryClient,
     ResolvedImage,
 )
-from snapshotter.formats import MAX_FOOTER_SIZE, TocLocation, locate_toc, parse_toc
+from snapshotter.formats import MAX_FOOTER_SIZE, TocLocation, locate_toc, nydus, parse_toc
 from snapshotter.formats.index import FormatError, LayerIndex
-from snapshotter.fuse.layerfs import LayerFS, LayerTree, MountedLayer, is_fuse_mountpoint, unmount
+from snapshotter.formats.nydus import BootstrapLocation
+from snapshotter.fuse.layerfs import FsObserver, LayerFS, LayerTree, MountedLayer, is_fuse_mountpoint, unmount
+from snapshotter.profile import StartupRecorder
 from snapshotter.reader import LayerReader, OnDemandActivity, ReaderConfig
 from snapshotter.tocstore import StoredToc, TocStore
 
@@ -61,12 +63,16 @@ ZSTD_CHUNKED_ANNOTATIONS = (
 
 
 class NotLazyError(Exception):
-    """This layer will be pulled normally; ``reason`` is a short machine-readable word."""
+    """This layer will be pulled normally; ``reason`` is a short machine-readable word.
 
-    def __init__(self, reason: str, detail: str) -> None:
+    ``required``: the layer is in a format only lazysnap can mount (Nydus-like), so a normal pull
+    cannot work either and Prepare must fail with this error instead."""
+
+    def __init__(self, reason: str, detail: str, *, required: bool = False) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.required = required
 
 
 def fetch_failure_reason(exc: FetchError) -> str:
@@ -78,6 +84,16 @@ def fetch_failure_reason(exc: FetchError) -> str:
     if isinstance(exc, DigestMismatchError):
         return "digest-mismatch"
     return "registry-unreachable"
+
+
+class LazyMounts(Protocol):
+    """What the snapshotter asks of lazy layers: RemoteLayers in the FUSE manager, or the
+    daemon's client of it."""
+
+    def mount(self, labels: Mapping[str, str], mountpoint: Path) -> None: ...
+    def check(self, mountpoint: Path) -> bool: ...
+    def unmount(self, mountpoint: Path) -> None: ...
+    def forget_unused(self, digests_in_use: set[str]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -119,8 +135,11 @@ class RemoteLayers:
         max_toc_bytes: int = 64 << 20,
         max_chunk_bytes: int = 64 << 20,
         mount_timeout: float = 60.0,
+        recorder: StartupRecorder | None = None,
     ) -> None:
         self.client = client
+        self.recorder = recorder  # startup profiles, when [profile] record is on
+        self.fs_observer: FsObserver | None = None  # metrics of FUSE operations
         self.cache = cache
         self.loop = loop
         self.tocs = tocs
@@ -236,6 +255,13 @@ class RemoteLayers:
         ref = layer_ref(labels)
         self._fetch_neighbours(ref, labels)
         index = await self._index(ref, labels)
+        try:
+            await self._mount_index(ref, index, mountpoint)
+        except NotLazyError as exc:
+            exc.required = index.format == "nydus"
+            raise
+
+    async def _mount_index(self, ref: LayerRef, index: LayerIndex, mountpoint: Path) -> None:
         oversized = max((c.size for e in index.entries.values() for c in e.chunks), default=0)
         if oversized > self.max_chunk_bytes:
             raise NotLazyError("chunk-too-large", f"{ref.digest}: a chunk of {oversized} bytes")
@@ -246,12 +272,21 @@ class RemoteLayers:
             self.cache,
             self.loop,
             layer=ref.digest,
+            other_blobs={d: self.client.blob(ref.reference, d, size) for d, size in index.blobs.items()},
             config=self.reader_config,
             executor=self.chunk_executor,
             activity=self.activity,
         )
         tree = await self.loop.run_in_executor(self.mount_executor, LayerTree, index)
-        fuse = MountedLayer(LayerFS(tree, reader, layer=ref.digest), mountpoint)
+        on_first_read = None
+        if self.recorder is not None:
+            on_first_read = self.recorder.layer_mounted(ref.reference)
+            recorder = self.recorder
+            self.loop.call_later(recorder.window + 1, lambda: self.mount_executor.submit(recorder.flush))
+        fuse = MountedLayer(
+            LayerFS(tree, reader, layer=ref.digest, on_first_read=on_first_read, observer=self.fs_observer),
+            mountpoint,
+        )
         started = self.loop.run_in_executor(self.mount_executor, fuse.start)
         try:
             await asyncio.shield(started)
@@ -288,18 +323,28 @@ class RemoteLayers:
             self._resolved[reference] = cached
         return await asyncio.shield(cached[1])
 
-    async def _parse(self, raw: bytes, location: TocLocation, blob_size: int, expected: str) -> LayerIndex:
-        return await self.loop.run_in_executor(
-            self.mount_executor,
-            functools.partial(
+    async def _parse(
+        self, raw: bytes, location: TocLocation | BootstrapLocation, blob_size: int, expected: str
+    ) -> LayerIndex:
+        if isinstance(location, BootstrapLocation):
+            parse: Callable[[], LayerIndex] = functools.partial(
+                nydus.parse_bootstrap,
+                raw,
+                location,
+                blob_size=blob_size,
+                expected_digest=expected,
+                max_bytes=self.max_toc_bytes,
+            )
+        else:
+            parse = functools.partial(
                 parse_toc,
                 raw,
                 location,
                 blob_size=blob_size,
                 expected_digest=expected,
                 max_toc_bytes=self.max_toc_bytes,
-            ),
-        )
+            )
+        return await self.loop.run_in_executor(self.mount_executor, parse)
 
     def _fetch_neighbours(self, ref: LayerRef, labels: Mapping[str, str]) -> None:
         """containerd prepares an image's layers one after another, each costing round trips to
@@ -356,6 +401,18 @@ class RemoteLayers:
         if layer is None:
             raise NotLazyError("layer-not-in-manifest", f"{ref.digest} is not a layer of {ref.reference}")
         annotations = {**layer.annotations, **labels}
+        if nydus.is_nydus_layer(layer.media_type, annotations):
+            index = await self._fetch_bootstrap(ref, layer.size, annotations)
+            sizes = {layer.digest: layer.size for layer in image.layers}
+            for digest, size in index.blobs.items():  # chunks kept once per image, in lower layers
+                if sizes.get(digest) != size:
+                    self.tocs.remove(ref.digest)
+                    raise NotLazyError(
+                        "bad-toc",
+                        f"{ref.digest}: chunks in {digest} ({size} bytes), not a layer of {ref.reference}",
+                        required=True,
+                    )
+            return index
         expected = annotations.get(TOC_DIGEST_LABEL) or next(
             (annotations[k] for k in ZSTD_CHUNKED_ANNOTATIONS if annotations.get(k)), None
         )
@@ -367,26 +424,65 @@ class RemoteLayers:
                 else "no TOC digest annotation (not an eStargz/zstd:chunked layer)"
             )
             raise NotLazyError("no-toc-digest", f"{ref.digest} ({media}): {why}")
-        blob = self.client.blob(ref.reference, ref.digest, layer.size)
+        toc = await self._fetch_metadata(
+            ref,
+            layer.size,
+            expected,
+            lambda tail: locate_toc(tail[-MAX_FOOTER_SIZE:], layer.size, annotations),
+        )
+        return toc
+
+    async def _fetch_bootstrap(self, ref: LayerRef, size: int, annotations: Mapping[str, str]) -> LayerIndex:
+        """A Nydus-like layer: its bootstrap sits before the footer, verified against the manifest."""
         try:
-            # One request for the footer and, for most layers, the whole TOC before it.
-            tail_start = max(0, layer.size - TAIL_FETCH_BYTES)
-            (tail,) = await blob.read_ranges([(tail_start, layer.size)])
-            location = locate_toc(tail[-MAX_FOOTER_SIZE:], layer.size, annotations)
+            expected = nydus.bootstrap_digest(annotations)
+        except FormatError as exc:
+            raise NotLazyError("bad-toc", f"{ref.digest}: {exc}", required=True) from None
+        if not expected:
+            raise NotLazyError(
+                "no-toc-digest",
+                f"{ref.digest}: Nydus-like layer without {nydus.BOOTSTRAP_DIGEST_ANNOTATION}",
+                required=True,
+            )
+        try:
+            return await self._fetch_metadata(
+                ref,
+                size,
+                expected,
+                lambda tail: nydus.locate_bootstrap(tail, size, max_bytes=self.max_toc_bytes),
+            )
+        except NotLazyError as exc:
+            exc.required = True
+            raise
+
+    async def _fetch_metadata(
+        self,
+        ref: LayerRef,
+        size: int,
+        expected: str,
+        locate: Callable[[bytes], TocLocation | BootstrapLocation],
+    ) -> LayerIndex:
+        """Fetch the layer's footer and metadata (TOC or bootstrap), verify, parse, keep them."""
+        blob = self.client.blob(ref.reference, ref.digest, size)
+        try:
+            # One request for the footer and, for most layers, the whole metadata before it.
+            tail_start = max(0, size - TAIL_FETCH_BYTES)
+            (tail,) = await blob.read_ranges([(tail_start, size)])
+            location = locate(tail)
             if location.length > self.max_toc_bytes:  # checked before a byte of it is fetched
                 raise NotLazyError(
-                    "bad-toc", f"{ref.digest}: TOC of {location.length} bytes is over the limit"
+                    "bad-toc", f"{ref.digest}: metadata of {location.length} bytes is over the limit"
                 )
             if location.offset >= tail_start:
                 raw = tail[location.offset - tail_start : location.offset - tail_start + location.length]
             else:
                 (raw,) = await blob.read_ranges([(location.offset, location.offset + location.length)])
-            index = await self._parse(raw, location, layer.size, expected)
+            index = await self._parse(raw, location, size, expected)
         except FetchError as exc:
             raise NotLazyError(fetch_failure_reason(exc), f"{ref.digest}: {exc}") from None
         except FormatError as exc:
             raise NotLazyError("bad-toc", f"{ref.digest}: {exc}") from None
-        stored = StoredToc(ref.reference, layer.size, expected, location, raw)
+        stored = StoredToc(ref.reference, size, expected, location, raw)
         await self.loop.run_in_executor(self.mount_executor, self.tocs.save, ref.digest, stored)
         return index
 
@@ -394,5 +490,7 @@ class RemoteLayers:
         for mountpoint in list(self._mounts):
             await self.loop.run_in_executor(self.mount_executor, self.unmount, mountpoint)
         await self.client.close()
+        if self.recorder is not None:
+            await self.loop.run_in_executor(self.mount_executor, self.recorder.flush)
         self.mount_executor.shutdown(wait=False, cancel_futures=True)
         self.chunk_executor.shutdown(wait=False, cancel_futures=True)

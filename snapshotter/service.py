@@ -104,9 +104,14 @@ def info_adaptor(info: Info) -> Adaptor:
     return field
 
 
+# Told after every call: method, seconds, gRPC status name ("OK" on success). Metrics hang off it.
+CallObserver = Callable[[str, float, str], None]
+
+
 class SnapshotsService(pb_grpc.SnapshotsServicer):  # type: ignore[misc]
-    def __init__(self, snapshotter: Snapshotter) -> None:
+    def __init__(self, snapshotter: Snapshotter, observer: CallObserver | None = None) -> None:
         self.snapshotter = snapshotter
+        self.observer = observer
         # Calls block (disk, waiting for a lazy mount); a pool of their own keeps them from
         # starving the threads that decode chunks or mount layers.
         self.executor = ThreadPoolExecutor(GRPC_WORKERS, thread_name_prefix="lazysnap-grpc")
@@ -114,6 +119,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):  # type: ignore[misc]
     async def _call(self, context: Context, method: str, key: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` in a worker thread; turn our errors into the matching gRPC status."""
         started = time.monotonic()
+        code = grpc.StatusCode.OK
         try:
             result = await asyncio.get_running_loop().run_in_executor(self.executor, fn)
         except SnapshotError as exc:
@@ -121,8 +127,12 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):  # type: ignore[misc]
             log.debug("%s failed", method, extra={"key": key, "code": code.name, "error": str(exc)})
             await context.abort(code, str(exc))
         except Exception as exc:
+            code = grpc.StatusCode.INTERNAL
             log.exception("%s failed unexpectedly", method, extra={"key": key})
-            await context.abort(grpc.StatusCode.INTERNAL, f"{method} {key}: {exc}")
+            await context.abort(code, f"{method} {key}: {exc}")
+        finally:
+            if self.observer is not None:
+                self.observer(method, time.monotonic() - started, code.name)
         log.debug("%s", method, extra={"key": key, "ms": round((time.monotonic() - started) * 1000, 1)})
         return result
 
@@ -218,5 +228,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):  # type: ignore[misc]
         return empty_pb2.Empty()
 
 
-def add_to_server(server: grpc.aio.Server, snapshotter: Snapshotter) -> None:
-    pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
+def add_to_server(
+    server: grpc.aio.Server, snapshotter: Snapshotter, observer: CallObserver | None = None
+) -> None:
+    pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter, observer), server)

@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapshotter.diskusage import disk_usage
-from snapshotter.errors import AlreadyExistsError, NotFoundError, UnavailableError
+from snapshotter.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError, UnavailableError
 from snapshotter.fuse.layerfs import is_fuse_mountpoint, unmount
 from snapshotter.remote import (
     DIGEST_LABELS,
     REMOTE_LABEL,
     REMOTE_LABEL_VALUE,
     TARGET_REF_LABEL,
+    LazyMounts,
     NotLazyError,
-    RemoteLayers,
 )
 from snapshotter.store import Info, Kind, Snapshot, Store, Usage
 
@@ -59,7 +59,7 @@ class Snapshotter:
         root: Path,
         *,
         overlay_options: list[str] | None = None,
-        remote: RemoteLayers | None = None,
+        remote: LazyMounts | None = None,
     ) -> None:
         self.root = root
         self.remote = remote
@@ -126,8 +126,15 @@ class Snapshotter:
         sid = self.store.get_info(key).id
         try:
             self.remote.mount(labels, self.fs_path(sid))
-        except NotLazyError:
-            return mounts
+        except NotLazyError as exc:
+            if not exc.required:
+                return mounts
+            self.remove(key)  # containerd could not unpack this layer either: say why instead
+            raise FailedPreconditionError(
+                f"layer {next((labels[k] for k in DIGEST_LABELS if labels.get(k)), target)} is in a "
+                "format only lazysnap reads (Nydus-like), and mounting it lazily failed: "
+                f"{exc}"
+            ) from None
         committed_labels = {**labels, REMOTE_LABEL: REMOTE_LABEL_VALUE}
         try:
             self.store.commit(key, target, committed_labels, Usage())

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from snapshotter.formats import TocLocation
 from snapshotter.formats.index import Compression
+from snapshotter.formats.nydus import BootstrapLocation
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ class StoredToc:
     reference: str
     blob_size: int
     expected_digest: str  # what the TOC was verified against (from the image manifest)
-    location: TocLocation
+    location: TocLocation | BootstrapLocation  # a stargz-family TOC or a Nydus-like bootstrap
     raw: bytes  # the compressed TOC as fetched
 
 
@@ -41,11 +42,15 @@ class TocStore:
 
     def save(self, digest: str, toc: StoredToc) -> None:
         meta_path, raw_path = self._paths(digest)
+        location: dict[str, object] = dict(dataclasses.asdict(toc.location))
+        if isinstance(toc.location, TocLocation):
+            location["compression"] = toc.location.compression.value
         meta = {
             "reference": toc.reference,
             "blob_size": toc.blob_size,
             "expected_digest": toc.expected_digest,
-            "location": {**dataclasses.asdict(toc.location), "compression": toc.location.compression.value},
+            "format": "stargz" if isinstance(toc.location, TocLocation) else "nydus",
+            "location": location,
         }
         for path, data in ((raw_path, toc.raw), (meta_path, json.dumps(meta).encode())):
             tmp = path.with_suffix(path.suffix + ".tmp")
@@ -64,7 +69,11 @@ class TocStore:
             meta = json.loads(meta_path.read_text())
             raw = raw_path.read_bytes()
             loc = meta["location"]
-            location = TocLocation(**{**loc, "compression": Compression(loc["compression"])})
+            location: TocLocation | BootstrapLocation
+            if meta.get("format") == "nydus":
+                location = BootstrapLocation(**loc)
+            else:
+                location = TocLocation(**{**loc, "compression": Compression(loc["compression"])})
             blob_size = int(meta["blob_size"])
             return StoredToc(meta["reference"], blob_size, meta["expected_digest"], location, raw)
         except FileNotFoundError:

@@ -20,11 +20,33 @@ from snapshotter.fetcher.errors import (
     UnreachableError,
 )
 from snapshotter.fetcher.hosts import DEFAULT_CONFIG_DIR, HostsConfig, RegistryHost
-from snapshotter.fetcher.manifest import Descriptor, Platform, ResolvedImage
+from snapshotter.fetcher.manifest import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Descriptor,
+    ManifestError,
+    Platform,
+    ResolvedImage,
+    load_document,
+    parse_descriptor,
+    parse_image_manifest,
+    select_platform,
+)
+from snapshotter.fetcher.push import Pusher, PushOutcome, PushStats
 from snapshotter.fetcher.reference import Reference, parse_reference
 
 __all__ = [
     "DEFAULT_CONFIG_DIR",
+    "DOCKER_LIST",
+    "DOCKER_MANIFEST",
+    "INDEX_TYPES",
+    "MANIFEST_TYPES",
+    "OCI_INDEX",
+    "OCI_MANIFEST",
     "AuthError",
     "BlobNotFoundError",
     "BlobReader",
@@ -38,8 +60,12 @@ __all__ = [
     "HostsConfigError",
     "InvalidReferenceError",
     "InvalidResponseError",
+    "ManifestError",
     "ManifestNotFoundError",
     "Platform",
+    "PushOutcome",
+    "PushStats",
+    "Pusher",
     "RangeNotSatisfiableError",
     "Reference",
     "RegistryClient",
@@ -47,5 +73,9 @@ __all__ = [
     "ResolvedImage",
     "UnreachableError",
     "default_docker_config",
+    "load_document",
+    "parse_descriptor",
+    "parse_image_manifest",
     "parse_reference",
+    "select_platform",
 ]

@@ -165,7 +165,7 @@ class Authenticator:
         if known is None:
             return None
         if known.scheme == "basic":
-            creds = await self._credentials.get(host)
+            creds = await self._credentials.get(host, _repository(scope))
             return basic_header(creds) if creds is not None else None
         token = self._tokens.get((host, scope))
         if token is not None and token.expires_at > self._clock():
@@ -187,7 +187,7 @@ class Authenticator:
                 return  # another request already renewed it while we waited for the lock
             challenge = challenges[0]
             if challenge.scheme == "basic":
-                creds = await self._credentials.get(host)
+                creds = await self._credentials.get(host, _repository(scope))
                 if creds is None or not (creds.username or creds.password):
                     what = "rejected our credentials" if sent else "requires credentials and we have none"
                     raise AuthError(f"registry {what} (Basic)", host=host)
@@ -207,9 +207,11 @@ class Authenticator:
         return f"Bearer {token.value}" if token is not None else None
 
     async def _new_token(self, host: str, scope: str, known: _HostScheme, *, extra_scope: str) -> Token:
-        scopes = [scope] if scope else []
+        # A scope may name several resources separated by spaces (a cross-repository mount needs
+        # push on the target and pull on the source); each goes to the token server on its own.
+        scopes = [s for s in scope.split(" ") if s]
         scopes += [s for s in extra_scope.split(" ") if s and s not in scopes]
-        creds = await self._credentials.get(host)
+        creds = await self._credentials.get(host, _repository(scope))
         request = TokenRequest(host, known.realm, known.service, tuple(scopes), creds)
         token = await self._fetch_token(request)
         self._tokens[(host, scope)] = token
@@ -217,3 +219,13 @@ class Authenticator:
 
     def _lock(self, host: str, scope: str) -> asyncio.Lock:
         return self._locks.setdefault((host, scope), asyncio.Lock())
+
+
+def _repository(scope: str) -> str:
+    """The repository a request's scope names ("repository:NAME:ACTIONS"), for credential sources
+    that hold secrets per repository (the CRI proxy's pull secrets); "" when it names none."""
+    for part in scope.split(" "):
+        kind, _, rest = part.partition(":")
+        if kind == "repository" and rest:
+            return rest.rpartition(":")[0] or rest
+    return ""

@@ -98,6 +98,11 @@ class RegistryClient:
     async def close(self) -> None:
         await self._transport.close()
 
+    @property
+    def transport(self) -> Transport:
+        """The HTTP machinery (session, auth, hosts.toml, retries), shared with ``push.Pusher``."""
+        return self._transport
+
     def blob(self, ref_or_repo: str | Reference, digest: str, size: int | None = None) -> BlobReader:
         """A reader for blob ``digest`` of the repository named by ``ref_or_repo``.
 

@@ -4,6 +4,7 @@ Lookup order per host: a ``credHelpers`` entry, then an ``auths`` entry carrying
 the ``credsStore`` helper. Helpers run as ``docker-credential-NAME get`` with the server on stdin,
 bounded by a timeout; their answers are cached for a while, since each run may take a keychain
 round trip. Docker Hub is looked up under all its names, ``https://index.docker.io/v1/`` first.
+Sources added with ``add_source`` (the CRI proxy's pull secrets) are asked first, uncached.
 Secrets never appear in reprs, logs or error messages.
 """
 
@@ -18,6 +19,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,10 @@ class Credentials:
     username: str = ""
     password: str = field(default="", repr=False)
     identity_token: str = field(default="", repr=False)
+
+
+# Asked ``(host, repository)`` (repository "" when the caller does not know it); None: no opinion.
+CredentialSource = Callable[[str, str], Credentials | None]
 
 
 def default_docker_config() -> Path:
@@ -73,8 +79,14 @@ class CredentialStore:
         self._store = ""
         self._cache: dict[str, tuple[float, Credentials | None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._sources: list[CredentialSource] = []
         if self._path is not None:
             self._load(self._path)
+
+    def add_source(self, source: CredentialSource) -> None:
+        """Ask ``source`` before the docker config; the first source with an answer wins. Sources
+        are called on every lookup (not cached here) and must be quick and non-blocking."""
+        self._sources.append(source)
 
     def _load(self, path: Path) -> None:
         try:
@@ -108,8 +120,12 @@ class CredentialStore:
             self._helpers[_server_key(server)] = name
         self._store = store
 
-    async def get(self, host: str) -> Credentials | None:
+    async def get(self, host: str, repository: str = "") -> Credentials | None:
         """Credentials for ``host`` (host[:port] as contacted), or None to go anonymous."""
+        for source in self._sources:
+            found = source(host, repository)
+            if found is not None:
+                return found
         cached = self._cache.get(host)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]

@@ -229,8 +229,12 @@ class Transport:
         scope: str = "",
         headers: Mapping[str, str] | None = None,
         fetch: bool = False,
+        data: bytes | None = None,
     ) -> T:
-        """Send with retries; ``endpoint`` None means a foreign URL (redirect target): no auth."""
+        """Send with retries; ``endpoint`` None means a foreign URL (redirect target): no auth.
+
+        ``data`` is the request body (uploads); it is bytes so that a retry can send it again.
+        """
         session = self.session()
         timeout = self._fetch_timeout if fetch else self._timeout
         target = yarl.URL(url, encoded=True)  # keep presigned query strings byte-exact
@@ -238,7 +242,7 @@ class Transport:
         async def attempt() -> T:
             if endpoint is None:
                 async with session.request(
-                    method, target, headers=headers, allow_redirects=False, timeout=timeout
+                    method, target, headers=headers, data=data, allow_redirects=False, timeout=timeout
                 ) as resp:
                     return await handler(resp)
             ssl_ctx = self._ssl_for(endpoint)
@@ -249,7 +253,13 @@ class Transport:
                 if sent is not None:
                     merged["Authorization"] = sent
                 async with session.request(
-                    method, target, headers=merged, allow_redirects=False, ssl=ssl_ctx, timeout=timeout
+                    method,
+                    target,
+                    headers=merged,
+                    data=data,
+                    allow_redirects=False,
+                    ssl=ssl_ctx,
+                    timeout=timeout,
                 ) as resp:
                     if resp.status != 401:
                         return await handler(resp)

@@ -12,6 +12,7 @@ from snapshotter.formats.build import (
     build_estargz,
     build_zstdchunked,
 )
+from snapshotter.formats.build_nydus import build_nydus, build_nydus_image
 from snapshotter.formats.detect import (
     DEFAULT_MAX_TOC_BYTES,
     MAX_FOOTER_SIZE,
@@ -33,6 +34,13 @@ from snapshotter.formats.index import (
     FormatError,
     LayerIndex,
 )
+from snapshotter.formats.nydus import (
+    BootstrapLocation,
+    bootstrap_digest,
+    is_nydus_layer,
+    locate_bootstrap,
+    parse_bootstrap,
+)
 from snapshotter.formats.toc import (
     LANDMARK_NAMES,
     NO_PREFETCH_LANDMARK,
@@ -50,6 +58,7 @@ __all__ = [
     "TOC_DIGEST_ANNOTATION",
     "TOC_TAR_NAME",
     "UNCOMPRESSED_SIZE_ANNOTATION",
+    "BootstrapLocation",
     "BuiltBlob",
     "Chunk",
     "ChunkDigestError",
@@ -59,12 +68,18 @@ __all__ = [
     "FormatError",
     "LayerIndex",
     "TocLocation",
+    "bootstrap_digest",
     "build_blob",
     "build_estargz",
+    "build_nydus",
+    "build_nydus_image",
     "build_zstdchunked",
     "chunk_digest_ok",
     "decompress_chunk",
+    "is_nydus_layer",
+    "locate_bootstrap",
     "locate_toc",
+    "parse_bootstrap",
     "parse_toc",
     "read_toc_json",
     "toc_digest_from_annotations",

@@ -48,6 +48,9 @@ class Chunk:
     compressed_size: int  # bytes of blob to fetch from compressed_offset to decode the chunk
     inner_offset: int  # uncompressed offset of the chunk inside that stream (eStargz innerOffset)
     digest: str  # "sha256:<hex>" of the chunk's uncompressed bytes
+    # The blob holding the compressed bytes: "" for the layer's own blob, else the digest of
+    # another layer blob of the same image (the Nydus-like format stores a chunk once per image).
+    blob: str = ""
 
 
 @dataclass
@@ -74,7 +77,7 @@ class Entry:
 class LayerIndex:
     """A parsed, validated layer."""
 
-    format: str  # "estargz", "stargz" (legacy footer), "zstdchunked"
+    format: str  # "estargz", "stargz" (legacy footer), "zstdchunked", "nydus"
     compression: Compression
     entries: dict[str, Entry]  # by normalized name, in the format's order; includes parents
     # Prioritized files (eStargz: entries before .prefetch.landmark), in access order.
@@ -85,3 +88,5 @@ class LayerIndex:
     no_prefetch: bool = False  # the layer carries .no.prefetch.landmark
     toc_offset: int = 0  # where the format's metadata starts in the blob
     blob_size: int = 0
+    # Other blobs that chunks refer to (``Chunk.blob``), digest -> size; empty for stargz formats.
+    blobs: dict[str, int] = field(default_factory=dict)

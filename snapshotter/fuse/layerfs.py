@@ -11,26 +11,30 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import logging
 import os
 import stat
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import mfusepy
 
 from snapshotter.formats.index import Entry, EntryType, LayerIndex
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 LANDMARKS = frozenset({".prefetch.landmark", ".no.prefetch.landmark"})
-OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+# Only the trusted.* name: lazysnap mounts overlay as root, without userxattr, and a user.* name
+# would show through the overlay to the container as an xattr the image never had.
+OPAQUE_XATTRS = ("trusted.overlay.opaque",)
 # Immutable content: let the kernel cache entries, attributes and pages for a long time.
 CACHE_TIMEOUT_SECONDS = 3600.0
 # Concurrent FUSE requests per layer; reads waiting on the network hold a thread each.
@@ -165,6 +169,34 @@ class LayerTree:
         return node
 
 
+# Told, after every FUSE operation, its name, duration in seconds and the errno name it failed
+# with ("" on success). Metrics hang off this; the file system knows nothing about them.
+FsObserver = Callable[[str, float, str], None]
+_EXPECTED_ERRNOS = frozenset({errno.ENOENT, errno.ENODATA})  # lookups of absent names and xattrs
+
+
+def _observed(method: Callable[..., T]) -> Callable[..., T]:
+    op = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self: LayerFS, *args: Any) -> T:
+        observer = self.observer
+        if observer is None:
+            return method(self, *args)
+        started = time.perf_counter()
+        failed = ""
+        try:
+            return method(self, *args)
+        except mfusepy.FuseOSError as exc:
+            if exc.errno not in _EXPECTED_ERRNOS:
+                failed = errno.errorcode.get(exc.errno, str(exc.errno))
+            raise
+        finally:
+            observer(op, time.perf_counter() - started, failed)
+
+    return wrapper
+
+
 def _is_overlay_xattr(name: str) -> bool:
     return name.startswith(("trusted.overlay.", "user.overlay."))
 
@@ -174,11 +206,23 @@ class LayerFS(mfusepy.Operations):  # type: ignore[misc]
 
     use_ns = True
 
-    def __init__(self, tree: LayerTree, reader: ContentReader, *, layer: str) -> None:
+    def __init__(
+        self,
+        tree: LayerTree,
+        reader: ContentReader,
+        *,
+        layer: str,
+        on_first_read: Callable[[str], None] | None = None,
+        observer: FsObserver | None = None,
+    ) -> None:
         self.tree = tree
         self.reader = reader
         self.layer = layer
         self.read_errors = 0
+        # Startup profile recording: told the path of each file at its first read.
+        self.on_first_read = on_first_read
+        self._read_once: set[int] = set()
+        self.observer = observer
         inodes = {n.ino: n for n in tree.by_name.values()}  # hardlinks counted once
         total = sum(n.entry.size for n in inodes.values() if n.kind == EntryType.REG)
         self._statfs = {
@@ -192,32 +236,42 @@ class LayerFS(mfusepy.Operations):  # type: ignore[misc]
             "f_namemax": 255,
         }
 
+    @_observed
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         return self.tree.lookup(path).attrs()
 
-    def readdir(self, path: str, fh: int) -> Iterable[tuple[str, dict[str, Any], int]]:
+    @_observed
+    def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, Any], int]]:
         node = self.tree.lookup(path)
         if node.kind != EntryType.DIR or node.whiteout:
             raise mfusepy.FuseOSError(errno.ENOTDIR)
-        yield ".", node.attrs(), 0
-        yield "..", {"st_mode": stat.S_IFDIR}, 0
-        for name, child in node.children.items():
-            yield name, child.attrs(), 0
+        listing: list[tuple[str, dict[str, Any], int]] = [
+            (".", node.attrs(), 0),
+            ("..", {"st_mode": stat.S_IFDIR}, 0),
+        ]
+        listing += [(name, child.attrs(), 0) for name, child in node.children.items()]
+        return listing
 
+    @_observed
     def readlink(self, path: str) -> str:
         node = self.tree.lookup(path)
         if node.kind != EntryType.SYMLINK:
             raise mfusepy.FuseOSError(errno.EINVAL)
         return node.entry.link_name
 
+    @_observed
     def open(self, path: str, flags: int) -> int:
         node = self.tree.lookup(path)
         if node.kind != EntryType.REG or node.whiteout:
             raise mfusepy.FuseOSError(errno.EISDIR if node.kind == EntryType.DIR else errno.EACCES)
         return node.ino
 
+    @_observed
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         node = self.tree.lookup(path)
+        if self.on_first_read is not None and node.ino not in self._read_once:
+            self._read_once.add(node.ino)
+            self.on_first_read(path)
         try:
             return self.reader.read(node.entry, offset, size)
         except OSError as exc:
@@ -236,12 +290,14 @@ class LayerFS(mfusepy.Operations):  # type: ignore[misc]
                 xattrs[name] = b"y"
         return xattrs
 
+    @_observed
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
         value = self._xattrs(self.tree.lookup(path)).get(name)
         if value is None:
             raise mfusepy.FuseOSError(errno.ENODATA)
         return value
 
+    @_observed
     def listxattr(self, path: str) -> list[str]:
         return list(self._xattrs(self.tree.lookup(path)))
 

@@ -25,7 +25,10 @@ from tests.support.services import (
     Containerd,
     Registry,
     require_privileges,
+    run_args,
+    run_container,
     run_in_container,
+    unique_id,
     verify_container_fs,
 )
 
@@ -272,3 +275,57 @@ def test_full_disk_under_the_cache_degrades_to_uncached_reads(
     finally:
         mounts.unmount_all(cache_dir)
         remove_tmpdir(workdir)
+
+
+def test_running_container_keeps_reading_across_daemon_restarts(
+    lazy_images: LazyImages, proxy: CountingProxy, lazy_stack: tuple[LazysnapDaemon, Containerd]
+) -> None:
+    """The FUSE manager serves lazy layers, so a SIGTERM or kill -9 of the daemon leaves running
+    containers their layers: they read bytes never fetched before, while the daemon is down and
+    after it is back, and new containers start from the same image."""
+    daemon, cd = lazy_stack
+    ref = f"{proxy.host}/{lazy_images.estargz}"
+    cd.rpull(ref)
+    cid = unique_id("run")
+    cd.containers.add((cd.namespace, cid))
+    args = ["run", "-d", *run_args(cd, cid), "--snapshotter", SNAPSHOTTER, ref, cid]
+    cd.ctr(*args, "/bin/busybox", "sleep", "600")
+    execs = iter(range(100))
+
+    def read_mib(mib: int) -> str:
+        """sha256 of MiB ``mib`` of the 16 MiB file, read inside the running container."""
+        dd = f"/bin/busybox dd if=/data/large.bin bs=1048576 skip={mib} count=1 2>/dev/null"
+        script = f"{dd} | /bin/busybox sha256sum"
+        out = cd.ctr("task", "exec", "--exec-id", f"read{next(execs)}", cid, "/bin/sh", "-c", script).stdout
+        return out.split()[0]
+
+    def want(mib: int) -> str:
+        return hashlib.sha256(lazy_images.large[mib << 20 : (mib + 1) << 20]).hexdigest()
+
+    assert read_mib(0) == want(0)
+    targets = sorted(fuse_mounts_under(daemon.root))
+    assert len(targets) == 4
+    manager = daemon.manager_pid()
+    assert manager is not None
+
+    daemon.stop(keep_manager=True)  # SIGTERM: as systemd restarts or upgrades the daemon
+    assert sorted(fuse_mounts_under(daemon.root)) == targets
+    proxy.reset()
+    assert read_mib(5) == want(5)  # a chunk never fetched before, while the daemon is down
+    assert proxy.reset() > 1 << 20
+    daemon.start()
+    assert daemon.manager_pid() == manager  # found, not started again
+    assert daemon.stats()["lazy_mounts"] == 4
+    assert read_mib(9) == want(9)
+
+    daemon.kill()
+    assert read_mib(13) == want(13)
+    daemon.start()
+    assert sorted(fuse_mounts_under(daemon.root)) == targets
+
+    def new_container_runs() -> bool:  # containerd's channel may back off after the kill
+        proc = run_container(cd, ref, "/bin/sh", "-c", LARGE_SHA256, snapshotter=SNAPSHOTTER)
+        whole = hashlib.sha256(lazy_images.large).hexdigest()
+        return proc.returncode == 0 and proc.stdout.split()[0] == whole
+
+    assert wait_until(new_container_runs, timeout=30)

@@ -16,6 +16,7 @@ import grpc
 
 from snapshotter.admin import admin_socket, fetch_stats
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from tests.support.services import pid_alive, terminate_pid
 
 SNAPSHOTTER = "lazysnap"
 
@@ -89,21 +90,41 @@ class LazysnapDaemon:
             self._channel.close()
             self._channel = None
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        """Signal the daemon and wait for it; SIGKILL if it does not exit in time."""
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0, *, keep_manager: bool = False) -> int:
+        """Signal the daemon and wait for it; SIGKILL if it does not exit in time. Then stop the
+        FUSE manager it started (which unmounts lazy layers), unless ``keep_manager``: a daemon
+        restart as on a node, where running containers keep their lazy layers."""
         self._close_channel()
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise RuntimeError(f"lazysnap ignored signal {sig} for {timeout}s:\n{self.log_tail()}") from None
+        code = self.proc.returncode if self.proc else 0
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                code = self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                tail = self.log_tail()
+                raise RuntimeError(f"lazysnap ignored signal {sig} for {timeout}s:\n{tail}") from None
+        if not keep_manager:
+            self.stop_manager(timeout)
+        return code
 
     def kill(self) -> None:
-        self.stop(signal.SIGKILL)
+        """kill -9 of the daemon alone: its FUSE manager, in a session of its own, survives."""
+        self.stop(signal.SIGKILL, keep_manager=True)
+
+    def manager_pid(self) -> int | None:
+        try:
+            pid = int((self.root / "fuse.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if pid_alive(pid) else None
+
+    def stop_manager(self, timeout: float = 20.0) -> None:
+        """SIGTERM the FUSE manager of this root (it unmounts every lazy layer) and wait for it."""
+        pid = self.manager_pid()
+        if pid is not None:
+            terminate_pid(pid, timeout)
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -119,17 +121,27 @@ class _Daemon:
 
     def _spawn(self, args: Sequence[str], env: Mapping[str, str] | None = None) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        args, preexec = list(args), None
+        # PDEATHSIG is per spawning *thread*: only safe from the main thread. util-linux's setpriv
+        # sets it in the child; a Python preexec_fn would force a plain fork(), whose atfork
+        # handlers restart gRPC's poller threads in the child when the test process uses gRPC,
+        # and that child then sometimes dies (SIGABRT/SIGSEGV) before it can exec.
+        if _in_main_thread():
+            setpriv = shutil.which("setpriv")
+            if setpriv:
+                args = [setpriv, "--pdeathsig", "TERM", "--", *args]
+            else:
+                preexec = _die_with_parent
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                list(args),
+                args,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
                 env=dict(env) if env is not None else None,
                 start_new_session=True,
-                # PDEATHSIG is per spawning *thread*: only safe from the main thread.
-                preexec_fn=_die_with_parent if _in_main_thread() else None,
+                preexec_fn=preexec,
             )
 
     @property
@@ -158,14 +170,58 @@ class _Daemon:
         self.proc = None
 
 
+def bcrypt_hash(password: str, cost: int = 5) -> str:
+    """A bcrypt hash (``$2b$``) of ``password``, as distribution's htpasswd auth requires.
+
+    Made by the system's libcrypt (libxcrypt, which every Debian system has): no Python package
+    or ``htpasswd`` binary needed. Go's bcrypt accepts ``$2b$``; cost 5 keeps the registry fast.
+    """
+    lib = ctypes.CDLL("libcrypt.so.1", use_errno=True)
+    lib.crypt_gensalt.restype = ctypes.c_char_p
+    lib.crypt_gensalt.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_int]
+    lib.crypt.restype = ctypes.c_char_p
+    lib.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    salt = lib.crypt_gensalt(b"$2b$", cost, None, 0)
+    hashed = lib.crypt(password.encode(), salt) if salt else None
+    if not hashed or not hashed.startswith(b"$2b$"):
+        raise ServiceError("libcrypt cannot make bcrypt hashes")
+    return str(hashed.decode())
+
+
+def write_htpasswd(path: Path, users: Mapping[str, str]) -> Path:
+    """An htpasswd file (``user:bcrypt``) for distribution's ``auth: htpasswd``."""
+    path.write_text("".join(f"{user}:{bcrypt_hash(pw)}\n" for user, pw in users.items()))
+    path.chmod(0o600)
+    return path
+
+
 class Registry(_Daemon):
-    """CNCF distribution (``docker-registry``) on 127.0.0.1:<free port>, storage under ``workdir``."""
+    """CNCF distribution (``docker-registry``) on 127.0.0.1:<free port>, storage under ``workdir``.
+
+    Options: ``users`` turns on Basic auth (``auth: htpasswd``; a bcrypt htpasswd file is written
+    to ``workdir``); ``proxy_remote_url`` makes it a pull-through cache of another registry
+    (``proxy: remoteurl``), optionally with ``proxy_username``/``proxy_password`` for it.
+    """
 
     binary = "/usr/bin/docker-registry"
 
-    def __init__(self, workdir: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        *,
+        users: Mapping[str, str] | None = None,
+        proxy_remote_url: str | None = None,
+        proxy_username: str = "",
+        proxy_password: str = "",
+        log_level: str = "warn",
+    ) -> None:
         super().__init__(Path(workdir), "registry")
         self.port = 0
+        self.users = dict(users or {})
+        self.proxy_remote_url = proxy_remote_url
+        self.proxy_username = proxy_username
+        self.proxy_password = proxy_password
+        self.log_level = log_level
 
     @property
     def host(self) -> str:
@@ -178,14 +234,23 @@ class Registry(_Daemon):
         storage = self.workdir / "storage"
         storage.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "config.yml"
-        config.write_text(
+        text = (
             "version: 0.1\n"
-            "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
+            f"log:\n  level: {self.log_level}\n  accesslog:\n    disabled: true\n"
             "storage:\n"
             f"  filesystem:\n    rootdirectory: {storage}\n"
             "  delete:\n    enabled: true\n"
             f"http:\n  addr: 127.0.0.1:{self.port}\n"
         )
+        if self.users:
+            htpasswd = write_htpasswd(self.workdir / "htpasswd", self.users)
+            text += f"auth:\n  htpasswd:\n    realm: lazysnap-test\n    path: {htpasswd}\n"
+        if self.proxy_remote_url:
+            text += f"proxy:\n  remoteurl: {self.proxy_remote_url}\n"
+            if self.proxy_username:
+                text += f"  username: {self.proxy_username}\n  password: {self.proxy_password}\n"
+        config.write_text(text)
+        config.chmod(0o600)
         # OTEL/bugsnag-free; the registry needs no environment of its own.
         self._spawn([self.binary, "serve", str(config)])
         deadline = time.monotonic() + timeout
@@ -198,6 +263,10 @@ class Registry(_Daemon):
                     if resp.status == 200:
                         return self
                     last = f"HTTP {resp.status}"
+            except urllib.error.HTTPError as exc:
+                if exc.code == 401 and self.users:  # serving, and asking for credentials
+                    return self
+                last = str(exc)
             except (urllib.error.URLError, OSError) as exc:
                 last = str(exc)
             time.sleep(0.1)
@@ -227,6 +296,7 @@ class Containerd(_Daemon):
     """
 
     binary = "containerd"
+    cri_plugin = "io.containerd.grpc.v1.cri"
     disabled = (
         "io.containerd.grpc.v1.cri",
         "io.containerd.snapshotter.v1.btrfs",
@@ -242,9 +312,19 @@ class Containerd(_Daemon):
         *,
         namespace: str = CTR_NAMESPACE,
         log_level: str = "info",
+        cri: bool = False,
+        cri_snapshotter: str = "lazysnap",
+        cri_registry_config_path: str | os.PathLike[str] | None = None,
     ) -> None:
+        """``cri=True`` enables the CRI plugin (images in namespace ``k8s.io``) with
+        ``cri_snapshotter``, snapshot annotations on (the labels a remote snapshotter needs), CNI
+        and sandbox state in ``workdir`` and, if given, ``cri_registry_config_path`` as its
+        certs.d (hosts.toml) directory."""
         super().__init__(Path(workdir), "containerd")
         self.proxy_plugins = dict(proxy_plugins or {})
+        self.cri = cri
+        self.cri_snapshotter = cri_snapshotter
+        self.cri_registry_config_path = cri_registry_config_path
         self.namespace = namespace
         self.log_level = log_level
         self.root = self.workdir / "root"
@@ -273,7 +353,9 @@ class Containerd(_Daemon):
             "version = 2",
             f"root = {_toml_str(str(self.root))}",
             f"state = {_toml_str(str(self.state))}",
-            "disabled_plugins = [" + ", ".join(_toml_str(p) for p in self.disabled) + "]",
+            "disabled_plugins = ["
+            + ", ".join(_toml_str(p) for p in self.disabled if not (self.cri and p == self.cri_plugin))
+            + "]",
             "",
             "[grpc]",
             f"  address = {_toml_str(self.address)}",
@@ -289,6 +371,8 @@ class Containerd(_Daemon):
             f"  path = {_toml_str(str(w / 'opt'))}",
             "",
         ]
+        if self.cri:
+            lines += self._cri_config()
         for name, addr in self.proxy_plugins.items():
             lines += [
                 f"[proxy_plugins.{_toml_str(name)}]",
@@ -299,6 +383,31 @@ class Containerd(_Daemon):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text("\n".join(lines))
         return self.config_path
+
+    def _cri_config(self) -> list[str]:
+        """containerd 1.6's CRI plugin, kept inside ``workdir``: it needs no CNI to pull images
+        (the conf dir is created and watched, so it must be ours) and never pulls the sandbox
+        image unless a pod is run."""
+        w = self.workdir
+        plugin = f'[plugins."{self.cri_plugin}"]'
+        lines = [
+            plugin,
+            '  sandbox_image = "registry.k8s.io/pause:3.6"',
+            '  stream_server_address = "127.0.0.1"',
+            '  stream_server_port = "0"',
+            f"{plugin[:-1]}.containerd]",
+            f"  snapshotter = {_toml_str(self.cri_snapshotter)}",
+            "  disable_snapshot_annotations = false",
+            f"{plugin[:-1]}.cni]",
+            f"  bin_dir = {_toml_str(str(w / 'cni' / 'bin'))}",
+            f"  conf_dir = {_toml_str(str(w / 'cni' / 'conf'))}",
+        ]
+        if self.cri_registry_config_path is not None:
+            lines += [
+                f"{plugin[:-1]}.registry]",
+                f"  config_path = {_toml_str(str(self.cri_registry_config_path))}",
+            ]
+        return [*lines, ""]
 
     def start(self, timeout: float = 30.0) -> Containerd:
         """Write the config, start containerd and wait until ``ctr version`` succeeds."""
@@ -371,10 +480,21 @@ class Containerd(_Daemon):
             args += ["--snapshotter", snapshotter]
         return self.ctr(*args, *extra_args, ref, timeout=timeout, binary=binary)
 
-    def rpull(self, ref: str, *, snapshotter: str = "lazysnap", timeout: float = 180) -> None:
-        """``ctr-remote image rpull``: a pull that passes the labels a remote snapshotter needs."""
-        args = ("image", "rpull", "--plain-http", "--snapshotter", snapshotter, ref)
-        self.ctr(*args, binary="ctr-remote", timeout=timeout)
+    def rpull(
+        self,
+        ref: str,
+        *,
+        snapshotter: str = "lazysnap",
+        timeout: float = 180,
+        plain_http: bool = True,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        """``ctr-remote image rpull``: a pull that passes the labels a remote snapshotter needs.
+
+        ``extra_args`` go before the reference (``--user U:P``, ``--hosts-dir DIR``).
+        """
+        args = ["image", "rpull", *(["--plain-http"] if plain_http else []), "--snapshotter", snapshotter]
+        self.ctr(*args, *extra_args, ref, binary="ctr-remote", timeout=timeout)
 
     # -- teardown ---------------------------------------------------------
 
@@ -665,3 +785,64 @@ def verify_container_fs(
     if exact:
         problems += [f"{p}: unexpected" for p in sorted(found - set(paths))]
     return problems
+
+
+# --- eStargz test images -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EstargzImage:
+    """An image converted by ``ctr-remote image convert --oci --estargz`` and pushed."""
+
+    repo_tag: str  # "repo:tag", without the registry host
+    expected: dict[str, oci.Node] = field(repr=False)
+    large: bytes = field(repr=False)  # content of /data/large.bin
+    layer_sizes: tuple[int, ...] = ()  # compressed sizes of the pushed layers, bottom first
+
+    @property
+    def total_size(self) -> int:
+        return sum(self.layer_sizes)
+
+
+def manifest_layer_sizes(containerd: Containerd, ref: str) -> tuple[int, ...]:
+    """Compressed layer sizes of ``ref``'s (single-platform) manifest in containerd's content store."""
+    for line in containerd.ctr("image", "ls").stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == ref:
+            digest = next(f for f in fields if f.startswith("sha256:"))
+            manifest = json.loads(containerd.ctr("content", "get", digest).stdout)
+            return tuple(int(layer["size"]) for layer in manifest["layers"])
+    raise ServiceError(f"{ref} not in ctr image ls")
+
+
+def build_estargz_image(
+    workdir: Path,
+    staging: Registry,
+    target_host: str,
+    repo_tag: str,
+    *,
+    large_size: int = 8 << 20,
+    push_user: str | None = None,
+) -> EstargzImage:
+    """The standard test image plus ``/data/large.bin`` (incompressible), pushed as gzip to the
+    plain ``staging`` registry, converted to eStargz by a throwaway containerd and pushed to
+    ``target_host/repo_tag`` (with ``--user push_user`` for a registry that wants credentials).
+    """
+    spec = oci.test_image_layers()
+    large = oci._pseudo_random(large_size, repo_tag.encode())
+    layers = (*spec.layers, (oci.Dir("/data"), oci.File("/data/large.bin", large)))
+    repo = repo_tag.partition(":")[0]
+    image = oci.build_layout(workdir / "layout", layers, tag="gzip", cmd=list(spec.cmd))
+    gzip_ref = oci.push(image.layout_dir, "gzip", staging.host, repo)
+    cd = Containerd(workdir / f"cd{uuid.uuid4().hex[:8]}")  # unique: it names a cgroup parent
+    try:
+        cd.start()
+        cd.pull(gzip_ref)
+        target = f"{target_host}/{repo_tag}"
+        cd.ctr("image", "convert", "--oci", "--estargz", gzip_ref, target, binary="ctr-remote", timeout=300)
+        auth = ["--user", push_user] if push_user else []
+        cd.ctr("image", "push", "--plain-http", *auth, target, timeout=300)
+        sizes = manifest_layer_sizes(cd, target)
+    finally:
+        cd.stop()
+    return EstargzImage(repo_tag, oci.apply_layers(layers), large, sizes)

@@ -14,14 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from snapshotter.cache import ChunkCache
 from snapshotter.fetcher import UnreachableError
 from snapshotter.formats import build_estargz, build_zstdchunked, locate_toc, parse_toc
-from snapshotter.formats.index import Compression, EntryType, LayerIndex
+from snapshotter.formats.index import Chunk, Compression, Entry, EntryType, LayerIndex
 from snapshotter.reader import LayerReader, ReaderConfig, ReadError
 from tests.support import oci
-from tests.support.lazy import MemoryBlob, running_loop
+from tests.support.lazy import MemoryBlob, running_loop, wait_until
 
 FILES = {
     "app/big.bin": os.urandom(700_000),
@@ -220,9 +221,24 @@ def test_prefetch_joins_an_on_demand_fetch_in_flight(layer: Layer) -> None:
 def test_read_times_out_with_an_error(layer: Layer) -> None:
     reader = layer.reader(read_timeout=0.3)
     layer.blob.stall.clear()
+    entry = layer.index.entries["lib/b.so"]
     with pytest.raises(ReadError, match="timed out"):
-        reader.read(layer.index.entries["lib/b.so"], 0, 100)
+        reader.read(entry, 0, 100)
+    # The kernel re-reads a page whose read failed at once: while the stalled fetch goes on, that
+    # re-read must fail at once too, not wait a second full timeout.
+    started = time.monotonic()
+    with pytest.raises(ReadError, match="still fetching"):
+        reader.read(entry, 0, 100)
+    assert time.monotonic() - started < 0.25
     layer.blob.stall.set()
+
+    def reads_again() -> bool:  # once the fetch has landed, the same read succeeds
+        try:
+            return reader.read(entry, 0, 100) == FILES["lib/b.so"][:100]
+        except ReadError:
+            return False
+
+    assert wait_until(reads_again, timeout=10)
 
 
 def test_full_disk_degrades_caching_not_reads(layer: Layer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -262,3 +278,65 @@ def test_cache_evicts_least_recently_used(tmp_path: Path) -> None:
     assert cache.total_bytes <= 10_000
     assert digests[0] in cache and digests[1] not in cache
     assert sum(1 for p in (tmp_path / "chunks").rglob("*") if p.is_file()) == len(cache._lru)
+
+
+def test_chunks_in_another_blob_are_read_from_that_blob(
+    tmp_path: Path, loop: asyncio.AbstractEventLoop
+) -> None:
+    """A Nydus-like layer may keep some chunks in a lower layer's blob: reads, prefetch and the
+    background fetch must take each chunk from the blob it names, and only from there."""
+    pieces = [os.urandom(40_000), os.urandom(40_000), os.urandom(25_000)]
+    own, other = bytearray(), bytearray(b"\0" * 100)  # the other blob's frames start at 100
+    chunks = []
+    file_offset = 0
+    for i, data in enumerate(pieces):
+        frame = zstandard.ZstdCompressor().compress(data)
+        target = other if i == 1 else own
+        chunks.append(
+            Chunk(
+                file_offset=file_offset,
+                size=len(data),
+                compressed_offset=len(target),
+                compressed_size=len(frame),
+                inner_offset=0,
+                digest="sha256:" + hashlib.sha256(data).hexdigest(),
+                blob="sha256:" + "b" * 64 if i == 1 else "",
+            )
+        )
+        target += frame
+        file_offset += len(data)
+    entry = Entry("f", EntryType.REG, 0o644, size=file_offset, chunks=chunks)
+    index = LayerIndex(
+        "nydus",
+        Compression.ZSTD,
+        {"": Entry("", EntryType.DIR, 0o755), "f": entry},
+        blob_size=len(own),
+        blobs={"sha256:" + "b" * 64: len(other)},
+    )
+    own_blob, other_blob = MemoryBlob(bytes(own)), MemoryBlob(bytes(other))
+    cache = ChunkCache(tmp_path / "cache", 1 << 30)
+
+    async def make() -> LayerReader:
+        cfg = ReaderConfig(background=False, prefetch=False, readahead_bytes=1)
+        return LayerReader(
+            index,
+            own_blob,
+            cache,
+            loop,
+            layer="sha256:test",
+            config=cfg,
+            other_blobs={"sha256:" + "b" * 64: other_blob},
+        )
+
+    reader = asyncio.run_coroutine_threadsafe(make(), loop).result(5)
+    assert reader.read(entry, 0, file_offset) == b"".join(pieces)
+    c1 = chunks[1]
+    assert other_blob.requests == [[(c1.compressed_offset, c1.compressed_offset + c1.compressed_size)]]
+    assert all(a >= 0 and b <= len(own) for req in own_blob.requests for a, b in req)
+    assert sum(b - a for req in own_blob.requests for a, b in req) == len(own)
+
+    async def no_source() -> LayerReader:
+        return LayerReader(index, own_blob, cache, loop, layer="sha256:test")
+
+    with pytest.raises(ValueError, match="no source for blobs"):
+        asyncio.run_coroutine_threadsafe(no_source(), loop).result(5)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.errors import AlreadyExistsError, UnavailableError
+from snapshotter.errors import AlreadyExistsError, FailedPreconditionError, UnavailableError
 from snapshotter.fetcher import AuthError, BlobNotFoundError, FetchError
 from snapshotter.remote import (
     REMOTE_LABEL,
@@ -28,16 +28,18 @@ LABELS = {
 
 
 class FakeRemote:
-    """Mounts by writing a marker file; ``refuse`` makes every layer fall back."""
+    """Mounts by writing a marker file; ``refuse`` makes every layer fall back (or, with
+    ``required``, fail as a Nydus-like layer does)."""
 
-    def __init__(self, refuse: str = "") -> None:
+    def __init__(self, refuse: str = "", *, required: bool = False) -> None:
         self.refuse = refuse
+        self.required = required
         self.mounted: set[Path] = set()
         self.healthy = True
 
     def mount(self, labels: Mapping[str, str], mountpoint: Path) -> None:
         if self.refuse:
-            raise NotLazyError(self.refuse, "refused by the test")
+            raise NotLazyError(self.refuse, "refused by the test", required=self.required)
         layer_ref(labels)
         (mountpoint / "lazy-marker").write_text(labels[TARGET_REF_LABEL])
         self.mounted.add(mountpoint)
@@ -84,6 +86,20 @@ def test_layer_that_cannot_be_lazy_is_prepared_normally(tmp_path: Path) -> None:
     assert mount.type == "bind" and snap.stat("extract").kind == Kind.ACTIVE
     snap.commit("sha256:chain1", "extract", {})
     assert REMOTE_LABEL not in snap.stat("sha256:chain1").labels
+
+
+def test_layer_only_lazysnap_reads_fails_prepare_with_the_reason(tmp_path: Path) -> None:
+    """A Nydus-like layer cannot be unpacked by containerd: Prepare must say why it is not lazy
+    instead of handing containerd a snapshot it would fail to fill with a vaguer error."""
+    snap = snapshotter(tmp_path, FakeRemote("registry-unreachable", required=True))
+    labels = {**LABELS, TARGET_REF_LABEL: "sha256:chain1"}
+    with pytest.raises(
+        FailedPreconditionError,
+        match=r"sha256:1{64} is in a format only lazysnap reads.*registry-unreachable",
+    ):
+        snap.prepare("default/1/extract-1 sha256:chain1", "", labels)
+    assert snap.infos() == []  # nothing left behind
+    assert not any((tmp_path / "snapshots").iterdir())
 
 
 def test_broken_lower_lazy_layer_is_unavailable(tmp_path: Path) -> None:

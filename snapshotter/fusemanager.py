@@ -1,0 +1,231 @@
+"""The FUSE manager: the process that serves lazy layers, so that they outlive the daemon.
+
+A FUSE mount lives as long as the process that answers its requests. If ``lazysnap serve`` served
+the lazy layers itself, every restart or upgrade of it would pull the lower layers from under the
+running containers. So the daemon starts this process (``lazysnap fuse-manager``) in a session of
+its own and asks it, over the root-only unix socket ``ROOT/fuse.sock``, to mount, check and
+unmount layers. The daemon can then stop, crash or be upgraded while the manager keeps serving;
+a new daemon finds the manager and its mounts still there. (stargz-snapshotter's fusemanager
+follows the same design.) Stopping the manager (SIGTERM) unmounts every lazy layer.
+
+The manager holds everything a mounted layer needs: the registry client, the chunk cache, the
+readers, the FUSE servers, the startup profiles, the metrics of FUSE operations and, when
+configured, the CRI image-service proxy whose pull secrets the registry client uses.
+
+Endpoints (JSON), besides the admin routes of ``snapshotter.admin``: ``POST /mount`` {labels,
+mountpoint} → {} or {not_lazy: {reason, detail, required}}; ``POST /unmount`` {mountpoint};
+``GET /check?mountpoint=``; ``POST /forget-unused`` {digests}; ``GET /version``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from aiohttp import web
+
+from snapshotter import __version__
+from snapshotter.admin import AdminError, admin_app, serve_unix
+from snapshotter.cache import ChunkCache
+from snapshotter.config import Config
+from snapshotter.cri import ImageServiceProxy, PullSecrets
+from snapshotter.daemon import STOP_GRACE_SECONDS, claim_socket_path
+from snapshotter.fetcher import CredentialStore, HostsConfig, RegistryClient, default_docker_config
+from snapshotter.fetcher.credentials import CredentialSource
+from snapshotter.fuseclient import manager_pidfile, manager_socket
+from snapshotter.logsetup import set_level
+from snapshotter.metrics import Metrics
+from snapshotter.profile import ProfileNotFoundError, StartupRecorder
+from snapshotter.reader import ReaderConfig
+from snapshotter.remote import NotLazyError, RemoteLayers
+from snapshotter.tocstore import TocStore
+
+log = logging.getLogger(__name__)
+
+
+class ManagerRunningError(Exception):
+    """Another FUSE manager already serves this root."""
+
+
+def _lock(root: Path) -> IO[str]:
+    """One manager per root: an flock on ROOT/fuse.lock, held for the process's life."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fh = open(root / "fuse.lock", "a+")  # noqa: SIM115 - held until exit
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise ManagerRunningError(f"a FUSE manager already serves {root}") from None
+    return fh
+
+
+class LocalBackend:
+    """The admin answers of this process's RemoteLayers (the manager's side of LazyBackend)."""
+
+    def __init__(self, remote: RemoteLayers) -> None:
+        self.remote = remote
+
+    def stats(self) -> dict[str, Any]:
+        return self.remote.stats()
+
+    def profile(self, image: str) -> list[str]:
+        recorder = self.remote.recorder
+        if recorder is None:
+            raise AdminError("profile recording is off: set [profile] record = true and restart", 409)
+        try:
+            return recorder.export(image)
+        except ProfileNotFoundError:
+            known = ", ".join(recorder.images()) or "none"
+            raise AdminError(f"no startup profile for {image!r} (profiles: {known})", 404) from None
+
+    def prune(self, keep_bytes: int) -> dict[str, Any]:
+        cache = self.remote.cache
+        chunks, freed = cache.prune(keep_bytes)
+        log.info("cache pruned", extra={"chunks": chunks, "bytes": freed})
+        return {"chunks": chunks, "bytes": freed, "remaining_bytes": cache.total_bytes}
+
+    def set_log_level(self, level: str) -> None:
+        set_level(level)
+
+    def metrics_text(self) -> str:
+        return ""  # this process's metrics are the app's own
+
+
+def manager_app(remote: RemoteLayers, metrics: Metrics) -> web.Application:
+    """The admin routes, plus what the daemon asks of lazy layers."""
+
+    async def mount(request: web.Request) -> web.Response:
+        body = await request.json()
+        labels = {str(k): str(v) for k, v in body["labels"].items()}
+        try:
+            await asyncio.to_thread(remote.mount, labels, Path(body["mountpoint"]))
+        except NotLazyError as exc:
+            return web.json_response(
+                {"not_lazy": {"reason": exc.reason, "detail": exc.detail, "required": exc.required}}
+            )
+        return web.json_response({})
+
+    async def unmount(request: web.Request) -> web.Response:
+        body = await request.json()
+        await asyncio.to_thread(remote.unmount, Path(body["mountpoint"]))
+        return web.json_response({})
+
+    async def check(request: web.Request) -> web.Response:
+        return web.json_response({"alive": remote.check(Path(request.query["mountpoint"]))})
+
+    async def forget_unused(request: web.Request) -> web.Response:
+        body = await request.json()
+        await asyncio.to_thread(remote.forget_unused, {str(d) for d in body["digests"]})
+        return web.json_response({})
+
+    async def version(_: web.Request) -> web.Response:
+        return web.json_response({"version": __version__, "pid": os.getpid()})
+
+    app = admin_app(LocalBackend(remote), metrics)
+    app.router.add_post("/mount", mount)
+    app.router.add_post("/unmount", unmount)
+    app.router.add_get("/check", check)
+    app.router.add_post("/forget-unused", forget_unused)
+    app.router.add_get("/version", version)
+    return app
+
+
+def build_remote(
+    config: Config, loop: asyncio.AbstractEventLoop, credential_sources: Sequence[CredentialSource] = ()
+) -> RemoteLayers:
+    hosts = HostsConfig(config.fetch.hosts_dir, plain_http_hosts=config.fetch.plain_http_hosts)
+    docker_config = (
+        Path(config.fetch.docker_config) if config.fetch.docker_config else default_docker_config()
+    )
+    credentials = CredentialStore(docker_config if docker_config.exists() else None)
+    for source in credential_sources:  # e.g. the CRI proxy's pull secrets, asked first
+        credentials.add_source(source)
+    client = RegistryClient(
+        hosts, credentials, timeout=config.fetch.timeout_seconds, max_retries=config.fetch.max_retries
+    )
+    reader_config = ReaderConfig(
+        read_timeout=config.read.timeout_seconds,
+        readahead_bytes=config.read.readahead_bytes,
+        merge_gap_bytes=config.read.merge_gap_bytes,
+        max_request_bytes=config.read.max_request_bytes,
+        prefetch=config.prefetch.enabled,
+        fetch_whole_below_bytes=config.prefetch.fetch_whole_below_bytes,
+        background=config.prefetch.background,
+        background_rate_bytes=config.prefetch.background_rate_bytes,
+        background_delay_seconds=config.prefetch.background_delay_seconds,
+        background_quiet_seconds=config.prefetch.background_quiet_seconds,
+    )
+    cache = ChunkCache(config.root / "cache", config.cache.max_bytes)
+    return RemoteLayers(
+        client,
+        cache,
+        loop,
+        TocStore(config.root / "layers"),
+        reader_config=reader_config,
+        max_toc_bytes=config.remote.max_toc_bytes,
+        mount_timeout=config.remote.mount_timeout_seconds,
+        recorder=(
+            StartupRecorder(config.root / "profiles", config.profile.window_seconds)
+            if config.profile.record
+            else None
+        ),
+    )
+
+
+def start_cri_proxy(config: Config, secrets: PullSecrets) -> ImageServiceProxy:
+    """Bind the CRI image-service proxy's socket ``cri.listen`` (born 0600: root only)."""
+    claim_socket_path(config.cri.listen)
+    proxy = ImageServiceProxy(config.cri.containerd_socket, secrets)
+    old_umask = os.umask(0o177)
+    try:
+        proxy.bind(config.cri.listen)
+    finally:
+        os.umask(old_umask)
+    return proxy
+
+
+async def serve_manager(config: Config) -> None:
+    """Serve lazy layers until SIGTERM/SIGINT, then unmount them all."""
+    lock = _lock(config.root)
+    pidfile = manager_pidfile(config.root)
+    address = manager_socket(config.root)
+    loop = asyncio.get_running_loop()
+    secrets = None
+    if config.cri.enable:
+        persist = config.root / "cri" / "credentials.json" if config.cri.persist_credentials else None
+        secrets = await asyncio.to_thread(PullSecrets, persist)
+    sources = [secrets.lookup] if secrets is not None else []
+    remote = await asyncio.to_thread(build_remote, config, loop, sources)
+    metrics = Metrics()
+    metrics.watch(remote.stats)
+    remote.fs_observer = metrics.observe_fs
+    runner = await serve_unix(manager_app(remote, metrics), address)
+    cri = None
+    if secrets is not None:
+        cri = start_cri_proxy(config, secrets)
+        await cri.start()
+    pidfile.write_text(f"{os.getpid()}\n")
+    log.info("FUSE manager serving", extra={"version": __version__, "address": str(address)})
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # The daemon that started us may die; its terminal's SIGHUP must not take the mounts along.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    try:
+        await stop.wait()
+        log.info("FUSE manager stopping: unmounting every lazy layer")
+    finally:
+        if cri is not None:
+            await cri.stop(STOP_GRACE_SECONDS)
+        await runner.cleanup()
+        await remote.close()
+        address.unlink(missing_ok=True)
+        pidfile.unlink(missing_ok=True)
+        lock.close()
+    log.info("FUSE manager stopped")

@@ -1,0 +1,52 @@
+"""``lazysnap status``: the daemon's lazily mounted layers as a table an operator can read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _state(layer: dict[str, Any]) -> str:
+    if layer["background_done"]:
+        return "complete"
+    if not layer["prefetch_done"]:
+        return "prefetching"
+    return "fetching"
+
+
+def format_status(stats: dict[str, Any]) -> str:
+    """One line per mounted layer (image, layer, format, fetched/total, state), then totals."""
+    rows = [("IMAGE", "LAYER", "FORMAT", "FETCHED", "SIZE", "STATE", "ERRORS")]
+    layers = stats["layers"]
+    for digest, layer in sorted(layers.items(), key=lambda kv: (kv[1]["reference"], kv[1]["mountpoint"])):
+        fetched = sum(layer["bytes"].values())
+        rows.append(
+            (
+                layer["reference"],
+                digest.removeprefix("sha256:")[:12],
+                layer["format"],
+                human_bytes(fetched),
+                human_bytes(layer["blob_size"]),
+                _state(layer),
+                str(layer["read_errors"] + layer["verify_failures"]),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    cache = stats["cache"]
+    lines.append("")
+    lines.append(
+        f"{len(layers)} lazy layers mounted; cache {human_bytes(cache['bytes'])} "
+        f"({cache['hits']} hits, {cache['misses']} misses, {cache['evictions']} evictions)"
+    )
+    if stats["not_lazy"]:
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(stats["not_lazy"].items()))
+        lines.append(f"layers pulled normally since start: {reasons}")
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""``lazysnap status`` output."""
+
+from __future__ import annotations
+
+from snapshotter.status import format_status, human_bytes
+
+
+def test_status_table_lists_layers_with_progress() -> None:
+    layer = {
+        "reference": "127.0.0.1:5000/app:v1",
+        "mountpoint": "/var/lib/lazysnap/snapshots/3/fs",
+        "format": "estargz",
+        "blob_size": 10 << 20,
+        "bytes": {"on_demand": 1 << 20, "prefetch": 1 << 20, "background": 0},
+        "prefetch_done": True,
+        "background_done": False,
+        "read_errors": 0,
+        "verify_failures": 0,
+    }
+    stats = {
+        "layers": {"sha256:" + "ab" * 32: layer},
+        "cache": {"bytes": 2 << 20, "hits": 7, "misses": 3, "evictions": 0},
+        "not_lazy": {"no-toc-digest": 2},
+        "lazy_mounts": 1,
+    }
+    text = format_status(stats)
+    header, row, *_ = text.splitlines()
+    assert header.split() == ["IMAGE", "LAYER", "FORMAT", "FETCHED", "SIZE", "STATE", "ERRORS"]
+    assert row.split() == [
+        "127.0.0.1:5000/app:v1",
+        "abababababab",
+        "estargz",
+        "2.0",
+        "MiB",
+        "10.0",
+        "MiB",
+        "fetching",
+        "0",
+    ]
+    assert "1 lazy layers mounted; cache 2.0 MiB (7 hits, 3 misses, 0 evictions)" in text
+    assert "no-toc-digest: 2" in text
+
+
+def test_human_bytes() -> None:
+    assert [human_bytes(n) for n in (0, 1023, 1024, 5 << 30, 3 << 40)] == [
+        "0 B",
+        "1023 B",
+        "1.0 KiB",
+        "5.0 GiB",
+        "3072.0 GiB",
+    ]
