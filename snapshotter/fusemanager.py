@@ -140,6 +140,10 @@ def build_remote(
     config: Config, loop: asyncio.AbstractEventLoop, credential_sources: Sequence[CredentialSource] = ()
 ) -> RemoteLayers:
     hosts = HostsConfig(config.fetch.hosts_dir, plain_http_hosts=config.fetch.plain_http_hosts)
+    for endpoint in hosts.insecure_hosts():  # TLS is verified unless a hosts.toml says otherwise
+        log.warning(
+            "TLS certificate verification is off for a registry endpoint", extra={"endpoint": endpoint}
+        )
     docker_config = (
         Path(config.fetch.docker_config) if config.fetch.docker_config else default_docker_config()
     )

@@ -134,6 +134,24 @@ class HostsConfig:
             found = self._cache[registry] = self._load(registry)
         return found
 
+    def insecure_hosts(self) -> list[str]:
+        """Every configured endpoint whose TLS certificate is not verified (``skip_verify``), for
+        the warning the daemon logs at start. Unreadable directories are skipped (they fail, with
+        their own error, when a pull needs them)."""
+        if self._dir is None or not self._dir.is_dir():
+            return []
+        found: list[str] = []
+        for directory in sorted(p for p in self._dir.iterdir() if p.is_dir()):
+            hosts_file = directory / "hosts.toml"
+            if not hosts_file.is_file():
+                continue
+            try:
+                endpoints = self._parse_file(directory.name, hosts_file)
+            except HostsConfigError:
+                continue
+            found += [f"{directory.name}: {e.base_url}" for e in endpoints if e.skip_verify]
+        return found
+
     def plain_http(self, host: str) -> bool:
         """Whether ``host`` (host[:port]) is spoken to in plain HTTP when no scheme is given."""
         return is_loopback(host) or host in self._plain_http or split_host_port(host)[0] in self._plain_http

@@ -128,3 +128,19 @@ def test_bad_files(tmp_path: Path, text: str, message: str) -> None:
         HostsConfig(tmp_path).endpoints("r.example")
     assert str(tmp_path / "r.example" / "hosts.toml") in str(info.value)
     assert message in str(info.value)
+
+
+def test_insecure_hosts_are_listed_for_the_start_up_warning(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "registry.example",
+        """server = "https://registry.example"
+[host."https://mirror.example"]
+  capabilities = ["pull", "resolve"]
+  skip_verify = true
+""",
+    )
+    write(tmp_path, "secure.example", 'server = "https://secure.example"\n')
+    write(tmp_path, "broken.example", "server = [")  # its own error comes when a pull needs it
+    assert HostsConfig(tmp_path).insecure_hosts() == ["registry.example: https://mirror.example/v2"]
+    assert HostsConfig(tmp_path / "missing").insecure_hosts() == []
