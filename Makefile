@@ -66,9 +66,12 @@ test: setup proto-check lint
 demo: setup
 	$(PY) -m benchmarks.demo
 
+# Default: profile cloud, all images, 3 reps, FUSE micro-benchmarks (~10 min once the images are
+# cached in /var/tmp/lazysnap-bench, ~16 the first time). More: BENCH_ARGS="--profiles all" (~50 min),
+# "--big", "--peer NAME=CMD"; see `$(PY) -m benchmarks.run --help`.
 BENCH_ARGS ?=
 bench: setup
-	$(PY) -m benchmarks.fuse_throughput --out benchmarks/results/fuse-throughput.json
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:

@@ -2,9 +2,10 @@
 
 Starts a local registry behind a shaped link (default: the "slow" profile, 40 ms RTT and
 100 Mbit/s), builds a small "model" image (busybox, a config and weight shards that startup
-touches only 5% of), converts it to eStargz with ctr-remote, then starts it from a cold state
-twice: pulled fully by containerd's overlayfs snapshotter, and lazily by lazysnap. Prints both
-times and the bytes each fetched, then removes everything it made.
+touches only 5% of; cached under /var/tmp/lazysnap-bench), converts it to eStargz with
+ctr-remote, then starts it from a cold state twice: pulled fully by containerd's overlayfs
+snapshotter, and lazily by lazysnap. Prints both times and the bytes each fetched, then removes
+everything it made.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import argparse
 import sys
 
 from benchmarks.harness import (
+    OVERLAYFS,
     ImageSet,
     RunResult,
     cold_run,
+    lazysnap_mode,
     make_workdir,
     model_workload,
     registry_and_proxy,
@@ -45,26 +48,27 @@ def main() -> int:
         with registry_and_proxy(args.profile) as (registry, proxy):
             print(f"registry on {registry.host}, shaped link on {proxy.host}")
             print("building the image and converting it to eStargz with ctr-remote ...", flush=True)
-            images = ImageSet(workload, registry, workdir).build(formats=("estargz",))
-            print(f"image: {len(workload.layers)} layers, {_mb(images.sizes['gzip'])} compressed;"
-                  f" startup reads {_mb(workload.bytes_read)}")  # fmt: skip
+            images = ImageSet(workload.source, registry, workdir).build(formats=("estargz",))
+            print(f"image: {args.shards + 2} layers, {_mb(images.sizes['gzip'])} compressed")
             results: list[RunResult] = []
             for mode, label in (
-                ("overlayfs", "containerd overlayfs (full pull)"),
-                ("estargz", "lazysnap (lazy)"),
+                (OVERLAYFS, "containerd overlayfs (full pull)"),
+                (lazysnap_mode("estargz"), "lazysnap (lazy)"),
             ):
                 print(f"cold start with {label} ...", flush=True)
-                results.append(cold_run(images, proxy, mode))
+                results.append(cold_run(images, workload, proxy, mode))
     finally:
         remove_workdir(workdir)
 
     print()
-    print(f"{'mode':<12} {'pull':>8} {'run':>8} {'total':>8} {'fetched':>12}")
+    print(f"{'mode':<18} {'pull':>8} {'run':>8} {'total':>8} {'fetched':>12}")
     for r in results:
-        print(f"{r.mode:<12} {r.pull_s:7.2f}s {r.run_s:7.2f}s {r.total_s:7.2f}s {_mb(r.bytes_fetched)}")
+        print(f"{r.mode:<18} {r.pull_s:7.2f}s {r.run_s:7.2f}s {r.total_s:7.2f}s {_mb(r.bytes_fetched)}")
     full, lazy = results
-    print(f"\nlazysnap started the container {full.total_s / lazy.total_s:.1f}x faster and fetched "
-          f"{lazy.bytes_fetched / max(1, full.bytes_fetched):.1%} of the bytes.")  # fmt: skip
+    print(
+        f"\nlazysnap started the container {full.total_s / lazy.total_s:.1f}x faster and fetched "
+        f"{lazy.bytes_fetched / max(1, full.bytes_fetched):.1%} of the bytes."
+    )
     return 0
 
 

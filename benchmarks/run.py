@@ -1,11 +1,54 @@
-"""`make bench`: cold-start times per image, mode and network profile, as ratios to overlayfs.
+"""`make bench`: cold-start times per image, mode and network profile, against overlayfs and T_ideal.
 
 For each profile (a shaped link in front of a local registry) and each image, every mode starts
-the image's workload from a cold state ``--reps`` times: ``overlayfs`` (containerd's default
-snapshotter, full pull) and lazysnap with the image converted to eStargz and to zstd:chunked.
-Reports medians and spread of pull, run and total time and of bytes fetched, the ratios to
-overlayfs, and T_ideal = T_run(overlayfs, the image local) + bytes read / bandwidth + 2·RTT.
-Writes ``benchmarks/results/<date>-<profile>.json`` and ``.md``.
+the image's workload from a cold state --reps times (fresh containerd and snapshotter, page cache
+dropped), modes interleaved within a repetition:
+
+  overlayfs             containerd's default snapshotter, full pull of the gzip image
+  lazysnap-estargz      lazysnap, image converted to eStargz by ctr-remote
+  lazysnap-zstdchunked  lazysnap, image converted to zstd:chunked by ctr-remote
+  lazysnap-nydus        lazysnap, Nydus-like image (snapshotter.formats.build_nydus; skipped
+                        with a note when this checkout does not have it)
+  NAME                  a peer snapshotter given with --peer
+
+Once per image, the workload also runs with its image local ("warm", overlayfs, 3 times): the
+image sits on a loop-device ext4 without readahead; after dropping the page cache, the image
+bytes resident after a run are the bytes it reads; a second run, cache warm, gives the time.
+T_ideal = warm + bytes read / bandwidth + 2 RTT.
+
+Images (built from this machine's Debian sources and cached under --cache, keyed by package
+versions, so repeated runs do not rebuild them):
+  model       busybox + 4 x 64 MiB incompressible shards; reads 3 MiB of each
+  model-full  the same image; reads all of every shard
+  python      python3; imports 10 stdlib modules
+  gcc         gcc + libc6-dev; compiles and runs hello.c
+  redis       redis-server; ready at its "ready to accept connections" log line, then stopped
+  sympy       python3-sympy (base, python3 and sympy layers); imports sympy, one integral
+  model-8g    with --big: 4 x 2 GiB shards, the working set of model; lazysnap modes (no
+              Nydus-like variant) and one overlayfs run; skipped with a note unless the disk has
+              room for the formats not cached yet, all formats in the registry and one run
+              (5 x 8 GiB with the images cached, 8 x 8 GiB the first time)
+
+Peers: --peer NAME='COMMAND' runs another proxy snapshotter per run, registered in containerd's
+proxy_plugins as NAME and measured like lazysnap. In COMMAND (split like a shell would, not run
+by one) {address} is the unix socket it must serve, {root} an empty state directory, {config}
+a config file: empty, or the text of --peer-config NAME=FILE with the same placeholders filled
+in. The peer gets the image in --peer-format NAME=estargz|zstdchunked|nydus|gzip (estargz).
+It is stopped with SIGTERM (SIGKILL after 20 s). Example, lazysnap without prefetch:
+  --peer 'nopf=.venv/bin/python -m snapshotter serve --root {root} --address {address} --config {config}'
+  --peer-config nopf=nopf.toml     (nopf.toml: [prefetch] enabled = false, background = false)
+
+Output, per profile: benchmarks/results/<date>-<profile>.json (summary rows and every run),
+.md (table) and .png (chart); with the micro-benchmarks (FUSE metadata ops and read throughput
+of a cached lazy layer): <date>-micro.json and .md. Results of an earlier run of the same day
+are kept: the new ones get a suffix (-2, -3, ...). One progress line per run on the terminal.
+
+Duration on a 2-core VM: the default (profile cloud, all six images, 3 reps, micro-benchmarks)
+about 10 minutes with the images cached; the first run also builds and converts them (about 6
+minutes more). --profiles slow adds about 15 minutes, far about 25 (at 150 ms RTT each of the
+sympy start's many small first reads waits on the link), --profiles all about 50 in total.
+--big: the first run builds and converts the 8 GiB image (about 25 minutes), each profile then
+takes a few minutes more.
 """
 
 from __future__ import annotations
@@ -13,126 +56,372 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
+import re
 import statistics
 import sys
+import time
+import traceback
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
+from benchmarks import micro, report
 from benchmarks.harness import (
+    NYDUS_MODULE,
+    OVERLAYFS,
     ImageSet,
+    Mode,
     RunResult,
+    WarmResult,
     Workload,
     as_json,
     cold_run,
+    disk_shortfall,
+    gcc_workload,
+    lazysnap_mode,
     make_workdir,
     model_workload,
-    registry_and_proxy,
+    nydus_builder,
+    python_workload,
+    redis_workload,
     remove_workdir,
+    serve_registry,
+    shaped,
+    sympy_workload,
+    warm_runs,
 )
+from benchmarks.images import DEFAULT_CACHE, cached_tags
 from benchmarks.shaping_proxy import PROFILES
 
 RESULTS = Path(__file__).parent / "results"
-MODES = ("overlayfs", "estargz", "zstdchunked")
+IMAGES = ("model", "model-full", "python", "gcc", "redis", "sympy")
+LAZY_VARIANTS = ("estargz", "zstdchunked", "nydus")
+MODES = ("overlayfs", *(f"lazysnap-{v}" for v in LAZY_VARIANTS))
+PEER_FORMATS = ("estargz", "zstdchunked", "nydus", "gzip")
+BIG_SHARD_MIB = 2048
 
 
-def workloads(shard_mib: int, shards: int) -> list[Workload]:
-    return [
-        model_workload("model", shard_mib, shards, read_fraction=0.05),
-        model_workload("model-full", shard_mib, shards, read_fraction=1.0),
-    ]
+def workloads(
+    names: list[str], shard_mib: int, shards: int, big: bool, big_shard_mib: int = BIG_SHARD_MIB
+) -> list[Workload]:
+    read_mib = max(1, int(shard_mib * 0.05))
+    catalogue = {
+        "model": lambda: model_workload("model", shard_mib, shards, read_mib=read_mib),
+        "model-full": lambda: model_workload("model-full", shard_mib, shards, read_fraction=1.0),
+        "python": python_workload,
+        "gcc": gcc_workload,
+        "redis": redis_workload,
+        "sympy": sympy_workload,
+    }
+    chosen = [catalogue[n]() for n in names]
+    if big:
+        name = f"model-{shards * big_shard_mib / 1024:g}g"
+        chosen.append(model_workload(name, big_shard_mib, shards, read_mib=read_mib, big=True))
+    return chosen
 
 
-def summarize(results: list[RunResult], profile: str) -> list[dict[str, object]]:
-    rtt_ms, bandwidth = PROFILES[profile]
-    rows: list[dict[str, object]] = []
-    for image in dict.fromkeys(r.image for r in results):
-        runs = {m: [r for r in results if r.image == image and r.mode == m] for m in MODES}
-        base = statistics.median(r.total_s for r in runs["overlayfs"])
-        warm = statistics.median(r.run_s for r in runs["overlayfs"])
-        bytes_read = runs["overlayfs"][0].bytes_read
-        ideal = warm + (bytes_read * 8 / bandwidth if math.isfinite(bandwidth) else 0) + 2 * rtt_ms / 1000
-        for mode, rs in runs.items():
-            if not rs:
-                continue
-            total = statistics.median(r.total_s for r in rs)
-            rows.append(
-                {
-                    "image": image,
-                    "mode": mode,
-                    "pull_s": round(statistics.median(r.pull_s for r in rs), 3),
-                    "run_s": round(statistics.median(r.run_s for r in rs), 3),
-                    "total_s": round(total, 3),
-                    "total_spread_s": round(max(r.total_s for r in rs) - min(r.total_s for r in rs), 3),
-                    "fetched_mb": round(statistics.median(r.bytes_fetched for r in rs) / 1e6, 1),
-                    "read_mb": round(bytes_read / 1e6, 1),
-                    "speedup_vs_overlayfs": round(base / total, 2),
-                    "vs_ideal": round(total / ideal, 2),
-                    "ideal_s": round(ideal, 3),
-                }
-            )
-    return rows
+def fresh_stem(out: Path, name: str) -> Path:
+    """``out/name``, or ``out/name-2``, ``-3``... if an earlier run wrote results under it."""
+    stem, n = out / name, 1
+    while any(stem.with_suffix(ext).exists() for ext in (".json", ".md", ".png")):
+        n += 1
+        stem = out / f"{name}-{n}"
+    return stem
 
 
-def markdown(rows: list[dict[str, object]], profile: str, reps: int) -> str:
-    rtt_ms, bandwidth = PROFILES[profile]
-    head = (
-        f"Profile `{profile}` ({rtt_ms} ms RTT, {bandwidth / 1e6:.0f} Mbit/s), median of {reps}.\n\n"
-        "| image | mode | pull s | run s | total s | fetched MB | read MB | speedup vs overlayfs"
-        " | total / T_ideal |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
-    )
-    lines = [
-        f"| {r['image']} | {r['mode']} | {r['pull_s']} | {r['run_s']} | {r['total_s']} | {r['fetched_mb']} "
-        f"| {r['read_mb']} | {r['speedup_vs_overlayfs']}x | {r['vs_ideal']} |"
-        for r in rows
-    ]
-    return head + "\n".join(lines) + "\n"
+def modes_for(w: Workload, modes: list[Mode]) -> list[Mode]:
+    """All modes, but the 8 GiB image has no Nydus-like variant: the builder works in memory."""
+    return [m for m in modes if not (w.big and m.variant == "nydus")]
 
 
-def main() -> int:
+def _pairs(values: list[str], option: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise SystemExit(f"{option} wants NAME=VALUE with a plain NAME, got {value!r}")
+        out[name] = rest
+    return out
+
+
+def build_modes(args: argparse.Namespace, notes: list[str]) -> list[Mode]:
+    modes: list[Mode] = []
+    for name in args.modes.split(",") if args.modes else []:
+        if name not in MODES:
+            raise SystemExit(f"unknown mode {name!r}; choose from {', '.join(MODES)} (peers: --peer)")
+        if name == "overlayfs":
+            modes.append(OVERLAYFS)
+            continue
+        variant = name.removeprefix("lazysnap-")
+        if variant == "nydus" and nydus_builder() is None:
+            note = f"lazysnap-nydus skipped: {NYDUS_MODULE} is not in this checkout"
+            print(f"note: {note}", flush=True)
+            notes.append(note)
+            continue
+        modes.append(lazysnap_mode(variant))
+    peers = _pairs(args.peer, "--peer")
+    formats = _pairs(args.peer_format, "--peer-format")
+    configs = _pairs(args.peer_config, "--peer-config")
+    for name in (*formats, *configs):
+        if name not in peers:
+            raise SystemExit(f"--peer-format/--peer-config name {name!r} has no --peer")
+    for name, command in peers.items():
+        if name in MODES or name == "lazysnap":
+            raise SystemExit(f"peer name {name!r} is taken by a built-in mode")
+        fmt = formats.get(name, "estargz")
+        if fmt not in PEER_FORMATS:
+            raise SystemExit(f"--peer-format {name}={fmt}: choose from {', '.join(PEER_FORMATS)}")
+        if fmt == "nydus" and nydus_builder() is None:
+            note = f"peer {name} skipped: it wants nydus and {NYDUS_MODULE} is not in this checkout"
+            print(f"note: {note}", flush=True)
+            notes.append(note)
+            continue
+        config = Path(configs[name]).read_text() if name in configs else ""
+        modes.append(Mode(name, fmt, "peer", command=command, config=config))
+    if not modes:
+        raise SystemExit("no modes to run")
+    return modes
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--profiles", default="cloud,slow,far")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--shard-mib", type=int, default=64)
-    parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    known = ", ".join(PROFILES)
+    parser.add_argument(
+        "--profiles", default="cloud", help=f"comma-separated, or 'all' (cloud,slow,far); known: {known}"
+    )
+    parser.add_argument(
+        "--images", default=",".join(IMAGES), help=f"comma-separated subset of {','.join(IMAGES)}"
+    )
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help="comma-separated built-in modes (default: all)"
+    )
+    parser.add_argument("--reps", type=int, default=3, help="cold runs per image and mode (default 3)")
+    parser.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="NAME=COMMAND",
+        help="another proxy snapshotter to measure (repeatable; see above)",
+    )
+    parser.add_argument(
+        "--peer-format",
+        action="append",
+        default=[],
+        metavar="NAME=FORMAT",
+        help="image format a peer pulls: estargz (default), zstdchunked, nydus, gzip",
+    )
+    parser.add_argument(
+        "--peer-config",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="text of the peer's {config} file ({root}, {address}, {config} filled in)",
+    )
+    parser.add_argument("--big", action="store_true", help="add model-8g (4 x 2 GiB shards)")
+    parser.add_argument(
+        "--big-shard-mib", type=int, default=BIG_SHARD_MIB, help="shard size of --big (default 2048)"
+    )
+    parser.add_argument(
+        "--no-micro", dest="micro", action="store_false", help="skip the FUSE micro-benchmarks"
+    )
+    parser.add_argument("--micro-files", type=int, default=10_000, help="small files in the metadata test")
+    parser.add_argument("--micro-mib", type=int, default=256, help="file size of the throughput test")
+    parser.add_argument("--shard-mib", type=int, default=64, help="model shard size (default 64)")
+    parser.add_argument("--shards", type=int, default=4, help="model shards, one layer each (default 4)")
+    parser.add_argument(
+        "--cache", type=Path, default=DEFAULT_CACHE, help=f"image cache (default {DEFAULT_CACHE})"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)"
+    )
+    args = parser.parse_args(argv)
+    args.profile_list = ["cloud", "slow", "far"] if args.profiles == "all" else args.profiles.split(",")
+    for p in args.profile_list:
+        if p not in PROFILES:
+            parser.error(f"unknown profile {p!r}; choose from {', '.join(PROFILES)}")
+    args.image_list = [i for i in args.images.split(",") if i]
+    for i in args.image_list:
+        if i not in IMAGES:
+            parser.error(f"unknown image {i!r}; choose from {', '.join(IMAGES)}")
+    if args.reps < 1:
+        parser.error("--reps must be at least 1")
+    return args
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def progress(profile: str, r: RunResult, reps: int, wall: float) -> str:
+    line = (
+        f"[{profile}] {r.image:<10} {r.mode:<22} #{r.rep + 1}/{reps}  pull {r.pull_s:6.2f}s"
+        f"  run {r.run_s:6.2f}s  total {r.total_s:6.2f}s  fetched {_mb(r.bytes_fetched):>9}"
+        f" (before ready {_mb(r.bytes_fetched_ready)})"
+    )
+    return line + f"  [{wall:.0f}s]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    notes: list[str] = []
+    modes = build_modes(args, notes)
+    chosen = workloads(args.image_list, args.shard_mib, args.shards, args.big, args.big_shard_mib)
+    for w in [w for w in chosen if w.big]:
+        if len(modes_for(w, modes)) < len(modes):
+            note = f"{w.name}: no Nydus-like image (its builder holds the whole image in memory)"
+            print(f"note: {note}", flush=True)
+            notes.append(note)
+        formats = {"gzip", *(m.variant for m in modes_for(w, modes))}
+        # Peak use: the formats not cached yet, every format in the registry, and one run's
+        # containerd (content store + unpacked snapshots); plus 1 GiB of slack.
+        uncached = formats - cached_tags(w.source, args.cache)
+        need = w.source.approx_bytes() * (len(uncached) + len(formats) + 2) + (1 << 30)
+        short = disk_shortfall([args.cache, Path("/tmp"), Path("/var/lib")], need)
+        if short:
+            note = f"{w.name} skipped: not enough free disk ({short})"
+            print(f"note: {note}", flush=True)
+            notes.append(note)
+            chosen.remove(w)
+    if not chosen:
+        raise SystemExit("no images to run")
 
     date = datetime.date.today().isoformat()
     args.out.mkdir(parents=True, exist_ok=True)
-    for profile in args.profiles.split(","):
-        results: list[RunResult] = []
-        workdir = make_workdir("lzbench")
-        try:
-            with registry_and_proxy(profile) as (registry, proxy):
-                for workload in workloads(args.shard_mib, args.shards):
-                    print(f"[{profile}] building {workload.name} ...", flush=True)
-                    images = ImageSet(workload, registry, workdir / workload.name).build()
-                    for rep in range(args.reps):
-                        for mode in MODES:
-                            result = cold_run(images, proxy, mode)
-                            results.append(result)
-                            print(
-                                f"[{profile}] {workload.name} {mode} #{rep + 1}: {result.total_s:.2f}s, "
-                                f"{result.bytes_fetched / 1e6:.1f} MB",
-                                flush=True,
-                            )
-        finally:
-            remove_workdir(workdir)
-        rows = summarize(results, profile)
-        stem = args.out / f"{date}-{profile}"
-        stem.with_suffix(".json").write_text(
-            json.dumps(
-                {"profile": profile, "reps": args.reps, "summary": rows, "runs": as_json(results)}, indent=2
-            )
-            + "\n"
-        )
-        table = markdown(rows, profile, args.reps)
+    failures: list[dict[str, object]] = []
+    bench_started = time.monotonic()
+    workdir = make_workdir("lzbench")
+    try:
+        with serve_registry() as registry:
+            image_sets: dict[str, ImageSet] = {}
+            for w in chosen:
+                slug = w.source.slug
+                if slug in image_sets:
+                    continue
+                started = time.monotonic()
+                print(f"[images] {w.name}: preparing {slug} ...", flush=True)
+                variants = sorted({"gzip", *(m.variant for m in modes_for(w, modes))})
+                image_sets[slug] = ImageSet(w.source, registry, workdir / slug, args.cache).build(variants)
+                sizes = ", ".join(f"{v} {_mb(n)}" for v, n in image_sets[slug].sizes.items())
+                print(f"[images] {w.name}: {sizes} ({time.monotonic() - started:.0f}s)", flush=True)
+            warm: dict[str, WarmResult] = {}
+            for w in chosen:
+                try:
+                    warm[w.name] = warm_runs(image_sets[w.source.slug], w, registry)
+                except Exception as exc:
+                    traceback.print_exc()
+                    print(f"[warm] {w.name}: FAILED: {exc}", flush=True)
+                    failures.append(
+                        {"profile": "", "image": w.name, "mode": "warm", "error": str(exc)[-2000:]}
+                    )
+                    continue
+                wr = warm[w.name]
+                print(
+                    f"[warm] {w.name:<10} image local: ready in {statistics.median(wr.warm_s):.2f}s,"
+                    f" reads {_mb(int(statistics.median(wr.bytes_read)))} of the image {wr.note}",
+                    flush=True,
+                )
+            images_info = {
+                w.name: {
+                    "source": w.source.slug,
+                    "description": w.description,
+                    "command": list(w.command),
+                    "sizes_mb": {v: round(n / 1e6, 1) for v, n in image_sets[w.source.slug].sizes.items()},
+                    "warm": asdict(warm[w.name]) if w.name in warm else None,
+                }
+                for w in chosen
+            }
+            for profile in args.profile_list:
+                results: list[RunResult] = []
+                with shaped(registry, profile) as proxy:
+                    for w in chosen:
+                        for rep in range(args.reps):
+                            for mode in modes_for(w, modes):
+                                if w.big and mode.kind == "overlayfs" and rep > 0:
+                                    continue
+                                run_started = time.monotonic()
+                                try:
+                                    result = cold_run(
+                                        image_sets[w.source.slug],
+                                        w,
+                                        proxy,
+                                        mode,
+                                        rep=rep,
+                                        profile=profile,
+                                    )
+                                except Exception as exc:
+                                    traceback.print_exc()
+                                    print(
+                                        f"[{profile}] {w.name} {mode.name} #{rep + 1}: FAILED: {exc}",
+                                        flush=True,
+                                    )
+                                    failures.append(
+                                        {
+                                            "profile": profile,
+                                            "image": w.name,
+                                            "mode": mode.name,
+                                            "rep": rep,
+                                            "error": str(exc)[-2000:],
+                                        }
+                                    )
+                                    continue
+                                results.append(result)
+                                wall = time.monotonic() - run_started
+                                print(progress(profile, result, args.reps, wall), flush=True)
+                write_profile(args, date, profile, results, warm, modes, images_info, failures, notes)
+    finally:
+        remove_workdir(workdir)
+    if args.micro:
+        print("[micro] FUSE metadata and throughput ...", flush=True)
+        data = micro.run_all(args.micro_files, args.micro_mib)
+        stem = fresh_stem(args.out, f"{date}-micro")
+        stem.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+        table = report.micro_markdown(data)
         stem.with_suffix(".md").write_text(table)
-        print(table)
+        print(table, flush=True)
+    print(f"done in {(time.monotonic() - bench_started) / 60:.1f} min; results in {args.out}", flush=True)
+    if failures:
+        print(f"{len(failures)} run(s) failed; see the JSON's 'failures'", file=sys.stderr)
+        return 1
     return 0
+
+
+def write_profile(
+    args: argparse.Namespace,
+    date: str,
+    profile: str,
+    results: list[RunResult],
+    warm: dict[str, WarmResult],
+    modes: list[Mode],
+    images_info: dict[str, dict[str, Any]],
+    failures: list[dict[str, object]],
+    notes: list[str],
+) -> None:
+    rows = report.summarize(results, profile, warm)
+    rtt_ms, bandwidth = PROFILES[profile]
+    stem = fresh_stem(args.out, f"{date}-{profile}")
+    doc = {
+        "profile": profile,
+        "date": date,
+        "link": {"rtt_ms": rtt_ms, "bandwidth_bps": bandwidth if bandwidth != float("inf") else None},
+        "reps": args.reps,
+        "machine": micro.machine(),
+        "images": images_info,
+        "modes": [{k: v for k, v in asdict(m).items() if k != "config"} for m in modes],
+        "notes": notes,
+        "summary": rows,
+        "runs": as_json(results),
+        "failures": [f for f in failures if f["profile"] in (profile, "")],
+    }
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
+    table = report.markdown(rows, profile, args.reps, images=images_info, notes=notes)
+    stem.with_suffix(".md").write_text(table)
+    if rows:
+        report.chart(rows, profile, args.reps, stem.with_suffix(".png"))
+    print(table, flush=True)
 
 
 if __name__ == "__main__":
