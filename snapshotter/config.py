@@ -77,6 +77,7 @@ class PrefetchConfig:
 class ReadConfig:
     timeout_seconds: float = 60.0  # a read waiting longer gets EIO
     readahead_bytes: int = 4 << 20  # a miss also fetches this much more of the same file
+    small_file_readahead_bytes: int = 1 << 20  # a small file's miss also fetches what follows it
     merge_gap_bytes: int = 64 << 10  # neighbouring ranges closer than this share a request
     max_request_bytes: int = 16 << 20
 
@@ -164,6 +165,7 @@ class Config:
             "prefetch.background_delay_seconds": self.prefetch.background_delay_seconds,
             "prefetch.background_quiet_seconds": self.prefetch.background_quiet_seconds,
             "read.readahead_bytes": self.read.readahead_bytes,
+            "read.small_file_readahead_bytes": self.read.small_file_readahead_bytes,
             "read.merge_gap_bytes": self.read.merge_gap_bytes,
         }
         for key, value in positive.items():

@@ -156,6 +156,7 @@ def build_remote(
     reader_config = ReaderConfig(
         read_timeout=config.read.timeout_seconds,
         readahead_bytes=config.read.readahead_bytes,
+        small_file_readahead_bytes=config.read.small_file_readahead_bytes,
         merge_gap_bytes=config.read.merge_gap_bytes,
         max_request_bytes=config.read.max_request_bytes,
         prefetch=config.prefetch.enabled,

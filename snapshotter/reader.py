@@ -46,6 +46,8 @@ class ReadError(OSError):
 class ReaderConfig:
     read_timeout: float = 60.0  # longest a FUSE read waits before answering EIO
     readahead_bytes: int = 4 << 20  # on a miss, also fetch this much more of the same file
+    # A small file's miss also fetches the chunks that follow it in the blob, up to this much.
+    small_file_readahead_bytes: int = 1 << 20
     merge_gap_bytes: int = 64 << 10  # ranges closer than this are fetched in one request
     max_request_bytes: int = 16 << 20  # split larger coalesced ranges to fetch them in parallel
     prefetch: bool = True
@@ -192,8 +194,11 @@ class LayerReader:
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
         self._offsets: dict[str, list[int]] = {}  # per file: its chunks' file offsets, for bisect
         self.activity = activity or OnDemandActivity()
-        # Per file: where its last read ended, the chunk it started in, its readahead window.
+        # Per file: where its last read ended, the chunk it reached, bytes read sequentially.
         self._read_state: dict[str, tuple[int, int, int]] = {}
+        # The layer's own chunks in blob order, built at the first small-file miss.
+        self._blob_order: list[Chunk] | None = None
+        self._blob_offsets: list[int] = []
         self._tasks: set[asyncio.Task[None]] = set()
         # Chunks whose fetch outlasted a read's timeout and is still running (loop only); see _give_up.
         self._timed_out: set[str] = set()
@@ -226,19 +231,22 @@ class LayerReader:
         missing = [c for c, piece in zip(needed, pieces, strict=True) if piece is None]
         # Read ahead only for a file being read sequentially: a random access (a model loader
         # seeking to one tensor) should not pay for chunks it will never read. A sequential
-        # reader's window doubles each time it enters a new chunk, so a long stream keeps the
-        # link busy while it consumes what has arrived.
-        prev_end, prev_chunk, window = self._read_state.get(entry.name, (-1, -1, 0))
+        # reader's window grows with what the stream has read so far (from readahead_bytes up to
+        # 8 times), so a long stream keeps the link busy while a short one, whatever the chunk size,
+        # fetches little more than it reads.
+        prev_end, prev_chunk, run = self._read_state.get(entry.name, (-1, -1, 0))
         touched = last - 1  # the furthest chunk this read reaches
         # The kernel issues readahead requests in parallel FUSE threads, so a sequential stream
         # arrives slightly out of order: "near where the last read ended" counts as sequential.
         sequential = prev_end >= 0 and abs(offset - prev_end) <= SEQUENTIAL_SLACK_BYTES
-        if not sequential:
-            window = 0
-        elif touched != prev_chunk:
-            window = min(max(window * 2, self.config.readahead_bytes), self.config.readahead_bytes * 8)
-        self._read_state[entry.name] = (end, touched, window)
+        run = run + (end - offset) if sequential else 0
+        window = min(max(run, self.config.readahead_bytes), self.config.readahead_bytes * 8) if run else 0
+        self._read_state[entry.name] = (end, touched, run)
         extra = self._readahead(entry, last, window) if window else []
+        if missing and not extra and len(chunks) == 1:
+            # A small file read for the first time: its neighbours in the blob are most likely
+            # read next (a package's files lie together), so they share its round trip.
+            extra = self._neighbours(missing[-1], self.config.small_file_readahead_bytes)
         if not missing and extra and touched != prev_chunk:
             asyncio.run_coroutine_threadsafe(self._ensure([], extra, ON_DEMAND), self.loop)
         if missing:
@@ -255,6 +263,23 @@ class LayerReader:
                 if pieces[i] is None:
                     pieces[i] = fetched[c.digest][lo:hi]
         return b"".join(p for p in pieces if p is not None)
+
+    def _neighbours(self, chunk: Chunk, budget: int) -> list[Chunk]:
+        """Uncached chunks that follow ``chunk`` in its blob, up to ``budget`` compressed bytes."""
+        if budget <= 0 or chunk.blob:
+            return []
+        if self._blob_order is None:
+            self._blob_order = [c for c in self.all_chunks() if not c.blob]
+            self._blob_offsets = [c.compressed_offset for c in self._blob_order]
+        extra: list[Chunk] = []
+        i = bisect.bisect_right(self._blob_offsets, chunk.compressed_offset)
+        while i < len(self._blob_order) and budget > 0:
+            c = self._blob_order[i]
+            budget -= c.compressed_size
+            if c.digest != chunk.digest and c.digest not in self._inflight and c.digest not in self.cache:
+                extra.append(c)
+            i += 1
+        return extra
 
     def _readahead(self, entry: Entry, after: int, budget: int) -> list[Chunk]:
         """Uncached chunks of the file from index ``after``, up to ``budget`` compressed bytes."""

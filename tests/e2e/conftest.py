@@ -105,12 +105,17 @@ def containerd_factory() -> Iterator[ContainerdFactory]:
 
 @pytest.fixture
 def lazy_stack(containerd_factory: ContainerdFactory) -> Iterator[tuple[LazysnapDaemon, Containerd]]:
-    """lazysnap without background or whole-layer fetch (so laziness is observable), and a
+    """lazysnap without background or whole-layer fetch, nor the small-file readahead that
+    fetches a file's neighbours (so that what is fetched is what containers read), and a
     containerd that uses it; containerd stops first."""
     require_privileges()
     workdir = make_tmpdir()
     config = write_config(
-        workdir / "config.toml", {"prefetch": {"background": False, "fetch_whole_below_bytes": 0}}
+        workdir / "config.toml",
+        {
+            "prefetch": {"background": False, "fetch_whole_below_bytes": 0},
+            "read": {"small_file_readahead_bytes": 0},
+        },
     )
     daemon = LazysnapDaemon(workdir, config=config)
     try:

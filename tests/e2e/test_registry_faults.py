@@ -36,8 +36,13 @@ from tests.support.services import Containerd, Registry, require_privileges, run
 SNAPSHOTTER = "lazysnap"
 LAZYSNAP_UA = "lazysnap/"  # faults hit lazysnap's requests only, never containerd's own pull
 AWAY_SECONDS = float(os.environ.get("LZ_AWAY_SECONDS", "10" if os.environ.get("CI") == "true" else "30"))
-# Nothing is fetched at mount: prefetch and background fetch would hide what reads do.
-QUIET = {"prefetch": {"background": False, "fetch_whole_below_bytes": 0}}
+# Nothing is fetched at mount: prefetch and background fetch would hide what reads do. And each
+# small file is its own request (no neighbours fetched along), so that the reads make enough
+# requests for every kind of fault to hit some.
+QUIET = {
+    "prefetch": {"background": False, "fetch_whole_below_bytes": 0},
+    "read": {"small_file_readahead_bytes": 0},
+}
 # Time a container or a host process needs around a read, beyond the daemon's bound.
 MARGIN = 2.0
 
@@ -111,7 +116,8 @@ def fault_stack(
     ) -> Stack:
         workdir = make_tmpdir()
         proxy = FaultProxy(registry.host, seed=6, target_user_agent=LAZYSNAP_UA).start()
-        daemon = LazysnapDaemon(workdir, config=write_config(workdir / "config.toml", {**QUIET, **sections}))
+        merged = {key: {**QUIET.get(key, {}), **sections.get(key, {})} for key in {*QUIET, *sections}}
+        daemon = LazysnapDaemon(workdir, config=write_config(workdir / "config.toml", merged))
         containerds: list[Containerd] = []
         started.append((daemon, proxy, workdir, containerds))
         daemon.start()

@@ -340,3 +340,46 @@ def test_chunks_in_another_blob_are_read_from_that_blob(
 
     with pytest.raises(ValueError, match="no source for blobs"):
         asyncio.run_coroutine_threadsafe(no_source(), loop).result(5)
+
+
+def test_a_small_files_miss_also_fetches_its_neighbours_in_one_request(layer: Layer) -> None:
+    """A package's files lie together in the blob and are read together at startup: the first
+    read of a small file brings the files that follow it along, in the same request."""
+    reader = layer.reader(readahead_bytes=0, small_file_readahead_bytes=1 << 20)
+    config = layer.index.entries["etc/config.json"]
+    assert len(config.chunks) == 1
+    assert reader.read(config, 0, 4096) == FILES["etc/config.json"]
+    assert len(layer.blob.requests) == 1 and len(layer.blob.requests[0]) == 1  # one range
+    assert reader.stats.chunks_fetched > 1
+    following = {
+        e.chunks[0].compressed_offset: e
+        for e in layer.index.entries.values()
+        if e.name in FILES and e.chunks and e.chunks[0].compressed_offset > config.chunks[0].compressed_offset
+    }
+    neighbour = following[min(following)]  # the next file of FILES in the blob
+    served = len(layer.blob.requests)
+    assert layer.read_file(reader, neighbour.name) == FILES[neighbour.name]
+    assert len(layer.blob.requests) == served  # it was fetched along with config.json
+
+
+def test_short_sequential_reads_fetch_little_more_than_they_read(
+    tmp_path: Path, loop: asyncio.AbstractEventLoop
+) -> None:
+    """Readahead grows with what a stream has read, not with the number of chunks it crossed:
+    with 64 KiB chunks, reading 320 KiB of a file sequentially fetches about 320 KiB plus one
+    readahead window, not the 8-window maximum."""
+    data = os.urandom(4 << 20)
+    built = build_zstdchunked(oci.layer_tar([oci.File("big", data)]), chunk_size=64 << 10)
+    size = len(built.blob)
+    location = locate_toc(built.blob[-4096:], size, built.annotations)
+    raw = built.blob[location.offset : location.offset + location.length]
+    index = parse_toc(raw, location, blob_size=size, expected_digest=built.toc_digest)
+    big = Layer(index, MemoryBlob(built.blob), ChunkCache(tmp_path / "cache", 1 << 30), loop)
+    window = 128 << 10
+    reader = big.reader(readahead_bytes=window)
+    entry = index.entries["big"]
+    for off in range(0, 320 << 10, 32 << 10):  # the kernel's 32 KiB reads, in order
+        assert reader.read(entry, off, 32 << 10) == data[off : off + (32 << 10)]
+    assert wait_until(lambda: not reader._inflight, timeout=5)
+    fetched = sum(reader.stats.bytes.values())
+    assert fetched <= (320 << 10) + 3 * window, fetched  # at most the read + 3 windows' worth
