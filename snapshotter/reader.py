@@ -303,13 +303,22 @@ class LayerReader:
         try:
             if any(c.digest in self._timed_out for c in wanted):
                 raise ReadError(f"layer {self.layer}: still fetching chunks whose read timed out")
+            # A chunk may have landed between the reader's cache check and now (a readahead
+            # fetched it): take it from the cache rather than fetch it twice.
+            landed: dict[str, bytes] = {}
+            for c in wanted:
+                if c.digest not in self._inflight and c.digest not in landed and c.digest in self.cache:
+                    data = await self.loop.run_in_executor(self.executor, self.cache.get, c.digest)
+                    if data is not None:
+                        landed[c.digest] = data
+            wanted = [c for c in wanted if c.digest not in landed]
             waits = {c.digest: self._inflight[c.digest] for c in wanted if c.digest in self._inflight}
             # One fetch per distinct chunk: a file of zeros repeats the same chunk many times.
             todo = list({c.digest: c for c in [*wanted, *extra] if c.digest not in self._inflight}.values())
             if todo:
                 self._start_fetch(todo, reason)
                 waits.update({c.digest: self._inflight[c.digest] for c in wanted if c.digest not in waits})
-            result: dict[str, bytes] = {}
+            result = landed
             for digest, fut in waits.items():
                 try:
                     result[digest] = await asyncio.shield(fut)
