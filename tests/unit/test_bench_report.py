@@ -61,7 +61,6 @@ def test_markdown_table() -> None:
 
 
 def test_chart_png(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     path = report.chart(report.summarize(RESULTS, "cloud", WARM), "cloud", 2, tmp_path / "c.png")
     assert path is not None and path.read_bytes().startswith(b"\x89PNG")
 
