@@ -97,6 +97,12 @@ class _StatsCollector(Collector):
             ("evictions", "Chunks evicted to keep the cache under its bound"),
         ):
             yield CounterMetricFamily(f"lazysnap_cache_{name}", help_text, value=cache[name])
+        for name, help_text in (
+            ("requests", "HTTP requests sent to registries, retries included"),
+            ("retries", "Requests sent again after a transient failure (5xx, reset, stall, short body)"),
+            ("failures", "Requests given up on after every retry"),
+        ):
+            yield CounterMetricFamily(f"lazysnap_registry_{name}", help_text, value=s["registry"][name])
         yield from _layer_metrics(s["layers"])
 
 

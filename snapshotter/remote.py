@@ -228,6 +228,7 @@ class RemoteLayers:
         return {
             "lazy_mounts": self.lazy_mounts,
             "not_lazy": dict(self.not_lazy),
+            "registry": dict(self.client.transport.counters),
             "cache": {
                 "bytes": self.cache.total_bytes,
                 "hits": self.cache.hits,

@@ -124,6 +124,8 @@ class Transport:
         self.hosts = hosts
         self.auth = Authenticator(credentials, self._fetch_token)
         self.max_retries = max_retries
+        # Requests sent (retries included), retries, and requests given up on: for metrics.
+        self.counters = {"requests": 0, "retries": 0, "failures": 0}
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         # Range reads may be big: allow fetch_timeout in total, but a stall of `timeout` fails them.
         self._fetch_timeout = aiohttp.ClientTimeout(
@@ -281,7 +283,9 @@ class Transport:
         kind: type[FetchError] = UnreachableError
         tries = self.max_retries + 1
         for n in range(tries):
+            self.counters["requests"] += 1
             if n:
+                self.counters["retries"] += 1
                 delay = min(self._max_delay, self._base_delay * 2 ** (n - 1))
                 delay = max(delay * (1 + self._random.random()), min(retry_after, self._max_delay))
                 log.debug("retrying request", extra={"host": where.host, "reason": reason, "delay": delay})
@@ -294,6 +298,7 @@ class Transport:
                 reason, kind, retry_after = f"body cut short ({type(e).__name__})", InvalidResponseError, 0.0
             except (aiohttp.ClientError, TimeoutError) as e:
                 reason, kind, retry_after = _describe(e), UnreachableError, 0.0
+        self.counters["failures"] += 1
         raise where.error(kind, f"{reason}; gave up after {tries} attempts")
 
     async def _fetch_token(self, req: TokenRequest) -> Token:

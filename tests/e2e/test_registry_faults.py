@@ -290,6 +290,7 @@ def test_retries_are_bounded_and_back_off(fault_stack: StackFactory) -> None:
     stack.proxy.fail_all(faults.HTTP_5XX)
     stack.proxy.reset_counts()
     log_before = len(stack.log())
+    counters_before = stack.daemon.stats()["registry"]
 
     # One small file: one chunk, one range request per fetch.
     err_no, elapsed = host_read(stack.host_path(image.layers[2][20]))
@@ -310,6 +311,11 @@ def test_retries_are_bounded_and_back_off(fault_stack: StackFactory) -> None:
         assert all(b > a - 0.02 for a, b in itertools.pairwise(gaps)), f"gaps shrink: {gaps}"
         assert gaps[-1] >= 2 * gaps[0], gaps
     assert "HTTP 503; gave up after 5 attempts" in stack.log()
+    # The registry metrics count what the proxy saw: every attempt, the retries, the give-ups.
+    counters = stack.daemon.stats()["registry"]
+    assert counters["requests"] - counters_before["requests"] == len(events)
+    assert counters["retries"] - counters_before["retries"] == len(series) * max_retries
+    assert counters["failures"] - counters_before["failures"] == len(series)
 
 
 def test_wrong_ranges_are_retried_or_eio_and_a_whole_blob_is_sliced(fault_stack: StackFactory) -> None:

@@ -36,6 +36,7 @@ def stats() -> dict[str, object]:
         "lazy_mounts": 1,
         "not_lazy": {"no-toc-digest": 2},
         "cache": {"bytes": 60, "hits": 5, "misses": 4, "evictions": 0},
+        "registry": {"requests": 9, "retries": 2, "failures": 1},
         "layers": {"sha256:" + "a" * 64: layer},
     }
 
@@ -72,3 +73,4 @@ def test_fs_operations_and_daemon_counters() -> None:
     assert sample(text, "lazysnap_layer_prefetch_done", layer=layer) == 1
     assert sample(text, "lazysnap_not_lazy_layers_total", reason="no-toc-digest") == 2
     assert sample(text, "lazysnap_cache_hits_total") == 5
+    assert sample(text, "lazysnap_registry_retries_total") == 2
