@@ -125,12 +125,20 @@ class ChunkCache:
                 self._lru.move_to_end(hexdigest)
                 return
         target = self._path(hexdigest)
-        target.parent.mkdir(exist_ok=True)
         tmp = self._tmp / f"{hexdigest}.{threading.get_ident()}"
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, target)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            try:
+                os.replace(tmp, target)
+            except FileNotFoundError:  # its fan-out directory is made on first use
+                target.parent.mkdir(exist_ok=True)
+                os.replace(tmp, target)
         except OSError:
             tmp.unlink(missing_ok=True)
             raise

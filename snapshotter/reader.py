@@ -395,22 +395,30 @@ class LayerReader:
         await asyncio.gather(*(self._decode(s, raw) for s, raw in jobs))
 
     async def _decode(self, stream: _Stream, raw: bytes) -> None:
-        """Decode and store in a worker thread; count and resolve on the loop (no shared writes)."""
+        """Decode and verify in a worker thread, hand the bytes to the readers waiting for them,
+        then store them in the cache. Until stored, the chunks stay in flight (with their result
+        set), so a read arriving meanwhile takes the bytes from there instead of fetching again."""
         try:
-            decoded, cache_failures = await self.loop.run_in_executor(
-                self.executor, self._decode_and_store, stream, raw
-            )
+            decoded = await self.loop.run_in_executor(self.executor, self._decode_stream, stream, raw)
         except Exception as exc:
             if isinstance(exc, FormatError):
                 self.stats.verify_failures += 1
             self._fail(stream.chunks, exc)
             return
         self.stats.chunks_fetched += len(decoded)
-        self.stats.cache_write_failures += cache_failures
-        for c in stream.chunks:
-            self._resolve(c.digest, decoded[c.digest])
+        for c in stream.chunks:  # readers go on now, not after the cache write
+            fut = self._inflight.get(c.digest)
+            if fut is not None and not fut.done():
+                fut.set_result(decoded[c.digest])
+        try:
+            self.stats.cache_write_failures += await self.loop.run_in_executor(
+                self.executor, self._store, decoded
+            )
+        finally:
+            for c in stream.chunks:
+                self._resolve(c.digest, decoded[c.digest])
 
-    def _decode_and_store(self, stream: _Stream, raw: bytes) -> tuple[dict[str, bytes], int]:
+    def _decode_stream(self, stream: _Stream, raw: bytes) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
         for c in stream.chunks:
             try:
@@ -421,14 +429,18 @@ class LayerReader:
                     extra={"layer": self.layer, "digest": c.digest, "error": str(exc)},
                 )
                 raise
-        cache_failures = 0
-        for digest, data in out.items():
+        return out
+
+    def _store(self, decoded: dict[str, bytes]) -> int:
+        """Cache verified chunks; returns how many could not be written."""
+        failures = 0
+        for digest, data in decoded.items():
             try:
                 self.cache.put(digest, data)
             except OSError as exc:  # a full disk degrades caching, never the read itself
-                cache_failures += 1
+                failures += 1
                 log.warning("cannot cache chunk", extra={"layer": self.layer, "error": str(exc)})
-        return out, cache_failures
+        return failures
 
     def _give_up(self, digests: list[str]) -> None:
         """A read timed out waiting for these chunks. Until their fetch ends, reads of them fail at
