@@ -65,8 +65,10 @@ def admin_app(backend: LazyBackend | None, metrics: Metrics | None) -> web.Appli
     async def call(fn: Callable[[], Any]) -> web.Response:
         try:
             return web.json_response(await asyncio.to_thread(fn))
-        except AdminError as exc:
+        except AdminError as exc:  # the FUSE manager answered with an error: pass it on
             return web.json_response({"error": str(exc)}, status=exc.status)
+        except OSError as exc:
+            return web.json_response({"error": f"the FUSE manager is unreachable: {exc}"}, status=503)
 
     def lazy_off() -> web.Response:
         return web.json_response({"error": "lazy pulling is off (remote.enabled = false)"}, status=409)
@@ -106,14 +108,7 @@ def admin_app(backend: LazyBackend | None, metrics: Metrics | None) -> web.Appli
         return await call(both)
 
     async def render(_: web.Request) -> web.Response:
-        def text() -> bytes:
-            own = metrics.render() if metrics is not None else b""
-            return own + (backend.metrics_text().encode() if backend is not None else b"")
-
-        try:
-            body = await asyncio.to_thread(text)
-        except AdminError as exc:
-            return web.Response(status=exc.status, text=str(exc))
+        body = await asyncio.to_thread(render_metrics, metrics, backend)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     app = web.Application(client_max_size=16 << 20)
@@ -123,6 +118,18 @@ def admin_app(backend: LazyBackend | None, metrics: Metrics | None) -> web.Appli
     app.router.add_post("/log-level", log_level)
     app.router.add_get("/metrics", render)
     return app
+
+
+def render_metrics(metrics: Metrics | None, backend: LazyBackend | None) -> bytes:
+    """This process's metrics, then the FUSE manager's; without the manager, ours alone."""
+    own = metrics.render() if metrics is not None else b""
+    if backend is None:
+        return own
+    try:
+        return own + backend.metrics_text().encode()
+    except OSError as exc:
+        log.warning("FUSE manager metrics unavailable", extra={"error": str(exc)})
+        return own
 
 
 async def serve_unix(app: web.Application, address: Path) -> web.AppRunner:
@@ -142,14 +149,11 @@ async def start_admin(address: Path, backend: LazyBackend | None, metrics: Metri
     return await serve_unix(admin_app(backend, metrics), address)
 
 
-async def start_metrics(address: str, render: Callable[[], bytes]) -> web.AppRunner:
+async def start_metrics(address: str, metrics: Metrics, backend: LazyBackend | None) -> web.AppRunner:
     """Serve /metrics on ``HOST:PORT`` or ``unix:/path`` (config ``metrics.address``)."""
 
     async def handle(_: web.Request) -> web.Response:
-        try:
-            body = await asyncio.to_thread(render)
-        except AdminError as exc:
-            return web.Response(status=exc.status, text=str(exc))
+        body = await asyncio.to_thread(render_metrics, metrics, backend)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     app = web.Application()
@@ -186,7 +190,8 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 def unix_request(
     address: Path, method: str, path: str, body: object = None, *, timeout: float = 10.0
 ) -> tuple[int, bytes]:
-    """One HTTP request over a unix socket (blocking): (status, body). OSError when unreachable."""
+    """One HTTP request over a unix socket (blocking): (status, body). OSError when the endpoint
+    is unreachable or its answer is not HTTP."""
     conn = _UnixHTTPConnection(address, timeout)
     try:
         payload = None if body is None else json.dumps(body).encode()
@@ -194,6 +199,8 @@ def unix_request(
         conn.request(method, path, body=payload, headers=headers)
         response = conn.getresponse()
         return response.status, response.read()
+    except http.client.HTTPException as exc:  # a peer that died mid-answer, or is not ours
+        raise OSError(f"{address}: broken answer to {method} {path}: {exc!r}") from None
     finally:
         conn.close()
 
@@ -209,7 +216,12 @@ def admin_get(
         except (ValueError, KeyError, TypeError):
             message = f"{address} answered {status}: {raw[:200]!r}"
         raise AdminError(message, status)
-    result: dict[str, Any] = json.loads(raw)
+    try:
+        result = json.loads(raw)
+    except ValueError:
+        raise OSError(f"{address}: {method} {path} answered with something other than JSON") from None
+    if not isinstance(result, dict):
+        raise OSError(f"{address}: {method} {path} answered with {type(result).__name__}, not an object")
     return result
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO
 
 import grpc
+from aiohttp import web
 
 from snapshotter import __version__
 from snapshotter.admin import admin_socket, start_admin, start_metrics
@@ -120,7 +121,7 @@ def secure_socket(address: Path, group: str) -> None:
 
 def manager_command(config: Config, config_path: Path | None, log_level: str | None) -> list[str]:
     """How the daemon starts the FUSE manager of its root (same interpreter, same config)."""
-    cmd = [sys.executable, "-m", "snapshotter", "fuse-manager", "--root", str(config.root)]
+    cmd = [sys.executable, "-P", "-m", "snapshotter", "fuse-manager", "--root", str(config.root)]
     if config_path is not None:
         cmd += ["--config", str(config_path.resolve())]
     if log_level is not None:
@@ -131,9 +132,11 @@ def manager_command(config: Config, config_path: Path | None, log_level: str | N
 async def serve(config: Config, config_path: Path | None = None, log_level: str | None = None) -> None:
     lock = RootLock(config.root)
     snapshotter: Snapshotter | None = None
+    manager: FuseManagerClient | None = None
+    runners: list[web.AppRunner] = []
+    ready = False
     try:
         claim_socket_path(config.address)
-        manager: FuseManagerClient | None = None
         if config.remote.enabled:
             manager = FuseManagerClient(
                 config.root,
@@ -152,14 +155,9 @@ async def serve(config: Config, config_path: Path | None = None, log_level: str 
         # Layers the manager still serves (the daemon restarted) are kept; dead ones are remounted.
         await asyncio.to_thread(snapshotter.restore_remote)
         metrics = Metrics()
-        admin = await start_admin(admin_socket(config.root), manager, metrics)
-        metrics_site = None
+        runners.append(await start_admin(admin_socket(config.root), manager, metrics))
         if config.metrics.address:
-
-            def render() -> bytes:
-                return metrics.render() + (manager.metrics_text().encode() if manager is not None else b"")
-
-            metrics_site = await start_metrics(config.metrics.address, render)
+            runners.append(await start_metrics(config.metrics.address, metrics, manager))
         server = grpc.aio.server()
         add_to_server(server, snapshotter, metrics.observe_grpc)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
@@ -170,6 +168,7 @@ async def serve(config: Config, config_path: Path | None = None, log_level: str 
         secure_socket(config.address, config.grpc.socket_group)
         await server.start()
         socket_inode = config.address.stat().st_ino
+        ready = True
         notify("READY=1", f"STATUS=serving on {config.address}", f"MAINPID={os.getpid()}")
         log.info(
             "serving",
@@ -179,17 +178,21 @@ async def serve(config: Config, config_path: Path | None = None, log_level: str 
         log.info("stopping", extra={"grace_seconds": STOP_GRACE_SECONDS})
         notify("STOPPING=1")
         await server.stop(STOP_GRACE_SECONDS)
-        await admin.cleanup()
-        if metrics_site is not None:
-            await metrics_site.cleanup()
         try:
             if config.address.stat().st_ino == socket_inode:
                 config.address.unlink()
         except FileNotFoundError:
             pass
     finally:
+        for runner in runners:
+            await runner.cleanup()
+        if runners:
+            admin_socket(config.root).unlink(missing_ok=True)
         # The FUSE manager is left running: containers on lazy layers keep reading while the
-        # daemon restarts. Stopping the manager (SIGTERM to ROOT/fuse.pid) unmounts them.
+        # daemon restarts. Stopping the manager (SIGTERM to ROOT/fuse.pid) unmounts them. Only a
+        # manager this daemon started and then failed to start beside is stopped here.
+        if not ready and manager is not None:
+            await asyncio.to_thread(manager.stop_spawned)
         if snapshotter is not None:
             snapshotter.close()
         lock.release()

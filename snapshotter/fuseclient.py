@@ -17,12 +17,22 @@ from pathlib import Path
 from typing import Any
 
 from snapshotter import __version__
-from snapshotter.admin import AdminError, admin_get, unix_request
+from snapshotter.admin import (
+    AdminError,
+    admin_get,
+    fetch_metrics,
+    fetch_profile,
+    fetch_stats,
+    prune_cache,
+    set_log_level,
+)
+from snapshotter.formats import nydus
 from snapshotter.remote import NotLazyError
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_SECONDS = 30.0
+MANAGER_RUNNING_EXIT = 3  # `lazysnap fuse-manager` exit status: another manager serves the root
 
 
 def manager_socket(root: Path) -> Path:
@@ -41,6 +51,7 @@ class FuseManagerClient:
         self.command = list(command)  # how to start a manager for this root
         self.mount_timeout = mount_timeout
         self._spawn_lock = threading.Lock()
+        self.spawned: subprocess.Popen[bytes] | None = None  # the manager this process started
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -65,18 +76,34 @@ class FuseManagerClient:
                 return found
             # A session of its own: it outlives this process, and signals to the daemon's process
             # group (a terminal's ^C, systemd's KillMode=process stop) do not reach it.
-            proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, start_new_session=True)
+            # cwd "/": `-m snapshotter` must not pick up a package from wherever the daemon ran.
+            proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, start_new_session=True, cwd="/")
             threading.Thread(target=proc.wait, name="fuse-manager-reaper", daemon=True).start()
             deadline = time.monotonic() + START_TIMEOUT_SECONDS
             while time.monotonic() < deadline:
                 found = self.running()
                 if found is not None:
+                    if found.get("pid") == proc.pid:
+                        self.spawned = proc
                     log.info("started the FUSE manager", extra={"pid": found.get("pid")})
                     return found
-                if proc.poll() is not None:
+                # Exit status 3: another manager holds this root's lock; wait for it to serve.
+                if proc.poll() is not None and proc.returncode != MANAGER_RUNNING_EXIT:
                     raise OSError(f"the FUSE manager exited with status {proc.returncode} at start")
                 time.sleep(0.05)
+            if proc.poll() is None:
+                proc.terminate()
             raise OSError(f"the FUSE manager did not serve {self.address} within {START_TIMEOUT_SECONDS}s")
+
+    def stop_spawned(self) -> None:
+        """Stop the manager this process started (a daemon that fails to start must not leave
+        one behind)."""
+        if self.spawned is not None and self.spawned.poll() is None:
+            self.spawned.terminate()
+            try:
+                self.spawned.wait(30)
+            except subprocess.TimeoutExpired:
+                self.spawned.kill()
 
     def _post(self, path: str, body: object, timeout: float = 30.0) -> dict[str, Any]:
         return admin_get(self.address, path, timeout, method="POST", body=body)
@@ -88,19 +115,24 @@ class FuseManagerClient:
         is started again once."""
         body = {"labels": dict(labels), "mountpoint": str(mountpoint)}
         timeout = self.mount_timeout + 30
+        required = nydus.is_nydus_layer("", labels)  # no download can stand in for such a layer
         try:
+            answer = self._post("/mount", body, timeout)
+        except AdminError as exc:  # the manager answered, with an error
+            raise NotLazyError("fuse-manager-error", str(exc), required=required) from None
+        except OSError:
             try:
-                answer = self._post("/mount", body, timeout)
-            except AdminError:
-                raise
-            except OSError:
                 self.ensure_running()
                 answer = self._post("/mount", body, timeout)
-        except OSError as exc:
-            raise NotLazyError("fuse-manager-unavailable", str(exc)) from None
+            except OSError as exc:
+                raise NotLazyError("fuse-manager-unavailable", str(exc), required=required) from None
         refused = answer.get("not_lazy")
         if refused:
-            raise NotLazyError(refused["reason"], refused["detail"], required=bool(refused["required"]))
+            raise NotLazyError(
+                str(refused.get("reason", "unknown")),
+                str(refused.get("detail", "")),
+                required=bool(refused.get("required", required)),
+            )
 
     def check(self, mountpoint: Path) -> bool:
         try:
@@ -126,20 +158,16 @@ class FuseManagerClient:
     # --- what the admin endpoint asks (admin.LazyBackend) ---------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        return admin_get(self.address, "/stats")
+        return fetch_stats(self.address)
 
     def profile(self, image: str) -> list[str]:
-        answer = admin_get(self.address, "/profile?" + urllib.parse.urlencode({"image": image}))
-        return [str(f) for f in answer["files"]]
+        return fetch_profile(self.address, image)
 
     def prune(self, keep_bytes: int) -> dict[str, Any]:
-        return self._post(f"/cache/prune?keep_bytes={keep_bytes}", None, timeout=120)
+        return prune_cache(self.address, keep_bytes)
 
     def set_log_level(self, level: str) -> None:
-        self._post("/log-level?" + urllib.parse.urlencode({"level": level}), None)
+        set_log_level(self.address, level)
 
     def metrics_text(self) -> str:
-        status, raw = unix_request(self.address, "GET", "/metrics", timeout=10)
-        if status != 200:
-            raise AdminError(f"the FUSE manager answered {status} for /metrics", status)
-        return raw.decode()
+        return fetch_metrics(self.address)

@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 from collections.abc import Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,7 +36,7 @@ from snapshotter.admin import AdminError, admin_app, serve_unix
 from snapshotter.cache import ChunkCache
 from snapshotter.config import Config
 from snapshotter.cri import ImageServiceProxy, PullSecrets
-from snapshotter.daemon import STOP_GRACE_SECONDS, claim_socket_path
+from snapshotter.daemon import STOP_GRACE_SECONDS, StartupError, claim_socket_path
 from snapshotter.fetcher import CredentialStore, HostsConfig, RegistryClient, default_docker_config
 from snapshotter.fetcher.credentials import CredentialSource
 from snapshotter.fuseclient import manager_pidfile, manager_socket
@@ -97,14 +98,17 @@ class LocalBackend:
         return ""  # this process's metrics are the app's own
 
 
-def manager_app(remote: RemoteLayers, metrics: Metrics) -> web.Application:
-    """The admin routes, plus what the daemon asks of lazy layers."""
+def manager_app(remote: RemoteLayers, metrics: Metrics, calls: Executor) -> web.Application:
+    """The admin routes, plus what the daemon asks of lazy layers. The daemon's calls block (a
+    mount waits for the registry) and run in ``calls``, a pool of their own: the loop's default
+    pool serves name lookups and hashing that those very mounts wait for."""
+    loop = asyncio.get_running_loop()
 
     async def mount(request: web.Request) -> web.Response:
         body = await request.json()
         labels = {str(k): str(v) for k, v in body["labels"].items()}
         try:
-            await asyncio.to_thread(remote.mount, labels, Path(body["mountpoint"]))
+            await loop.run_in_executor(calls, remote.mount, labels, Path(body["mountpoint"]))
         except NotLazyError as exc:
             return web.json_response(
                 {"not_lazy": {"reason": exc.reason, "detail": exc.detail, "required": exc.required}}
@@ -113,15 +117,16 @@ def manager_app(remote: RemoteLayers, metrics: Metrics) -> web.Application:
 
     async def unmount(request: web.Request) -> web.Response:
         body = await request.json()
-        await asyncio.to_thread(remote.unmount, Path(body["mountpoint"]))
+        await loop.run_in_executor(calls, remote.unmount, Path(body["mountpoint"]))
         return web.json_response({})
 
     async def check(request: web.Request) -> web.Response:
-        return web.json_response({"alive": remote.check(Path(request.query["mountpoint"]))})
+        alive = await loop.run_in_executor(calls, remote.check, Path(request.query["mountpoint"]))
+        return web.json_response({"alive": alive})
 
     async def forget_unused(request: web.Request) -> web.Response:
         body = await request.json()
-        await asyncio.to_thread(remote.forget_unused, {str(d) for d in body["digests"]})
+        await loop.run_in_executor(calls, remote.forget_unused, {str(d) for d in body["digests"]})
         return web.json_response({})
 
     async def version(_: web.Request) -> web.Response:
@@ -196,41 +201,51 @@ def start_cri_proxy(config: Config, secrets: PullSecrets) -> ImageServiceProxy:
 
 
 async def serve_manager(config: Config) -> None:
-    """Serve lazy layers until SIGTERM/SIGINT, then unmount them all."""
+    """Serve lazy layers until SIGTERM/SIGINT, then unmount them all. Everything that can fail
+    is set up before the socket answers, so a daemon never adopts a manager that is dying."""
     lock = _lock(config.root)
     pidfile = manager_pidfile(config.root)
     address = manager_socket(config.root)
     loop = asyncio.get_running_loop()
-    secrets = None
-    if config.cri.enable:
-        persist = config.root / "cri" / "credentials.json" if config.cri.persist_credentials else None
-        secrets = await asyncio.to_thread(PullSecrets, persist)
-    sources = [secrets.lookup] if secrets is not None else []
-    remote = await asyncio.to_thread(build_remote, config, loop, sources)
-    metrics = Metrics()
-    metrics.watch(remote.stats)
-    remote.fs_observer = metrics.observe_fs
-    runner = await serve_unix(manager_app(remote, metrics), address)
-    cri = None
-    if secrets is not None:
-        cri = start_cri_proxy(config, secrets)
-        await cri.start()
-    pidfile.write_text(f"{os.getpid()}\n")
-    log.info("FUSE manager serving", extra={"version": __version__, "address": str(address)})
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    # The daemon that started us may die; its terminal's SIGHUP must not take the mounts along.
-    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    calls = ThreadPoolExecutor(32, thread_name_prefix="lazysnap-manager")
+    remote: RemoteLayers | None = None
+    cri: ImageServiceProxy | None = None
+    runner: web.AppRunner | None = None
     try:
+        secrets = None
+        if config.cri.enable:
+            persist = config.root / "cri" / "credentials.json" if config.cri.persist_credentials else None
+            secrets = await asyncio.to_thread(PullSecrets, persist)
+        sources = [secrets.lookup] if secrets is not None else []
+        remote = await asyncio.to_thread(build_remote, config, loop, sources)
+        metrics = Metrics()
+        metrics.watch(remote.stats)
+        remote.fs_observer = metrics.observe_fs
+        if secrets is not None:
+            try:
+                cri = start_cri_proxy(config, secrets)
+            except StartupError as exc:
+                raise StartupError(f"cri.listen: {exc}") from None
+            await cri.start()
+        pidfile.write_text(f"{os.getpid()}\n")
+        runner = await serve_unix(manager_app(remote, metrics, calls), address)
+        log.info("FUSE manager serving", extra={"version": __version__, "address": str(address)})
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        # The daemon that started us may die; its terminal's SIGHUP must not take the mounts along.
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)
         await stop.wait()
         log.info("FUSE manager stopping: unmounting every lazy layer")
     finally:
+        if runner is not None:
+            await runner.cleanup()
+        address.unlink(missing_ok=True)
         if cri is not None:
             await cri.stop(STOP_GRACE_SECONDS)
-        await runner.cleanup()
-        await remote.close()
-        address.unlink(missing_ok=True)
+        if remote is not None:
+            await remote.close()
+        calls.shutdown(wait=False, cancel_futures=True)
         pidfile.unlink(missing_ok=True)
         lock.close()
     log.info("FUSE manager stopped")

@@ -76,9 +76,10 @@ class _StatsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats()
-        yield GaugeMetricFamily(
+        yield CounterMetricFamily(
             "lazysnap_lazy_mounts", "Layers mounted lazily since start", value=s["lazy_mounts"]
         )
+        yield GaugeMetricFamily("lazysnap_mounted_layers", "Lazy layers mounted now", value=len(s["layers"]))
         not_lazy = CounterMetricFamily(
             "lazysnap_not_lazy_layers",
             "Layers left to containerd's normal pull, by reason",

@@ -197,8 +197,7 @@ class LayerReader:
         # Per file: where its last read ended, the chunk it reached, bytes read sequentially.
         self._read_state: dict[str, tuple[int, int, int]] = {}
         # The layer's own chunks in blob order, built at the first small-file miss.
-        self._blob_order: list[Chunk] | None = None
-        self._blob_offsets: list[int] = []
+        self._blob_order: tuple[list[Chunk], list[int]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # Chunks whose fetch outlasted a read's timeout and is still running (loop only); see _give_up.
         self._timed_out: set[str] = set()
@@ -268,13 +267,14 @@ class LayerReader:
         """Uncached chunks that follow ``chunk`` in its blob, up to ``budget`` compressed bytes."""
         if budget <= 0 or chunk.blob:
             return []
-        if self._blob_order is None:
-            self._blob_order = [c for c in self.all_chunks() if not c.blob]
-            self._blob_offsets = [c.compressed_offset for c in self._blob_order]
+        if self._blob_order is None:  # FUSE threads may race here: each builds the same pair
+            chunks = [c for c in self.all_chunks() if not c.blob]
+            self._blob_order = (chunks, [c.compressed_offset for c in chunks])
+        order, offsets = self._blob_order
         extra: list[Chunk] = []
-        i = bisect.bisect_right(self._blob_offsets, chunk.compressed_offset)
-        while i < len(self._blob_order) and budget > 0:
-            c = self._blob_order[i]
+        i = bisect.bisect_right(offsets, chunk.compressed_offset)
+        while i < len(order) and budget > 0:
+            c = order[i]
             budget -= c.compressed_size
             if c.digest != chunk.digest and c.digest not in self._inflight and c.digest not in self.cache:
                 extra.append(c)

@@ -159,6 +159,7 @@ class RemoteLayers:
         self._resolved: dict[str, tuple[float, asyncio.Task[ResolvedImage]]] = {}
         self._indexes: dict[str, asyncio.Task[LayerIndex]] = {}  # TOCs being fetched, by layer digest
         self.not_lazy = collections.Counter[str]()  # reason -> layers pulled normally
+        self._closed = False
         self.lazy_mounts = 0
 
     # --- called from snapshotter worker threads -------------------------------------------------
@@ -179,12 +180,18 @@ class RemoteLayers:
                 raise
             except TimeoutError:
                 future.cancel()
-                timeout = NotLazyError("timeout", f"mounting took longer than {self.mount_timeout}s")
+                timeout = NotLazyError(
+                    "timeout",
+                    f"mounting took longer than {self.mount_timeout}s",
+                    required=nydus.is_nydus_layer("", labels),
+                )
                 self._not_lazy(timeout, layer)
                 raise timeout from None
             except Exception as exc:
                 log.exception("unexpected error mounting a lazy layer", extra={"layer": layer})
-                err = NotLazyError("internal", f"{type(exc).__name__}: {exc}")
+                err = NotLazyError(
+                    "internal", f"{type(exc).__name__}: {exc}", required=nydus.is_nydus_layer("", labels)
+                )
                 self._not_lazy(err, layer)
                 raise err from None
 
@@ -282,8 +289,7 @@ class RemoteLayers:
         on_first_read = None
         if self.recorder is not None:
             on_first_read = self.recorder.layer_mounted(ref.reference)
-            recorder = self.recorder
-            self.loop.call_later(recorder.window + 1, lambda: self.mount_executor.submit(recorder.flush))
+            self.loop.call_later(self.recorder.window + 1, self._flush_profiles)
         fuse = MountedLayer(
             LayerFS(tree, reader, layer=ref.digest, on_first_read=on_first_read, observer=self.fs_observer),
             mountpoint,
@@ -309,6 +315,11 @@ class RemoteLayers:
                 "at": str(mountpoint),
             },
         )
+
+    def _flush_profiles(self) -> None:
+        """Save startup profiles once a window has closed (off the loop; not after close)."""
+        if self.recorder is not None and not self._closed:
+            self.mount_executor.submit(self.recorder.flush)
 
     async def _resolve(self, reference: str) -> ResolvedImage:
         now = time.monotonic()
@@ -488,6 +499,7 @@ class RemoteLayers:
         return index
 
     async def close(self) -> None:
+        self._closed = True
         for mountpoint in list(self._mounts):
             await self.loop.run_in_executor(self.mount_executor, self.unmount, mountpoint)
         await self.client.close()

@@ -78,10 +78,6 @@ class Snapshotter:
     def close(self) -> None:
         self.store.close()
 
-    def unmount_all(self) -> None:
-        for sid in list(self._remote_labels):
-            self._release_mount(self.fs_path(sid))
-
     # --- paths and mounts ---------------------------------------------------------------------
 
     def fs_path(self, sid: int) -> Path:
@@ -250,10 +246,13 @@ class Snapshotter:
         return doomed
 
     def _release_mount(self, fs: Path) -> None:
-        """Never delete through a mount: unmount a lazy layer's FUSE mount first."""
+        """Never delete through a mount: unmount a lazy layer's FUSE mount first (through the
+        FUSE manager that serves it, and here if the manager could not)."""
+        if not is_fuse_mountpoint(fs):
+            return
         if self.remote is not None:
             self.remote.unmount(fs)
-        elif is_fuse_mountpoint(fs):
+        while is_fuse_mountpoint(fs):
             unmount(fs)
 
     def _remove_directory(self, sid: int) -> None:

@@ -15,6 +15,7 @@ Credentials are never logged; log lines say which kind of secret a pull carried.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import logging
@@ -140,7 +141,8 @@ class ImageServiceProxy:
         remembered: Remembered | None = None
         image, kind = "", ""
         if name == "PullImage":
-            image, kind, remembered = self._capture(request)
+            # Off the loop: with persist_credentials the secrets file is written and fsynced.
+            image, kind, remembered = await asyncio.to_thread(self._capture, request)
         started = time.monotonic()
         ok = False
         try:
@@ -162,11 +164,14 @@ class ImageServiceProxy:
             else:
                 log.debug("CRI call failed", extra={"method": name, "code": e.code().name})
             trailing = _forwardable(e.trailing_metadata())
+            if remembered is not None:  # before the kubelet hears of the failure
+                await asyncio.to_thread(self.secrets.forget, remembered)
+                remembered = None
             await context.abort(e.code(), e.details() or "", trailing)
             raise AssertionError("unreachable: abort raises") from None
         finally:
             if remembered is not None and not ok:
-                self.secrets.forget(remembered)
+                await asyncio.to_thread(self.secrets.forget, remembered)
         if name == "PullImage":
             log.info("CRI pull done", extra={"image": image, "auth": kind, "seconds": _since(started)})
         return response

@@ -45,7 +45,8 @@ def test_metrics_count_grpc_calls_and_errors(workdir: Path) -> None:
             assert sample(text, "lazysnap_grpc_request_duration_seconds_count", method="Prepare") == 3
             assert sample(text, "lazysnap_grpc_errors_total", method="Prepare", code="ALREADY_EXISTS") == 1
             assert sample(text, "lazysnap_grpc_errors_total", method="Stat", code="NOT_FOUND") == 1
-            assert sample(text, "lazysnap_lazy_mounts") == 0
+            assert sample(text, "lazysnap_lazy_mounts_total") == 0
+            assert sample(text, "lazysnap_mounted_layers") == 0
             assert sample(text, "lazysnap_cache_bytes") == 0
     finally:
         d.stop()

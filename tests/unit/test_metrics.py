@@ -74,3 +74,4 @@ def test_fs_operations_and_daemon_counters() -> None:
     assert sample(text, "lazysnap_not_lazy_layers_total", reason="no-toc-digest") == 2
     assert sample(text, "lazysnap_cache_hits_total") == 5
     assert sample(text, "lazysnap_registry_retries_total") == 2
+    assert sample(text, "lazysnap_lazy_mounts_total") == 1 and sample(text, "lazysnap_mounted_layers") == 1

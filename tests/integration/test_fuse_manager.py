@@ -1,0 +1,73 @@
+"""The FUSE manager's life beside the daemon: started once, found again, never left behind by a
+daemon that failed to start, and reported (not crashed on) when it is gone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from tests.support.daemon import LazysnapDaemon, run_cli, write_config
+from tests.support.lazy import wait_until
+from tests.support.mounts import unmount_all
+from tests.support.services import pid_alive
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="lz", dir="/tmp"))
+    yield path
+    unmount_all(path)
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+def test_a_restarted_daemon_finds_its_manager(workdir: Path) -> None:
+    d = LazysnapDaemon(workdir)
+    d.start()
+    try:
+        manager = d.manager_pid()
+        assert manager is not None and manager != d.pid
+        assert os.getsid(manager) == manager  # a session of its own: the daemon's signals stay away
+        d.stop(keep_manager=True)
+        assert pid_alive(manager)
+        d.start()
+        assert d.manager_pid() == manager
+    finally:
+        d.stop()
+    assert not pid_alive(manager)  # stopping the manager is explicit (and unmounts lazy layers)
+
+
+def test_a_daemon_that_fails_to_start_stops_the_manager_it_started(workdir: Path) -> None:
+    config = write_config(workdir / "config.toml", {"grpc": {"socket_group": "no-such-group-lz"}})
+    d = LazysnapDaemon(workdir, config=config)
+    with pytest.raises(RuntimeError, match="no-such-group-lz"):
+        d.start()
+    pidfile = d.root / "fuse.pid"
+    assert not pidfile.exists() or not pid_alive(int(pidfile.read_text()))
+    assert not (d.root / "admin.sock").exists()
+
+
+def test_a_dead_manager_is_reported_and_the_daemon_serves_on(workdir: Path) -> None:
+    d = LazysnapDaemon(workdir)
+    d.start()
+    try:
+        manager = d.manager_pid()
+        assert manager is not None
+        os.kill(manager, signal.SIGKILL)
+        assert wait_until(lambda: not pid_alive(manager), timeout=10)
+        stats = run_cli("stats", "--root", str(d.root))
+        assert stats.returncode == 1 and "FUSE manager is unreachable" in stats.stderr, stats.stderr
+        d.stub.Prepare(pb.PrepareSnapshotRequest(key="plain"))  # non-lazy work goes on
+        metrics = run_cli("metrics", "--root", str(d.root))
+        assert (
+            metrics.returncode == 0
+            and 'lazysnap_grpc_request_duration_seconds_count{method="Prepare"} 1.0' in metrics.stdout
+        )
+    finally:
+        d.stop()
