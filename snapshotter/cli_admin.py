@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 from snapshotter import admin
 from snapshotter.config import LOG_LEVELS, load
 from snapshotter.errors import ConfigError
-from snapshotter.status import format_status, human_bytes
+from snapshotter.image.progress import human_size
+from snapshotter.status import format_status
 
 if TYPE_CHECKING:  # subscripting the class fails at run time
     Parsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -108,13 +109,13 @@ def _cache(address: Path, args: argparse.Namespace) -> int:
     if args.action == "prune":
         result = admin.prune_cache(address, args.keep_bytes)
         print(
-            f"removed {result['chunks']} chunks ({human_bytes(result['bytes'])}); "
-            f"{human_bytes(result['remaining_bytes'])} remain"
+            f"removed {result['chunks']} chunks ({human_size(result['bytes'])}); "
+            f"{human_size(result['remaining_bytes'])} remain"
         )
         return 0
     cache = admin.fetch_stats(address)["cache"]
     print(
-        f"{human_bytes(cache['bytes'])} of chunks cached; {cache['hits']} hits, {cache['misses']} misses, "
+        f"{human_size(cache['bytes'])} of chunks cached; {cache['hits']} hits, {cache['misses']} misses, "
         f"{cache['evictions']} evictions since start"
     )
     return 0

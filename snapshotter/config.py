@@ -8,6 +8,7 @@ typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import tomllib
 import types
 import typing
@@ -174,6 +175,13 @@ class Config:
         for key, value in not_negative.items():
             if value < 0:
                 raise ConfigError(f"{where}{key}: must not be negative, got {value}")
+
+
+def manager_fingerprint(config: Config) -> str:
+    """A digest of the settings the FUSE manager runs with: a daemon restarted with other ones
+    can tell that the running manager does not use them yet."""
+    owned = (config.root, config.remote, config.fetch, config.cache, config.prefetch, config.read)
+    return hashlib.sha256(repr((*owned, config.profile, config.cri)).encode()).hexdigest()[:16]
 
 
 def load(path: Path | None, **overrides: Any) -> Config:

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from snapshotter import __version__
 from snapshotter.admin import admin_socket, start_admin, start_metrics
-from snapshotter.config import Config
+from snapshotter.config import Config, manager_fingerprint
 from snapshotter.fuseclient import FuseManagerClient
 from snapshotter.metrics import Metrics
 from snapshotter.sdnotify import notify
@@ -142,6 +142,7 @@ async def serve(config: Config, config_path: Path | None = None, log_level: str 
                 config.root,
                 manager_command(config, config_path, log_level),
                 mount_timeout=config.remote.mount_timeout_seconds,
+                fingerprint=manager_fingerprint(config),
             )
             try:
                 found = await asyncio.to_thread(manager.ensure_running)

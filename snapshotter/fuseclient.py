@@ -46,10 +46,13 @@ def manager_pidfile(root: Path) -> Path:
 
 
 class FuseManagerClient:
-    def __init__(self, root: Path, command: Sequence[str], *, mount_timeout: float = 60.0) -> None:
+    def __init__(
+        self, root: Path, command: Sequence[str], *, mount_timeout: float = 60.0, fingerprint: str = ""
+    ) -> None:
         self.address = manager_socket(root)
         self.command = list(command)  # how to start a manager for this root
         self.mount_timeout = mount_timeout
+        self.fingerprint = fingerprint  # of the settings a manager started now would run with
         self._spawn_lock = threading.Lock()
         self.spawned: subprocess.Popen[bytes] | None = None  # the manager this process started
 
@@ -72,6 +75,13 @@ class FuseManagerClient:
                         "the running FUSE manager is another version; restart it (unmounting lazy "
                         "layers) to run this one",
                         extra={"manager_version": found.get("version"), "pid": found.get("pid")},
+                    )
+                elif self.fingerprint and found.get("config") != self.fingerprint:
+                    log.warning(
+                        "the running FUSE manager uses other settings than this config (fetch, "
+                        "cache, prefetch, read, profile, cri); restart it (unmounting lazy layers) "
+                        "to apply them",
+                        extra={"pid": found.get("pid")},
                     )
                 return found
             # A session of its own: it outlives this process, and signals to the daemon's process

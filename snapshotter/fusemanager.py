@@ -34,7 +34,7 @@ from aiohttp import web
 from snapshotter import __version__
 from snapshotter.admin import AdminError, admin_app, serve_unix
 from snapshotter.cache import ChunkCache
-from snapshotter.config import Config
+from snapshotter.config import Config, manager_fingerprint
 from snapshotter.cri import ImageServiceProxy, PullSecrets
 from snapshotter.daemon import STOP_GRACE_SECONDS, StartupError, claim_socket_path
 from snapshotter.fetcher import CredentialStore, HostsConfig, RegistryClient, default_docker_config
@@ -98,7 +98,9 @@ class LocalBackend:
         return ""  # this process's metrics are the app's own
 
 
-def manager_app(remote: RemoteLayers, metrics: Metrics, calls: Executor) -> web.Application:
+def manager_app(
+    remote: RemoteLayers, metrics: Metrics, calls: Executor, fingerprint: str = ""
+) -> web.Application:
     """The admin routes, plus what the daemon asks of lazy layers. The daemon's calls block (a
     mount waits for the registry) and run in ``calls``, a pool of their own: the loop's default
     pool serves name lookups and hashing that those very mounts wait for."""
@@ -130,7 +132,7 @@ def manager_app(remote: RemoteLayers, metrics: Metrics, calls: Executor) -> web.
         return web.json_response({})
 
     async def version(_: web.Request) -> web.Response:
-        return web.json_response({"version": __version__, "pid": os.getpid()})
+        return web.json_response({"version": __version__, "pid": os.getpid(), "config": fingerprint})
 
     app = admin_app(LocalBackend(remote), metrics)
     app.router.add_post("/mount", mount)
@@ -228,7 +230,8 @@ async def serve_manager(config: Config) -> None:
                 raise StartupError(f"cri.listen: {exc}") from None
             await cri.start()
         pidfile.write_text(f"{os.getpid()}\n")
-        runner = await serve_unix(manager_app(remote, metrics, calls), address)
+        app = manager_app(remote, metrics, calls, manager_fingerprint(config))
+        runner = await serve_unix(app, address)
         log.info("FUSE manager serving", extra={"version": __version__, "address": str(address)})
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+from snapshotter.image.progress import human_size
 
 
 def _state(layer: dict[str, Any]) -> str:
@@ -32,8 +26,8 @@ def format_status(stats: dict[str, Any]) -> str:
                 layer["reference"],
                 digest.removeprefix("sha256:")[:12],
                 layer["format"],
-                human_bytes(fetched),
-                human_bytes(layer["blob_size"]),
+                human_size(fetched),
+                human_size(layer["blob_size"]),
                 _state(layer),
                 str(layer["read_errors"] + layer["verify_failures"]),
             )
@@ -43,7 +37,7 @@ def format_status(stats: dict[str, Any]) -> str:
     cache = stats["cache"]
     lines.append("")
     lines.append(
-        f"{len(layers)} lazy layers mounted; cache {human_bytes(cache['bytes'])} "
+        f"{len(layers)} lazy layers mounted; cache {human_size(cache['bytes'])} "
         f"({cache['hits']} hits, {cache['misses']} misses, {cache['evictions']} evictions)"
     )
     if stats["not_lazy"]:

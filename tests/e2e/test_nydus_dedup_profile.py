@@ -116,6 +116,15 @@ def test_shared_chunks_are_fetched_once_and_startup_is_profiled(
     st = daemon.stats()
     assert st["lazy_mounts"] == 3, st  # one shared base layer and two top layers
     assert {layer["format"] for layer in st["layers"].values()} == {"nydus"}
+    # What an operator sees of it: one status line per mounted layer, and the metrics.
+    status = run_cli("status", "--root", str(daemon.root))
+    assert status.returncode == 0, status.stderr
+    rows = [line.split() for line in status.stdout.splitlines()[1:4]]
+    assert sorted(r[1] for r in rows) == sorted(d.removeprefix("sha256:")[:12] for d in st["layers"])
+    assert {r[2] for r in rows} == {"nydus"} and "3 lazy layers mounted" in status.stdout
+    metrics = run_cli("metrics", "--root", str(daemon.root))
+    assert metrics.returncode == 0 and "lazysnap_mounted_layers 3.0" in metrics.stdout
+    assert 'lazysnap_fs_operation_duration_seconds_count{operation="read"}' in metrics.stdout
 
     # The profile: what each image's container read first, in order, ready for --prefetch-files.
     exported = run_cli("profile", "export", "--root", str(daemon.root), first)

@@ -71,3 +71,21 @@ def test_a_dead_manager_is_reported_and_the_daemon_serves_on(workdir: Path) -> N
         )
     finally:
         d.stop()
+
+
+def test_a_daemon_with_other_settings_says_the_manager_runs_the_old_ones(workdir: Path) -> None:
+    first = write_config(workdir / "first.toml", {"read": {"timeout_seconds": 30.0}})
+    d = LazysnapDaemon(workdir, config=first)
+    d.start()
+    try:
+        d.stop(keep_manager=True)
+        d.config = write_config(workdir / "second.toml", {"read": {"timeout_seconds": 5.0}})
+        d.start()
+        assert "uses other settings than this config" in d.log_tail(50)
+        d.stop(keep_manager=True)
+        d.config = first  # the manager's own settings: nothing to say
+        log_size = len(d.log_path.read_text())
+        d.start()
+        assert "uses other settings" not in d.log_path.read_text()[log_size:]
+    finally:
+        d.stop()

@@ -384,3 +384,18 @@ def test_short_sequential_reads_fetch_little_more_than_they_read(
     assert wait_until(lambda: not reader._inflight, timeout=5)
     fetched = sum(reader.stats.bytes.values())
     assert fetched <= (320 << 10) + 3 * window, fetched  # at most the read + 3 windows' worth
+
+
+def test_a_chunk_that_landed_after_the_readers_cache_check_is_not_fetched_again(layer: Layer) -> None:
+    """A reader missed the cache, then a readahead stored the chunk before the reader's fetch
+    started: the fetch takes it from the cache instead of asking the registry again."""
+    reader = layer.reader(readahead_bytes=0)
+    entry = layer.index.entries["lib/b.so"]
+    chunk = entry.chunks[0]
+    assert reader.read(entry, 0, 10) == FILES["lib/b.so"][:10]
+    assert wait_until(lambda: not reader._inflight and chunk.digest in layer.cache, timeout=5)  # stored
+    served = len(layer.blob.requests)
+    future = asyncio.run_coroutine_threadsafe(reader._ensure([chunk], [], "on_demand"), layer.loop)
+    data = future.result(5)
+    assert data[chunk.digest][:10] == FILES["lib/b.so"][:10]
+    assert len(layer.blob.requests) == served

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from snapshotter.status import format_status, human_bytes
+from snapshotter.image.progress import human_size
+from snapshotter.status import format_status
 
 
 def test_status_table_lists_layers_with_progress() -> None:
@@ -41,8 +42,8 @@ def test_status_table_lists_layers_with_progress() -> None:
     assert "no-toc-digest: 2" in text
 
 
-def test_human_bytes() -> None:
-    assert [human_bytes(n) for n in (0, 1023, 1024, 5 << 30, 3 << 40)] == [
+def test_human_size() -> None:
+    assert [human_size(n) for n in (0, 1023, 1024, 5 << 30, 3 << 40)] == [
         "0 B",
         "1023 B",
         "1.0 KiB",
