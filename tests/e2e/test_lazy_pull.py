@@ -332,3 +332,26 @@ def test_running_container_keeps_reading_across_daemon_restarts(
         return proc.returncode == 0 and proc.stdout.split()[0] == whole
 
     assert wait_until(new_container_runs, timeout=30)
+
+
+def test_containerd_restart_while_lazysnap_runs(
+    lazy_images: LazyImages, proxy: CountingProxy, lazy_stack: tuple[LazysnapDaemon, Containerd]
+) -> None:
+    """containerd goes away and comes back (an upgrade of the node's runtime): lazysnap keeps its
+    lazy layers mounted, containerd finds the image's snapshots where it left them, and new
+    containers start without anything being pulled or mounted again."""
+    daemon, cd = lazy_stack
+    ref = f"{proxy.host}/{lazy_images.estargz}"
+    cd.rpull(ref)
+    script = "/bin/busybox sha256sum /data/big.bin /data/hello.txt"
+    first = run_in_container(cd, ref, "/bin/sh", "-c", script, snapshotter=SNAPSHOTTER)
+    targets = sorted(fuse_mounts_under(daemon.root))
+    mounts_before = daemon.stats()["lazy_mounts"]
+
+    assert cd.stop() == []  # tasks gone, containerd's own mounts gone; lazysnap's stay
+    assert sorted(fuse_mounts_under(daemon.root)) == targets
+    cd.start()
+    proxy.reset()
+    assert run_in_container(cd, ref, "/bin/sh", "-c", script, snapshotter=SNAPSHOTTER) == first
+    assert daemon.stats()["lazy_mounts"] == mounts_before  # nothing mounted again
+    assert proxy.reset() == 0  # nothing fetched: TOCs and chunks were already here
