@@ -194,8 +194,9 @@ class LayerReader:
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
         self._offsets: dict[str, list[int]] = {}  # per file: its chunks' file offsets, for bisect
         self.activity = activity or OnDemandActivity()
-        # Per file: where its last read ended, the chunk it reached, bytes read sequentially.
-        self._read_state: dict[str, tuple[int, int, int]] = {}
+        # Per file: where its last read ended, the chunk it reached, the chunk its sequential
+        # stream began in, and the bytes that stream has read.
+        self._read_state: dict[str, tuple[int, int, int, int]] = {}
         # The layer's own chunks in blob order, built at the first small-file miss.
         self._blob_order: tuple[list[Chunk], list[int]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -228,19 +229,24 @@ class LayerReader:
             self.cache.read_range(c.digest, lo, hi) for c, (lo, hi) in zip(needed, bounds, strict=True)
         ]
         missing = [c for c, piece in zip(needed, pieces, strict=True) if piece is None]
-        # Read ahead only for a file being read sequentially: a random access (a model loader
-        # seeking to one tensor) should not pay for chunks it will never read. A sequential
-        # reader's window grows with what the stream has read so far (from readahead_bytes up to
-        # 8 times), so a long stream keeps the link busy while a short one, whatever the chunk size,
-        # fetches little more than it reads.
-        prev_end, prev_chunk, run = self._read_state.get(entry.name, (-1, -1, 0))
+        # Read ahead only for a file being read sequentially, and only once the stream has gone
+        # past the chunk it started in: a random access (a model loader seeking to one tensor),
+        # or a short read inside one chunk, should not pay for chunks it will never read. The
+        # window then grows with what the stream has read (from readahead_bytes up to 8 times),
+        # so a long stream keeps the link busy, however small the chunks.
+        prev_end, prev_chunk, first_chunk, run = self._read_state.get(entry.name, (-1, -1, -1, 0))
         touched = last - 1  # the furthest chunk this read reaches
         # The kernel issues readahead requests in parallel FUSE threads, so a sequential stream
         # arrives slightly out of order: "near where the last read ended" counts as sequential.
         sequential = prev_end >= 0 and abs(offset - prev_end) <= SEQUENTIAL_SLACK_BYTES
-        run = run + (end - offset) if sequential else 0
-        window = min(max(run, self.config.readahead_bytes), self.config.readahead_bytes * 8) if run else 0
-        self._read_state[entry.name] = (end, touched, run)
+        if sequential:
+            run += end - offset
+        else:
+            run, first_chunk = 0, first
+        self._read_state[entry.name] = (end, touched, first_chunk, run)
+        window = 0
+        if run and touched != first_chunk:
+            window = min(max(run, self.config.readahead_bytes), self.config.readahead_bytes * 8)
         extra = self._readahead(entry, last, window) if window else []
         if missing and not extra and len(chunks) == 1:
             # A small file read for the first time: its neighbours in the blob are most likely
