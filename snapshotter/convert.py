@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import hashlib
 import json
 import re
 import time
@@ -40,6 +39,7 @@ from snapshotter.fetcher import (
     Platform,
     RegistryClient,
 )
+from snapshotter.fetcher.manifest import digest_of
 from snapshotter.formats import BuiltBlob, FormatError, build_estargz, build_zstdchunked, nydus
 from snapshotter.image import (
     ImageSource,
@@ -192,7 +192,7 @@ def _tar_of(blob: bytes, compression: str, diff_id: str, where: str) -> bytes:
         tar = decompress(blob, compression)
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
         raise ConvertError(f"{where}: cannot decompress the {compression} blob: {e}") from None
-    got = "sha256:" + hashlib.sha256(tar).hexdigest()
+    got = digest_of(tar)
     if got != diff_id:
         raise ConvertError(f"{where}: uncompressed content is {got}, the image config says {diff_id}")
     return tar
@@ -396,7 +396,7 @@ def _manifest(
     doc: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": _sha256(config), "size": len(config)},
+        "config": {"mediaType": OCI_CONFIG, "digest": digest_of(config), "size": len(config)},
         "layers": [
             {
                 "mediaType": b.media_type,
@@ -411,10 +411,6 @@ def _manifest(
     if merged:
         doc["annotations"] = merged
     return _dumps(doc)
-
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 async def convert(
@@ -450,10 +446,10 @@ async def convert(
                 [run.stargz_layer(i, d, compressions[i], diff_ids[i]) for i, d in enumerate(image.layers)]
             )
         config_bytes = _dumps(_new_config(config, built, options.format))
-        progress.note(f"storing config {_sha256(config_bytes)}")
-        await target.put_blob(_sha256(config_bytes), config_bytes)
+        progress.note(f"storing config {digest_of(config_bytes)}")
+        await target.put_blob(digest_of(config_bytes), config_bytes)
         manifest = _manifest(image, config_bytes, built, format_annotations)
-        progress.note(f"storing manifest {_sha256(manifest)} as {target.name}")
+        progress.note(f"storing manifest {digest_of(manifest)} as {target.name}")
         digest = await target.put_manifest(manifest, OCI_MANIFEST, _platform(config))
     finally:
         progress.close()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from snapshotter.fetcher.errors import (
     InvalidResponseError,
 )
 from snapshotter.fetcher.hosts import RegistryHost
+from snapshotter.fetcher.manifest import digest_of, matches_digest
 from snapshotter.fetcher.reference import Reference, validate_digest
 from snapshotter.fetcher.transport import Handler, Retry, Transport, Where
 
@@ -81,12 +81,11 @@ class PushStats:
 
 
 async def _matches(data: bytes, digest: str) -> bool:
-    algorithm, _, encoded = digest.partition(":")
-    if algorithm != "sha256":
+    if not digest.startswith("sha256:"):
         return False
     if len(data) < _HASH_IN_THREAD:
-        return hashlib.sha256(data).hexdigest() == encoded
-    return await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest() == encoded)
+        return matches_digest(data, digest)
+    return await asyncio.to_thread(matches_digest, data, digest)
 
 
 class _UploadLostError(FetchError):
@@ -320,7 +319,7 @@ class Pusher:
 
     async def put_manifest(self, ref: Reference, body: bytes, media_type: str) -> str:
         """PUT a manifest (or index) under ``ref``'s tag (or its digest); return its digest."""
-        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        digest = digest_of(body)
         if ref.digest is not None and ref.digest != digest:
             raise DigestMismatchError(
                 "manifest does not match the reference's digest",

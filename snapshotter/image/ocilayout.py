@@ -32,6 +32,7 @@ from snapshotter.fetcher import (
     parse_image_manifest,
     select_platform,
 )
+from snapshotter.fetcher.manifest import digest_of
 from snapshotter.fetcher.reference import DIGEST_RE
 
 LAYOUT_FILE = "oci-layout"
@@ -197,7 +198,7 @@ class OciLayout:
 
     def write_blob(self, data: bytes) -> str:
         """Store ``data`` under its sha256 digest (atomically) and return the digest."""
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = digest_of(data)
         path = self.blob_path(digest)
         if path.is_file() and path.stat().st_size == len(data):
             return digest  # content-addressed: same name, same bytes

@@ -57,6 +57,26 @@ def registry() -> Iterator[Registry]:
         remove_tmpdir(workdir)
 
 
+# One htpasswd user of the password-protected registry; the password must never show up in
+# lazysnap's log (the tests grep for it).
+AUTH_USER = "lzuser"
+AUTH_PASSWORD = "Lz-pa55word-7f3a"
+
+
+@pytest.fixture(scope="module")
+def auth_registry() -> Iterator[Registry]:
+    """A second registry on 127.0.0.1 that requires Basic auth (htpasswd) as AUTH_USER."""
+    require_privileges(binaries=("containerd", "ctr", "ctr-remote", "docker-registry", "skopeo"))
+    workdir = make_tmpdir()
+    reg = Registry(workdir, users={AUTH_USER: AUTH_PASSWORD})
+    try:
+        reg.start()
+        yield reg
+    finally:
+        reg.stop()
+        remove_tmpdir(workdir)
+
+
 @pytest.fixture(scope="session")
 def base_image(registry: Registry) -> Iterator[PushedImage]:
     """The standard three-layer test image, pushed as ``<registry>/lztest/base:1``."""

@@ -25,7 +25,7 @@ import pytest
 
 from snapshotter.api.runtime.v1 import api_pb2 as cri
 from snapshotter.api.runtime.v1 import api_pb2_grpc as cri_grpc
-from tests.e2e.conftest import make_tmpdir, remove_tmpdir
+from tests.e2e.conftest import AUTH_PASSWORD, AUTH_USER, make_tmpdir, remove_tmpdir
 from tests.support import mounts
 from tests.support.daemon import LazysnapDaemon, write_config
 from tests.support.lazy import wait_until
@@ -44,27 +44,12 @@ from tests.support.services import (
 SNAPSHOTTER = "lazysnap"
 K8S_NAMESPACE = "k8s.io"
 LAYERS = 4
-USER = "kubelet-user"
-PASSWORD = "Cri-s3cret-9d1e"  # must never show up in lazysnap's log
 
 
 @dataclass(frozen=True)
 class Images:
     public: EstargzImage  # in the session registry (no auth)
     private: EstargzImage  # in auth_registry (Basic auth)
-
-
-@pytest.fixture(scope="module")
-def auth_registry() -> Iterator[Registry]:
-    require_privileges(binaries=("containerd", "ctr", "ctr-remote", "docker-registry", "skopeo"))
-    workdir = make_tmpdir()
-    reg = Registry(workdir, users={USER: PASSWORD})
-    try:
-        reg.start()
-        yield reg
-    finally:
-        reg.stop()
-        remove_tmpdir(workdir)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +62,7 @@ def images(registry: Registry, auth_registry: Registry) -> Iterator[Images]:
             registry,
             auth_registry.host,
             "lztest/cri-private:esgz",
-            push_user=f"{USER}:{PASSWORD}",
+            push_user=f"{AUTH_USER}:{AUTH_PASSWORD}",
         )
         yield Images(public, private)
     finally:
@@ -275,7 +260,9 @@ def test_pull_secret_through_the_cri_proxy_makes_private_layers_lazy(
     stack = cri_stack([auth_proxy.host])
     ref = f"{auth_proxy.host}/{images.private.repo_tag}"
     api = stack.proxy_cri
-    auth = cri.AuthConfig(username=USER, password=PASSWORD, server_address=f"http://{auth_proxy.host}")
+    auth = cri.AuthConfig(
+        username=AUTH_USER, password=AUTH_PASSWORD, server_address=f"http://{auth_proxy.host}"
+    )
     image_id = pull(api, ref, auth)
     pulled = auth_proxy.reset()
     st = stack.daemon.stats()
@@ -298,7 +285,7 @@ def test_pull_secret_through_the_cri_proxy_makes_private_layers_lazy(
     layers = stack.daemon.stats()["layers"]
     assert sum(layer["bytes"]["on_demand"] for layer in layers.values()) > 0
     log = stack.daemon.log_path.read_text(errors="replace")
-    assert "CRI pull" in log and PASSWORD not in log
+    assert "CRI pull" in log and AUTH_PASSWORD not in log
 
 
 def test_pull_secret_straight_to_containerd_is_not_seen_by_lazysnap(
@@ -306,7 +293,7 @@ def test_pull_secret_straight_to_containerd_is_not_seen_by_lazysnap(
 ) -> None:
     stack = cri_stack([auth_proxy.host])
     ref = f"{auth_proxy.host}/{images.private.repo_tag}"
-    pull(stack.containerd_cri, ref, cri.AuthConfig(username=USER, password=PASSWORD))
+    pull(stack.containerd_cri, ref, cri.AuthConfig(username=AUTH_USER, password=AUTH_PASSWORD))
     st = stack.daemon.stats()
     assert st["lazy_mounts"] == 0 and st["not_lazy"] == {"auth-failed": LAYERS}, st
     assert stack.fuse_mounts() == []
@@ -319,7 +306,9 @@ def test_persisted_pull_secret_lets_a_restarted_daemon_keep_fetching(
 ) -> None:
     stack = cri_stack([auth_proxy.host], persist_credentials=True)
     ref = f"{auth_proxy.host}/{images.private.repo_tag}"
-    auth = cri.AuthConfig(username=USER, password=PASSWORD, server_address=f"http://{auth_proxy.host}")
+    auth = cri.AuthConfig(
+        username=AUTH_USER, password=AUTH_PASSWORD, server_address=f"http://{auth_proxy.host}"
+    )
     pull(stack.proxy_cri, ref, auth)
     saved = stack.daemon.root / "cri" / "credentials.json"
     assert stat.S_IMODE(saved.stat().st_mode) == 0o600
@@ -333,4 +322,4 @@ def test_persisted_pull_secret_lets_a_restarted_daemon_keep_fetching(
     read_range(stack, ref, images.private, mib=5)  # chunks never fetched before the restart
     layers = stack.daemon.stats()["layers"]
     assert sum(layer["bytes"]["on_demand"] for layer in layers.values()) > 0
-    assert PASSWORD not in stack.daemon.log_path.read_text(errors="replace")
+    assert AUTH_PASSWORD not in stack.daemon.log_path.read_text(errors="replace")

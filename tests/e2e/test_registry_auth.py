@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import ContainerdFactory, make_tmpdir, remove_tmpdir
+from tests.e2e.conftest import AUTH_PASSWORD, AUTH_USER, ContainerdFactory, make_tmpdir, remove_tmpdir
 from tests.support import mounts
 from tests.support.daemon import LazysnapDaemon, write_config
 from tests.support.proxy import CountingProxy
@@ -30,8 +30,6 @@ from tests.support.services import (
     verify_container_fs,
 )
 
-USER = "lzuser"
-PASSWORD = "Lz-pa55word-7f3a"  # a string that must never show up in lazysnap's log
 SNAPSHOTTER = "lazysnap"
 LAYERS = 4
 
@@ -39,24 +37,15 @@ Stack = Callable[[str], tuple[LazysnapDaemon, Containerd]]
 
 
 @pytest.fixture(scope="module")
-def auth_registry() -> Iterator[Registry]:
-    require_privileges(binaries=("containerd", "ctr", "ctr-remote", "docker-registry", "skopeo"))
-    workdir = make_tmpdir()
-    reg = Registry(workdir, users={USER: PASSWORD})
-    try:
-        reg.start()
-        yield reg
-    finally:
-        reg.stop()
-        remove_tmpdir(workdir)
-
-
-@pytest.fixture(scope="module")
 def private_image(registry: Registry, auth_registry: Registry) -> Iterator[EstargzImage]:
     workdir = make_tmpdir()
     try:
         yield build_estargz_image(
-            workdir, registry, auth_registry.host, "lztest/private:esgz", push_user=f"{USER}:{PASSWORD}"
+            workdir,
+            registry,
+            auth_registry.host,
+            "lztest/private:esgz",
+            push_user=f"{AUTH_USER}:{AUTH_PASSWORD}",
         )
     finally:
         remove_tmpdir(workdir)
@@ -119,16 +108,16 @@ def fuse_mounts_under(path: Path) -> list[str]:
 
 def assert_password_not_logged(daemon: LazysnapDaemon) -> None:
     log = daemon.log_path.read_text(errors="replace")
-    encoded = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-    assert PASSWORD not in log and encoded not in log
+    encoded = base64.b64encode(f"{AUTH_USER}:{AUTH_PASSWORD}".encode()).decode()
+    assert AUTH_PASSWORD not in log and encoded not in log
 
 
 def test_lazy_pull_with_credentials_from_docker_config(
     private_image: EstargzImage, proxy: CountingProxy, stack: Stack
 ) -> None:
-    daemon, cd = stack(docker_config(proxy.host, USER, PASSWORD))
+    daemon, cd = stack(docker_config(proxy.host, AUTH_USER, AUTH_PASSWORD))
     ref = f"{proxy.host}/{private_image.repo_tag}"
-    cd.rpull(ref, extra_args=["--user", f"{USER}:{PASSWORD}"])
+    cd.rpull(ref, extra_args=["--user", f"{AUTH_USER}:{AUTH_PASSWORD}"])
     pulled = proxy.reset()
     st = daemon.stats()
     assert st["lazy_mounts"] == LAYERS and not st["not_lazy"], st
@@ -151,10 +140,10 @@ def test_lazy_pull_with_credentials_from_docker_config(
 def test_without_valid_credentials_layers_are_pulled_normally(
     private_image: EstargzImage, proxy: CountingProxy, stack: Stack, creds: str
 ) -> None:
-    config = docker_config(proxy.host, USER, "not-" + PASSWORD[::-1]) if creds != "none" else ""
+    config = docker_config(proxy.host, AUTH_USER, "not-" + AUTH_PASSWORD[::-1]) if creds != "none" else ""
     daemon, cd = stack(config)
     ref = f"{proxy.host}/{private_image.repo_tag}"
-    cd.rpull(ref, extra_args=["--user", f"{USER}:{PASSWORD}"])  # containerd itself has them
+    cd.rpull(ref, extra_args=["--user", f"{AUTH_USER}:{AUTH_PASSWORD}"])  # containerd itself has them
     st = daemon.stats()
     assert st["lazy_mounts"] == 0 and st["not_lazy"] == {"auth-failed": LAYERS}, st
     assert fuse_mounts_under(daemon.root) == []
