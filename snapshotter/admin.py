@@ -17,7 +17,6 @@ import asyncio
 import http.client
 import json
 import logging
-import os
 import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -29,6 +28,7 @@ from aiohttp import web
 from snapshotter.config import LOG_LEVELS
 from snapshotter.logsetup import set_level
 from snapshotter.metrics import CONTENT_TYPE, Metrics
+from snapshotter.ownership import private_umask
 
 log = logging.getLogger(__name__)
 
@@ -137,11 +137,8 @@ async def serve_unix(app: web.Application, address: Path) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     address.unlink(missing_ok=True)
-    old_umask = os.umask(0o177)
-    try:
+    with private_umask():
         await web.UnixSite(runner, str(address)).start()
-    finally:
-        os.umask(old_umask)
     return runner
 
 

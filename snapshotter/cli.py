@@ -180,7 +180,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from snapshotter.daemon import StartupError, serve  # grpc loads only for the daemon
+    from snapshotter.daemon import serve  # grpc loads only for the daemon
+    from snapshotter.ownership import StartupError
 
     try:
         config = load(args.config, root=args.root, address=args.address)
@@ -197,8 +198,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _fuse_manager(args: argparse.Namespace) -> int:
-    from snapshotter.daemon import StartupError
     from snapshotter.fusemanager import ManagerRunningError, serve_manager
+    from snapshotter.ownership import StartupError
 
     try:
         config = load(args.config, root=args.root)

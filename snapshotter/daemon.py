@@ -3,25 +3,19 @@
 Lazy layers are served by the FUSE manager (``snapshotter.fusemanager``), a process the daemon
 starts and leaves running, so that containers keep their layers while the daemon restarts.
 
-Owns process-level concerns: one daemon per root (an flock on ROOT/lazysnap.lock), one daemon per
-socket (a live socket is never stolen), a socket only root (or the configured group) can use, and a
-clean stop on SIGTERM/SIGINT that removes the socket and closes the store.
+Owns the daemon's life: the root and socket it claims (``snapshotter.ownership``), the gRPC server,
+finding or starting the FUSE manager, and a clean stop on SIGTERM/SIGINT that removes the socket,
+closes the store and, when no lazy layer is mounted, lets the manager go too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import fcntl
-import grp
 import logging
 import os
 import signal
-import socket
-import stat
 import sys
 from pathlib import Path
-from typing import IO
 
 import grpc
 from aiohttp import web
@@ -31,92 +25,19 @@ from snapshotter.admin import admin_socket, start_admin, start_metrics
 from snapshotter.config import Config, manager_fingerprint
 from snapshotter.fuseclient import FuseManagerClient
 from snapshotter.metrics import Metrics
+from snapshotter.ownership import (
+    STOP_GRACE_SECONDS,
+    RootLock,
+    StartupError,
+    claim_socket_path,
+    private_umask,
+    secure_socket,
+)
 from snapshotter.sdnotify import notify
 from snapshotter.service import add_to_server
 from snapshotter.snapshots import Snapshotter
 
 log = logging.getLogger(__name__)
-
-STOP_GRACE_SECONDS = 10
-
-
-class StartupError(Exception):
-    """The daemon refuses to start; the message says why and what to do."""
-
-
-class RootLock:
-    """Exclusive use of a root directory by one daemon, held for the process's life."""
-
-    def __init__(self, root: Path) -> None:
-        try:
-            root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StartupError(f"root {root} is unusable: cannot create it: {exc.strerror}") from None
-        if not root.is_dir():
-            raise StartupError(f"root {root} is unusable: it is not a directory")
-        if not os.access(root, os.W_OK | os.X_OK):
-            raise StartupError(f"root {root} is unusable: not writable by this user")
-        path = root / "lazysnap.lock"
-        self._file: IO[str] = open(path, "a+")  # noqa: SIM115 - held until release()
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "unknown"
-            self._file.close()
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise StartupError(
-                    f"root {root} is in use by another lazysnap daemon (pid {holder}); "
-                    "stop it or choose another --root"
-                ) from None
-            raise StartupError(f"root {root} is unusable: cannot lock {path}: {exc.strerror}") from None
-        self._file.truncate(0)
-        self._file.write(f"{os.getpid()}\n")
-        self._file.flush()
-
-    def release(self) -> None:
-        self._file.close()
-
-
-def claim_socket_path(address: Path) -> None:
-    """Make ``address`` free for us to bind: remove a stale socket, refuse a live one."""
-    try:
-        address.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StartupError(f"cannot create the socket directory {address.parent}: {exc.strerror}") from None
-    try:
-        st = address.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise StartupError(
-            f"socket path {address} exists and is not a socket; remove it or choose another --address"
-        )
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(address))
-    except (ConnectionRefusedError, FileNotFoundError):
-        log.info("removing stale socket", extra={"address": str(address)})
-        address.unlink(missing_ok=True)
-        return
-    finally:
-        probe.close()
-    raise StartupError(
-        f"socket {address} is in use by a live daemon; stop it first or choose another --address"
-    )
-
-
-def secure_socket(address: Path, group: str) -> None:
-    """0600 for root only, or 0660 with the configured group."""
-    if not group:
-        os.chmod(address, 0o600)
-        return
-    try:
-        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise StartupError(f"grpc.socket_group: group {group!r} does not exist") from None
-    os.chown(address, -1, gid)
-    os.chmod(address, 0o660)
 
 
 def manager_command(config: Config, config_path: Path | None, log_level: str | None) -> list[str]:
@@ -161,11 +82,8 @@ async def serve(config: Config, config_path: Path | None = None, log_level: str 
             runners.append(await start_metrics(config.metrics.address, metrics, manager))
         server = grpc.aio.server()
         add_to_server(server, snapshotter, metrics.observe_grpc)
-        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
-        try:
+        with private_umask():  # the socket is born 0600: no window where others can connect
             server.add_insecure_port(f"unix:{config.address}")
-        finally:
-            os.umask(old_umask)
         secure_socket(config.address, config.grpc.socket_group)
         await server.start()
         socket_inode = config.address.stat().st_ino
@@ -189,11 +107,14 @@ async def serve(config: Config, config_path: Path | None = None, log_level: str 
             await runner.cleanup()
         if runners:
             admin_socket(config.root).unlink(missing_ok=True)
-        # The FUSE manager is left running: containers on lazy layers keep reading while the
-        # daemon restarts. Stopping the manager (SIGTERM to ROOT/fuse.pid) unmounts them. Only a
-        # manager this daemon started and then failed to start beside is stopped here.
+        # The FUSE manager is left running while it serves lazy layers: containers keep reading
+        # while the daemon restarts. Stopping it (SIGTERM to ROOT/fuse.pid) unmounts them. A
+        # manager with nothing mounted is stopped, as is one this daemon started and then
+        # failed to start beside.
         if not ready and manager is not None:
             await asyncio.to_thread(manager.stop_spawned)
+        elif manager is not None:  # with nothing mounted, nothing needs the manager either
+            await asyncio.to_thread(manager.stop_if_idle)
         if snapshotter is not None:
             snapshotter.close()
         lock.release()

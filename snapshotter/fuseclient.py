@@ -26,23 +26,13 @@ from snapshotter.admin import (
     prune_cache,
     set_log_level,
 )
-from snapshotter.formats import nydus
-from snapshotter.remote import NotLazyError
+from snapshotter.contract import NotLazyError, manager_socket, mount_request
+from snapshotter.formats.registry import requires_lazy_mount
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_SECONDS = 30.0
 MANAGER_RUNNING_EXIT = 3  # `lazysnap fuse-manager` exit status: another manager serves the root
-
-
-def manager_socket(root: Path) -> Path:
-    """Where the FUSE manager of ``root`` listens (root only)."""
-    return root / "fuse.sock"
-
-
-def manager_pidfile(root: Path) -> Path:
-    """The running FUSE manager's pid: ``kill -TERM $(cat ROOT/fuse.pid)`` unmounts lazy layers."""
-    return root / "fuse.pid"
 
 
 class FuseManagerClient:
@@ -115,6 +105,35 @@ class FuseManagerClient:
             except subprocess.TimeoutExpired:
                 self.spawned.kill()
 
+    def stop_if_idle(self, timeout: float = 30.0) -> bool:
+        """Ask the manager to exit when no lazy layer is mounted (the daemon is stopping, so no
+        new one can come), and wait until its process is gone. True when it stopped (or was not
+        running)."""
+        found = self.running()
+        if found is None:
+            return True
+        try:
+            answer = self._post("/stop-if-idle", {}, timeout=10)
+        except OSError:
+            return True
+        if not answer.get("stopping"):
+            log.info(
+                "the FUSE manager keeps serving lazy layers of running containers",
+                extra={"mounted": answer.get("mounted")},
+            )
+            return False
+        pid = int(found.get("pid", 0))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.spawned is not None and self.spawned.pid == pid:
+                if self.spawned.poll() is not None:
+                    return True
+            elif not _process_exists(pid):
+                return True
+            time.sleep(0.05)
+        log.warning("the FUSE manager did not stop in time", extra={"timeout": timeout, "pid": pid})
+        return False
+
     def _post(self, path: str, body: object, timeout: float = 30.0) -> dict[str, Any]:
         return admin_get(self.address, path, timeout, method="POST", body=body)
 
@@ -123,9 +142,9 @@ class FuseManagerClient:
     def mount(self, labels: Mapping[str, str], mountpoint: Path) -> None:
         """Mount lazily or raise NotLazyError, as ``RemoteLayers.mount``; a manager that is gone
         is started again once."""
-        body = {"labels": dict(labels), "mountpoint": str(mountpoint)}
+        body = mount_request(labels, mountpoint)
         timeout = self.mount_timeout + 30
-        required = nydus.is_nydus_layer("", labels)  # no download can stand in for such a layer
+        required = requires_lazy_mount(labels)  # no download can stand in for such a layer
         try:
             answer = self._post("/mount", body, timeout)
         except AdminError as exc:  # the manager answered, with an error
@@ -138,11 +157,7 @@ class FuseManagerClient:
                 raise NotLazyError("fuse-manager-unavailable", str(exc), required=required) from None
         refused = answer.get("not_lazy")
         if refused:
-            raise NotLazyError(
-                str(refused.get("reason", "unknown")),
-                str(refused.get("detail", "")),
-                required=bool(refused.get("required", required)),
-            )
+            raise NotLazyError.from_wire(refused, required=required)
 
     def check(self, mountpoint: Path) -> bool:
         try:
@@ -181,3 +196,12 @@ class FuseManagerClient:
 
     def metrics_text(self) -> str:
         return fetch_metrics(self.address)
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its parent to reap it does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

@@ -35,16 +35,22 @@ from snapshotter import __version__
 from snapshotter.admin import AdminError, admin_app, serve_unix
 from snapshotter.cache import ChunkCache
 from snapshotter.config import Config, manager_fingerprint
+from snapshotter.contract import NotLazyError, manager_pidfile, manager_socket, parse_mount_request
 from snapshotter.cri import ImageServiceProxy, PullSecrets
-from snapshotter.daemon import STOP_GRACE_SECONDS, StartupError, claim_socket_path
 from snapshotter.fetcher import CredentialStore, HostsConfig, RegistryClient, default_docker_config
 from snapshotter.fetcher.credentials import CredentialSource
-from snapshotter.fuseclient import manager_pidfile, manager_socket
 from snapshotter.logsetup import set_level
 from snapshotter.metrics import Metrics
+from snapshotter.ownership import (
+    STOP_GRACE_SECONDS,
+    StartupError,
+    claim_socket_path,
+    private_umask,
+    root_is_locked,
+)
 from snapshotter.profile import ProfileNotFoundError, StartupRecorder
 from snapshotter.reader import ReaderConfig
-from snapshotter.remote import NotLazyError, RemoteLayers
+from snapshotter.remote import RemoteLayers
 from snapshotter.tocstore import TocStore
 
 log = logging.getLogger(__name__)
@@ -99,7 +105,11 @@ class LocalBackend:
 
 
 def manager_app(
-    remote: RemoteLayers, metrics: Metrics, calls: Executor, fingerprint: str = ""
+    remote: RemoteLayers,
+    metrics: Metrics,
+    calls: Executor,
+    fingerprint: str = "",
+    stop: asyncio.Event | None = None,
 ) -> web.Application:
     """The admin routes, plus what the daemon asks of lazy layers. The daemon's calls block (a
     mount waits for the registry) and run in ``calls``, a pool of their own: the loop's default
@@ -107,14 +117,14 @@ def manager_app(
     loop = asyncio.get_running_loop()
 
     async def mount(request: web.Request) -> web.Response:
-        body = await request.json()
-        labels = {str(k): str(v) for k, v in body["labels"].items()}
         try:
-            await loop.run_in_executor(calls, remote.mount, labels, Path(body["mountpoint"]))
+            labels, mountpoint = parse_mount_request(await request.json())
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from None
+        try:
+            await loop.run_in_executor(calls, remote.mount, labels, mountpoint)
         except NotLazyError as exc:
-            return web.json_response(
-                {"not_lazy": {"reason": exc.reason, "detail": exc.detail, "required": exc.required}}
-            )
+            return web.json_response({"not_lazy": exc.to_wire()})
         return web.json_response({})
 
     async def unmount(request: web.Request) -> web.Response:
@@ -134,12 +144,21 @@ def manager_app(
     async def version(_: web.Request) -> web.Response:
         return web.json_response({"version": __version__, "pid": os.getpid(), "config": fingerprint})
 
+    async def stop_if_idle(_: web.Request) -> web.Response:
+        # A stopping daemon asks: with no lazy layer mounted, nothing needs this process.
+        mounted = remote.mounted()
+        if mounted == 0 and stop is not None:
+            log.info("FUSE manager stopping: the daemon stopped and no lazy layer is mounted")
+            loop.call_soon(stop.set)
+        return web.json_response({"stopping": mounted == 0 and stop is not None, "mounted": mounted})
+
     app = admin_app(LocalBackend(remote), metrics)
     app.router.add_post("/mount", mount)
     app.router.add_post("/unmount", unmount)
     app.router.add_get("/check", check)
     app.router.add_post("/forget-unused", forget_unused)
     app.router.add_get("/version", version)
+    app.router.add_post("/stop-if-idle", stop_if_idle)
     return app
 
 
@@ -194,11 +213,8 @@ def start_cri_proxy(config: Config, secrets: PullSecrets) -> ImageServiceProxy:
     """Bind the CRI image-service proxy's socket ``cri.listen`` (born 0600: root only)."""
     claim_socket_path(config.cri.listen)
     proxy = ImageServiceProxy(config.cri.containerd_socket, secrets)
-    old_umask = os.umask(0o177)
-    try:
+    with private_umask():
         proxy.bind(config.cri.listen)
-    finally:
-        os.umask(old_umask)
     return proxy
 
 
@@ -213,6 +229,7 @@ async def serve_manager(config: Config) -> None:
     remote: RemoteLayers | None = None
     cri: ImageServiceProxy | None = None
     runner: web.AppRunner | None = None
+    tasks: set[asyncio.Task[None]] = set()
     try:
         secrets = None
         if config.cri.enable:
@@ -230,10 +247,12 @@ async def serve_manager(config: Config) -> None:
                 raise StartupError(f"cri.listen: {exc}") from None
             await cri.start()
         pidfile.write_text(f"{os.getpid()}\n")
-        app = manager_app(remote, metrics, calls, manager_fingerprint(config))
+        stop = asyncio.Event()
+        app = manager_app(remote, metrics, calls, manager_fingerprint(config), stop)
         runner = await serve_unix(app, address)
         log.info("FUSE manager serving", extra={"version": __version__, "address": str(address)})
-        stop = asyncio.Event()
+        watchdog = loop.create_task(_watch(config, remote, stop))
+        tasks.add(watchdog)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         # The daemon that started us may die; its terminal's SIGHUP must not take the mounts along.
@@ -241,6 +260,8 @@ async def serve_manager(config: Config) -> None:
         await stop.wait()
         log.info("FUSE manager stopping: unmounting every lazy layer")
     finally:
+        for task in tasks:
+            task.cancel()
         if runner is not None:
             await runner.cleanup()
         address.unlink(missing_ok=True)
@@ -252,3 +273,39 @@ async def serve_manager(config: Config) -> None:
         pidfile.unlink(missing_ok=True)
         lock.close()
     log.info("FUSE manager stopped")
+
+
+WATCH_INTERVAL_SECONDS = 1.0
+
+
+async def _watch(config: Config, remote: RemoteLayers, stop: asyncio.Event) -> None:
+    """Stop when nothing needs this process any more: its root was deleted (a test's or a node's
+    state wiped), or no lazy layer has been mounted while no daemon ran for the configured time.
+    A manager is only ever started by a daemon, so nothing else would stop it."""
+    root = config.root
+    try:
+        identity = os.stat(root).st_ino
+    except OSError:
+        identity = -1
+    idle_since: float | None = None
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        await asyncio.sleep(WATCH_INTERVAL_SECONDS)
+        try:
+            gone = os.stat(root).st_ino != identity
+        except OSError:
+            gone = True
+        if gone:
+            log.warning("FUSE manager stopping: its root directory was removed", extra={"root": str(root)})
+            stop.set()
+            return
+        idle = remote.mounted() == 0 and not await asyncio.to_thread(root_is_locked, root)
+        if not idle:
+            idle_since = None
+            continue
+        if idle_since is None:
+            idle_since = loop.time()
+        elif loop.time() - idle_since >= config.remote.manager_idle_exit_seconds:
+            log.info("FUSE manager stopping: no lazy layer mounted and no daemon running")
+            stop.set()
+            return

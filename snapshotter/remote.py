@@ -14,65 +14,50 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple
 
 from snapshotter.cache import ChunkCache
+from snapshotter.contract import (
+    TARGET_REF_LABEL,
+    LayerRef,
+    NotLazyError,
+    layer_ref,
+    neighbour_digests,
+)
 from snapshotter.fetcher import (
     AuthError,
     BlobNotFoundError,
     DigestMismatchError,
     FetchError,
+    InvalidReferenceError,
     ManifestNotFoundError,
     RegistryClient,
     ResolvedImage,
+    parse_reference,
 )
-from snapshotter.formats import MAX_FOOTER_SIZE, TocLocation, locate_toc, nydus, parse_toc
+from snapshotter.formats import registry
 from snapshotter.formats.index import FormatError, LayerIndex
-from snapshotter.formats.nydus import BootstrapLocation
-from snapshotter.fuse.layerfs import FsObserver, LayerFS, LayerTree, MountedLayer, is_fuse_mountpoint, unmount
+from snapshotter.formats.registry import LayerFormat, Location
+from snapshotter.fuse.layerfs import FsObserver, LayerFS, LayerTree, MountedLayer
+from snapshotter.mounts import is_fuse_mountpoint, unmount
 from snapshotter.profile import StartupRecorder
 from snapshotter.reader import LayerReader, OnDemandActivity, ReaderConfig
 from snapshotter.tocstore import StoredToc, TocStore
 
 log = logging.getLogger(__name__)
 
-TARGET_REF_LABEL = "containerd.io/snapshot.ref"
-REMOTE_LABEL = "containerd.io/snapshot/remote"
-REMOTE_LABEL_VALUE = "remote snapshot"
-TOC_DIGEST_LABEL = "containerd.io/snapshot/stargz/toc.digest"
-# Image reference and layer digest, from ctr-remote's handler or from the CRI plugin/nerdctl.
-REFERENCE_LABELS = ("containerd.io/snapshot/remote/stargz.reference", "containerd.io/snapshot/cri.image-ref")
-DIGEST_LABELS = ("containerd.io/snapshot/remote/stargz.digest", "containerd.io/snapshot/cri.layer-digest")
-# Comma-separated digests of this layer and the ones above it in the image.
-NEIGHBOUR_LABELS = ("containerd.io/snapshot/remote/stargz.layers", "containerd.io/snapshot/cri.image-layers")
 MAX_NEIGHBOURS = 32
 RESOLVE_TTL_SECONDS = 60.0
 TAIL_FETCH_BYTES = 256 << 10  # footer + TOC of a layer of up to a few thousand files
-ZSTD_CHUNKED_ANNOTATIONS = (
-    "io.containers.zstd-chunked.manifest-checksum",
-    "io.github.containers.zstd-chunked.manifest-checksum",
-)
-
-
-class NotLazyError(Exception):
-    """This layer will be pulled normally; ``reason`` is a short machine-readable word.
-
-    ``required``: the layer is in a format only lazysnap can mount (Nydus-like), so a normal pull
-    cannot work either and Prepare must fail with this error instead."""
-
-    def __init__(self, reason: str, detail: str, *, required: bool = False) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-        self.required = required
 
 
 def fetch_failure_reason(exc: FetchError) -> str:
@@ -86,33 +71,11 @@ def fetch_failure_reason(exc: FetchError) -> str:
     return "registry-unreachable"
 
 
-class LazyMounts(Protocol):
-    """What the snapshotter asks of lazy layers: RemoteLayers in the FUSE manager, or the
-    daemon's client of it."""
+class Indexed(NamedTuple):
+    """A layer's verified index and the format it came in."""
 
-    def mount(self, labels: Mapping[str, str], mountpoint: Path) -> None: ...
-    def check(self, mountpoint: Path) -> bool: ...
-    def unmount(self, mountpoint: Path) -> None: ...
-    def forget_unused(self, digests_in_use: set[str]) -> None: ...
-
-
-@dataclass(frozen=True)
-class LayerRef:
-    reference: str
-    digest: str
-
-
-def layer_ref(labels: Mapping[str, str]) -> LayerRef:
-    """The image reference and layer digest from Prepare labels, or NotLazyError saying why."""
-    reference = next((labels[k] for k in REFERENCE_LABELS if labels.get(k)), "")
-    digest = next((labels[k] for k in DIGEST_LABELS if labels.get(k)), "")
-    if not reference or not digest:
-        raise NotLazyError(
-            "no-remote-labels",
-            "containerd sent no image reference/layer digest labels (plain `ctr image pull`, or the "
-            "CRI plugin with disable_snapshot_annotations = true)",
-        )
-    return LayerRef(reference, digest)
+    layer_format: LayerFormat
+    layer_index: LayerIndex
 
 
 @dataclass
@@ -157,7 +120,7 @@ class RemoteLayers:
         )
         # containerd prepares an image's layers one after another: resolve its manifest once.
         self._resolved: dict[str, tuple[float, asyncio.Task[ResolvedImage]]] = {}
-        self._indexes: dict[str, asyncio.Task[LayerIndex]] = {}  # TOCs being fetched, by layer digest
+        self._indexes: dict[str, asyncio.Task[Indexed]] = {}  # TOCs being fetched, by layer digest
         self.not_lazy = collections.Counter[str]()  # reason -> layers pulled normally
         self._closed = False
         self.lazy_mounts = 0
@@ -183,14 +146,14 @@ class RemoteLayers:
                 timeout = NotLazyError(
                     "timeout",
                     f"mounting took longer than {self.mount_timeout}s",
-                    required=nydus.is_nydus_layer("", labels),
+                    required=registry.requires_lazy_mount(labels),
                 )
                 self._not_lazy(timeout, layer)
                 raise timeout from None
             except Exception as exc:
                 log.exception("unexpected error mounting a lazy layer", extra={"layer": layer})
                 err = NotLazyError(
-                    "internal", f"{type(exc).__name__}: {exc}", required=nydus.is_nydus_layer("", labels)
+                    "internal", f"{type(exc).__name__}: {exc}", required=registry.requires_lazy_mount(labels)
                 )
                 self._not_lazy(err, layer)
                 raise err from None
@@ -201,6 +164,10 @@ class RemoteLayers:
             "layer not served lazily; containerd will download it",
             extra={"reason": exc.reason, "detail": exc.detail, "layer": layer},
         )
+
+    def mounted(self) -> int:
+        """How many lazy layers this process serves right now."""
+        return len(self._mounts)
 
     def check(self, mountpoint: Path) -> bool:
         mounted = self._mounts.get(mountpoint)
@@ -226,8 +193,7 @@ class RemoteLayers:
 
     def forget_unused(self, digests_in_use: set[str]) -> None:
         """Drop stored TOCs of layers no snapshot uses any more."""
-        for path in self.tocs.dir.glob("*.json"):
-            digest = path.stem.replace("-", ":", 1)
+        for digest in list(self.tocs.digests()):
             if digest not in digests_in_use:
                 self.tocs.remove(digest)
 
@@ -262,11 +228,11 @@ class RemoteLayers:
     async def _mount(self, labels: Mapping[str, str], mountpoint: Path) -> None:
         ref = layer_ref(labels)
         self._fetch_neighbours(ref, labels)
-        index = await self._index(ref, labels)
+        fmt, index = await self._index(ref, labels)
         try:
             await self._mount_index(ref, index, mountpoint)
         except NotLazyError as exc:
-            exc.required = index.format == "nydus"
+            exc.required = fmt.lazy_only
             raise
 
     async def _mount_index(self, ref: LayerRef, index: LayerIndex, mountpoint: Path) -> None:
@@ -321,59 +287,53 @@ class RemoteLayers:
         if self.recorder is not None and not self._closed:
             self.mount_executor.submit(self.recorder.flush)
 
-    async def _resolve(self, reference: str) -> ResolvedImage:
+    async def _resolve(self, ref: LayerRef) -> ResolvedImage:
+        """The image manifest the layer belongs to: the one containerd pulled when a label names
+        its digest (resolved by digest and verified), else what the reference resolves to now."""
+        try:
+            parsed = parse_reference(ref.reference)
+        except InvalidReferenceError as exc:
+            raise NotLazyError("bad-labels", str(exc)) from None
+        if ref.manifest_digest:
+            parsed = dataclasses.replace(parsed, digest=ref.manifest_digest)
+        key = str(parsed)
         now = time.monotonic()
         for old in [r for r, (when, _) in self._resolved.items() if now - when > RESOLVE_TTL_SECONDS]:
             del self._resolved[old]
-        cached = self._resolved.get(reference)
+        cached = self._resolved.get(key)
         if cached is not None:
             task = cached[1]
             if task.done() and (task.cancelled() or task.exception() is not None):
                 cached = None
         if cached is None:
-            cached = (now, self.loop.create_task(self.client.resolve(reference)))
-            self._resolved[reference] = cached
-        return await asyncio.shield(cached[1])
+            cached = (now, self.loop.create_task(self.client.resolve(parsed)))
+            self._resolved[key] = cached
+        try:
+            return await asyncio.shield(cached[1])
+        except FetchError as exc:
+            raise NotLazyError(fetch_failure_reason(exc), f"{ref.reference}: {exc}") from None
 
     async def _parse(
-        self, raw: bytes, location: TocLocation | BootstrapLocation, blob_size: int, expected: str
+        self, fmt: LayerFormat, raw: bytes, location: Location, blob_size: int, expected: str
     ) -> LayerIndex:
-        if isinstance(location, BootstrapLocation):
-            parse: Callable[[], LayerIndex] = functools.partial(
-                nydus.parse_bootstrap,
-                raw,
-                location,
-                blob_size=blob_size,
-                expected_digest=expected,
-                max_bytes=self.max_toc_bytes,
-            )
-        else:
-            parse = functools.partial(
-                parse_toc,
-                raw,
-                location,
-                blob_size=blob_size,
-                expected_digest=expected,
-                max_toc_bytes=self.max_toc_bytes,
-            )
+        parse = functools.partial(fmt.parse, raw, location, blob_size, expected, self.max_toc_bytes)
         return await self.loop.run_in_executor(self.mount_executor, parse)
 
     def _fetch_neighbours(self, ref: LayerRef, labels: Mapping[str, str]) -> None:
         """containerd prepares an image's layers one after another, each costing round trips to
         fetch its TOC; start fetching the TOCs of the layers above this one now, in parallel."""
-        listed = next((labels[k] for k in NEIGHBOUR_LABELS if labels.get(k)), "")
-        for digest in [d.strip() for d in listed.split(",") if d.strip()][:MAX_NEIGHBOURS]:
+        for digest in neighbour_digests(labels, MAX_NEIGHBOURS):
             if digest != ref.digest and digest not in self._indexes and not self.tocs.has(digest):
-                self._start_index(LayerRef(ref.reference, digest), {})
+                self._start_index(dataclasses.replace(ref, digest=digest), {})
 
-    def _start_index(self, ref: LayerRef, labels: Mapping[str, str]) -> asyncio.Task[LayerIndex]:
+    def _start_index(self, ref: LayerRef, labels: Mapping[str, str]) -> asyncio.Task[Indexed]:
         task = self.loop.create_task(self._fetch_index(ref, labels))
         # A neighbour fetched ahead may never be mounted; its failure is reported when it is.
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._indexes[ref.digest] = task
         return task
 
-    async def _index(self, ref: LayerRef, labels: Mapping[str, str]) -> LayerIndex:
+    async def _index(self, ref: LayerRef, labels: Mapping[str, str]) -> Indexed:
         """The layer's verified index: being fetched ahead (a neighbour's mount started it),
         stored at an earlier mount, or fetched now."""
         task = self._indexes.get(ref.digest)
@@ -388,13 +348,16 @@ class RemoteLayers:
             if task.done():
                 self._indexes.pop(ref.digest, None)
 
-    async def _stored_index(self, ref: LayerRef) -> LayerIndex | None:
-        """The index from the TOC verified at first mount, if we kept it (restart, remount)."""
+    async def _stored_index(self, ref: LayerRef) -> Indexed | None:
+        """The index from the metadata verified at first mount, if we kept it (restart, remount)."""
         stored = await self.loop.run_in_executor(self.mount_executor, self.tocs.load, ref.digest)
         if stored is None:
             return None
+        fmt = registry.by_name(stored.format)
         try:
-            return await self._parse(stored.raw, stored.location, stored.blob_size, stored.expected_digest)
+            index = await self._parse(
+                fmt, stored.raw, stored.location, stored.blob_size, stored.expected_digest
+            )
         except FormatError as exc:
             log.warning(
                 "stored TOC no longer verifies; fetching it again",
@@ -402,19 +365,41 @@ class RemoteLayers:
             )
             self.tocs.remove(ref.digest)
             return None
+        return Indexed(fmt, index)
 
-    async def _fetch_index(self, ref: LayerRef, labels: Mapping[str, str]) -> LayerIndex:
-        """Fetch the layer's footer and TOC, verify the TOC against the manifest, keep it."""
-        try:
-            image = await self._resolve(ref.reference)
-        except FetchError as exc:
-            raise NotLazyError(fetch_failure_reason(exc), f"{ref.reference}: {exc}") from None
+    async def _fetch_index(self, ref: LayerRef, labels: Mapping[str, str]) -> Indexed:
+        """Find the layer in its manifest, fetch its footer and metadata, verify the metadata
+        against the digest the manifest gives, parse it and keep it."""
+        image = await self._resolve(ref)
+        if ref.manifest_digest and image.manifest_digest != ref.manifest_digest:
+            raise NotLazyError(
+                "manifest-mismatch",
+                f"{ref.reference} resolved to {image.manifest_digest}, "
+                f"containerd pulled {ref.manifest_digest}",
+            )
         layer = next((layer for layer in image.layers if layer.digest == ref.digest), None)
         if layer is None:
             raise NotLazyError("layer-not-in-manifest", f"{ref.digest} is not a layer of {ref.reference}")
         annotations = {**layer.annotations, **labels}
-        if nydus.is_nydus_layer(layer.media_type, annotations):
-            index = await self._fetch_bootstrap(ref, layer.size, annotations)
+        fmt = registry.format_of(layer.media_type, annotations)
+        if fmt is None:
+            media = layer.media_type
+            why = (
+                "Docker media type: the registry manifest cannot carry layer annotations"
+                if "docker" in media
+                else "no TOC digest annotation (not an eStargz/zstd:chunked/Nydus-like layer)"
+            )
+            raise NotLazyError("no-toc-digest", f"{ref.digest} ({media}): {why}")
+        try:
+            try:
+                expected = fmt.expected_digest(annotations)
+            except FormatError as exc:
+                raise NotLazyError("bad-toc", f"{ref.digest}: {exc}") from None
+            if not expected:
+                raise NotLazyError(
+                    "no-toc-digest", f"{ref.digest}: a {fmt.name} layer without its metadata digest"
+                )
+            index = await self._fetch_metadata(ref, fmt, layer.size, expected, annotations)
             sizes = {layer.digest: layer.size for layer in image.layers}
             for digest, size in index.blobs.items():  # chunks kept once per image, in lower layers
                 if sizes.get(digest) != size:
@@ -422,57 +407,14 @@ class RemoteLayers:
                     raise NotLazyError(
                         "bad-toc",
                         f"{ref.digest}: chunks in {digest} ({size} bytes), not a layer of {ref.reference}",
-                        required=True,
                     )
-            return index
-        expected = annotations.get(TOC_DIGEST_LABEL) or next(
-            (annotations[k] for k in ZSTD_CHUNKED_ANNOTATIONS if annotations.get(k)), None
-        )
-        if not expected:
-            media = layer.media_type
-            why = (
-                "Docker media type: the registry manifest cannot carry layer annotations"
-                if "docker" in media
-                else "no TOC digest annotation (not an eStargz/zstd:chunked layer)"
-            )
-            raise NotLazyError("no-toc-digest", f"{ref.digest} ({media}): {why}")
-        toc = await self._fetch_metadata(
-            ref,
-            layer.size,
-            expected,
-            lambda tail: locate_toc(tail[-MAX_FOOTER_SIZE:], layer.size, annotations),
-        )
-        return toc
-
-    async def _fetch_bootstrap(self, ref: LayerRef, size: int, annotations: Mapping[str, str]) -> LayerIndex:
-        """A Nydus-like layer: its bootstrap sits before the footer, verified against the manifest."""
-        try:
-            expected = nydus.bootstrap_digest(annotations)
-        except FormatError as exc:
-            raise NotLazyError("bad-toc", f"{ref.digest}: {exc}", required=True) from None
-        if not expected:
-            raise NotLazyError(
-                "no-toc-digest",
-                f"{ref.digest}: Nydus-like layer without {nydus.BOOTSTRAP_DIGEST_ANNOTATION}",
-                required=True,
-            )
-        try:
-            return await self._fetch_metadata(
-                ref,
-                size,
-                expected,
-                lambda tail: nydus.locate_bootstrap(tail, size, max_bytes=self.max_toc_bytes),
-            )
         except NotLazyError as exc:
-            exc.required = True
+            exc.required = fmt.lazy_only
             raise
+        return Indexed(fmt, index)
 
     async def _fetch_metadata(
-        self,
-        ref: LayerRef,
-        size: int,
-        expected: str,
-        locate: Callable[[bytes], TocLocation | BootstrapLocation],
+        self, ref: LayerRef, fmt: LayerFormat, size: int, expected: str, annotations: Mapping[str, str]
     ) -> LayerIndex:
         """Fetch the layer's footer and metadata (TOC or bootstrap), verify, parse, keep them."""
         blob = self.client.blob(ref.reference, ref.digest, size)
@@ -480,7 +422,7 @@ class RemoteLayers:
             # One request for the footer and, for most layers, the whole metadata before it.
             tail_start = max(0, size - TAIL_FETCH_BYTES)
             (tail,) = await blob.read_ranges([(tail_start, size)])
-            location = locate(tail)
+            location = fmt.locate(tail, size, annotations, self.max_toc_bytes)
             if location.length > self.max_toc_bytes:  # checked before a byte of it is fetched
                 raise NotLazyError(
                     "bad-toc", f"{ref.digest}: metadata of {location.length} bytes is over the limit"
@@ -489,12 +431,12 @@ class RemoteLayers:
                 raw = tail[location.offset - tail_start : location.offset - tail_start + location.length]
             else:
                 (raw,) = await blob.read_ranges([(location.offset, location.offset + location.length)])
-            index = await self._parse(raw, location, size, expected)
+            index = await self._parse(fmt, raw, location, size, expected)
         except FetchError as exc:
             raise NotLazyError(fetch_failure_reason(exc), f"{ref.digest}: {exc}") from None
         except FormatError as exc:
             raise NotLazyError("bad-toc", f"{ref.digest}: {exc}") from None
-        stored = StoredToc(ref.reference, size, expected, location, raw)
+        stored = StoredToc(ref.reference, size, expected, fmt.name, location, raw)
         await self.loop.run_in_executor(self.mount_executor, self.tocs.save, ref.digest, stored)
         return index
 

@@ -14,23 +14,22 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snapshotter.diskusage import disk_usage
-from snapshotter.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError, UnavailableError
-from snapshotter.fuse.layerfs import is_fuse_mountpoint, unmount
-from snapshotter.remote import (
-    DIGEST_LABELS,
+from snapshotter.contract import (
     REMOTE_LABEL,
     REMOTE_LABEL_VALUE,
     TARGET_REF_LABEL,
     LazyMounts,
     NotLazyError,
+    layer_digest,
 )
+from snapshotter.diskusage import disk_usage
+from snapshotter.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError, UnavailableError
+from snapshotter.mounts import mount_type, remove_tree, unmount
 from snapshotter.store import Info, Kind, Snapshot, Store, Usage
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,30 @@ def overlay_supports_index() -> bool:
 
 
 class Snapshotter:
-    """Prepare/View/Mounts/Commit/Remove/Stat/Update/List/Usage/Cleanup for plain layers."""
+    """containerd's ``snapshots.Snapshotter``, with the overlayfs snapshotter's semantics.
+
+    - **Keys and names share one key space.** ``Prepare(key, parent)`` and ``View(key, parent)``
+      create an active (writable) or view (read-only) snapshot under ``key``; ``parent`` must name
+      a committed snapshot (or be empty). A second Prepare/View with a used key is AlreadyExists.
+    - **Commit(name, key)** turns the active snapshot ``key`` into the committed snapshot ``name``:
+      ``key`` is gone afterwards, and the directory (same id) becomes a read-only lower layer of
+      whatever is prepared on top of ``name``. Only active snapshots commit; views never do.
+    - **Remove(key)** deletes a snapshot that has no children (FailedPrecondition otherwise). The
+      metadata goes in one transaction first; the directory is then renamed to ``rm-ID`` and
+      deleted, so a crash in between leaves only a directory that ``cleanup`` removes.
+    - **Mounts(key)** of an active snapshot or view: a bind mount of its own directory when it has
+      no parent, a read-only bind of the parent for a one-parent view, else an overlay whose lower
+      directories are the parent chain, nearest first. Committed snapshots have no mounts.
+    - **The remote-snapshot handshake**: a Prepare carrying ``TARGET_REF_LABEL`` (containerd's
+      unpacker, per layer) asks the lazy side to mount the layer at the new snapshot's directory;
+      if it can, the snapshot is committed here under the label's chain ID, marked with
+      ``REMOTE_LABEL``, and the answer is AlreadyExists, so containerd neither downloads nor
+      unpacks the layer. If it cannot, the Prepare answers like any other and containerd fills
+      the directory itself — unless the layer is in a format only lazysnap can read, which fails
+      the Prepare with the reason.
+    - Lazy layers stay mounted while the daemon runs and are mounted again at start; a snapshot
+      whose lazy lower layer cannot be mounted answers Unavailable.
+    """
 
     def __init__(
         self,
@@ -127,9 +149,8 @@ class Snapshotter:
                 return mounts
             self.remove(key)  # containerd could not unpack this layer either: say why instead
             raise FailedPreconditionError(
-                f"layer {next((labels[k] for k in DIGEST_LABELS if labels.get(k)), target)} is in a "
-                "format only lazysnap reads (Nydus-like), and mounting it lazily failed: "
-                f"{exc}"
+                f"layer {layer_digest(labels) or target} is in a format only lazysnap reads "
+                f"(Nydus-like), and mounting it lazily failed: {exc}"
             ) from None
         committed_labels = {**labels, REMOTE_LABEL: REMOTE_LABEL_VALUE}
         try:
@@ -150,7 +171,9 @@ class Snapshotter:
         for info in self.store.list_infos():
             if info.kind == Kind.COMMITTED and info.labels.get(REMOTE_LABEL) == REMOTE_LABEL_VALUE:
                 self._remote_labels[info.id] = info.labels
-                in_use.update(info.labels[k] for k in DIGEST_LABELS if info.labels.get(k))
+                digest = layer_digest(info.labels)
+                if digest:
+                    in_use.add(digest)
                 self._remount(info.id)
         self.remote.forget_unused(in_use)
 
@@ -182,7 +205,7 @@ class Snapshotter:
             directory = self.snapshots_dir / str(snap.id)
             try:
                 if directory.exists():  # left by a crash before its transaction committed
-                    shutil.rmtree(directory)
+                    self._delete(directory)
                 directory.mkdir(mode=0o700)
                 fs = self.fs_path(snap.id)
                 fs.mkdir(mode=0o755)
@@ -194,7 +217,7 @@ class Snapshotter:
                     st = self.fs_path(snap.parent_ids[0]).stat()
                     os.lchown(fs, st.st_uid, st.st_gid)
             except BaseException:
-                shutil.rmtree(directory, ignore_errors=True)
+                self._delete(directory)
                 raise
         return self.mounts_for(snap)
 
@@ -227,40 +250,70 @@ class Snapshotter:
         return info.usage
 
     def cleanup(self) -> list[Path]:
-        """Remove snapshot directories that no snapshot owns; return what was removed."""
+        """Remove snapshot directories that no snapshot owns; return what was removed. Runs at
+        start, where it must never stop the daemon: a directory it cannot remove is logged and
+        left for the next cleanup."""
         doomed: list[Path] = []
         with self._dirs_lock:
             owned = {str(sid) for sid in self.store.ids()}
             for entry in self.snapshots_dir.iterdir():
                 if entry.name in owned or entry.name.startswith("rm-"):
                     continue
-                self._release_mount(entry / "fs")
                 target = self.snapshots_dir / f"rm-{entry.name}"
-                entry.rename(target)
+                try:
+                    self._release_mount(entry / "fs")
+                    entry.rename(target)
+                except OSError as exc:
+                    log.error(
+                        "cannot clean up a snapshot directory", extra={"path": str(entry), "error": str(exc)}
+                    )
+                    continue
                 doomed.append(target)
         doomed += [e for e in self.snapshots_dir.iterdir() if e.name.startswith("rm-") and e not in doomed]
+        removed = []
         for path in doomed:
-            self._release_mount(path / "fs")
-            shutil.rmtree(path, ignore_errors=True)
-            log.info("removed orphaned snapshot directory", extra={"path": str(path)})
-        return doomed
+            if self._delete(path):
+                log.info("removed orphaned snapshot directory", extra={"path": str(path)})
+                removed.append(path)
+        return removed
 
     def _release_mount(self, fs: Path) -> None:
-        """Never delete through a mount: unmount a lazy layer's FUSE mount first (through the
-        FUSE manager that serves it, and here if the manager could not)."""
-        if not is_fuse_mountpoint(fs):
+        """Never delete through a mount: unmount a lazy layer first (through the FUSE manager that
+        serves it, and here if the manager could not), and anything else left mounted there."""
+        if mount_type(fs) is None:
             return
         if self.remote is not None:
             self.remote.unmount(fs)
-        while is_fuse_mountpoint(fs):
+        while mount_type(fs) is not None:
             unmount(fs)
 
+    def _delete(self, directory: Path) -> bool:
+        """Delete a snapshot directory (iteratively: a container may nest directories thousands
+        deep); log instead of raising, so that neither Remove nor start-up cleanup can fail on
+        what a container left behind. True when it is gone."""
+        try:
+            self._release_mount(directory / "fs")
+            left = remove_tree(directory)
+        except OSError as exc:
+            log.error("cannot delete a snapshot directory", extra={"path": str(directory), "error": str(exc)})
+            return False
+        if left:
+            log.error(
+                "snapshot directory holds mounts lazysnap did not make; left in place",
+                extra={"path": str(directory), "mounts": left[:8]},
+            )
+            return False
+        return True
+
     def _remove_directory(self, sid: int) -> None:
-        self._release_mount(self.fs_path(sid))
         directory = self.snapshots_dir / str(sid)
         target = self.snapshots_dir / f"rm-{sid}"
         try:
+            self._release_mount(self.fs_path(sid))
             directory.rename(target)
         except FileNotFoundError:
             return
-        shutil.rmtree(target, ignore_errors=True)
+        except OSError as exc:
+            log.error("cannot remove a snapshot directory", extra={"path": str(directory), "error": str(exc)})
+            return
+        self._delete(target)

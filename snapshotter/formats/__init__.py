@@ -1,18 +1,14 @@
-"""Layer formats: parse a lazily pullable layer's index (eStargz, zstd:chunked) and build blobs.
+"""Layer formats: parse a lazily pullable layer's index (eStargz, zstd:chunked, Nydus-like) and
+build blobs.
 
 Pure functions on bytes; no sockets, no files. The contract every parser produces is in
-``snapshotter.formats.index``; this package re-exports the public API.
+``snapshotter.formats.index``; ``snapshotter.formats.registry`` says which format a layer is in.
+This package re-exports the public API; the builders load on first use, so that a process that
+only parses (the daemon, the FUSE manager) never imports them.
 """
 
-from snapshotter.formats.build import (
-    DEFAULT_CHUNK_SIZE,
-    UNCOMPRESSED_SIZE_ANNOTATION,
-    BuiltBlob,
-    build_blob,
-    build_estargz,
-    build_zstdchunked,
-)
-from snapshotter.formats.build_nydus import build_nydus, build_nydus_image
+from typing import TYPE_CHECKING, Any
+
 from snapshotter.formats.detect import (
     DEFAULT_MAX_TOC_BYTES,
     MAX_FOOTER_SIZE,
@@ -84,3 +80,34 @@ __all__ = [
     "read_toc_json",
     "toc_digest_from_annotations",
 ]
+
+_BUILDERS = {
+    "DEFAULT_CHUNK_SIZE": "build",
+    "UNCOMPRESSED_SIZE_ANNOTATION": "build",
+    "BuiltBlob": "build",
+    "build_blob": "build",
+    "build_estargz": "build",
+    "build_zstdchunked": "build",
+    "build_nydus": "build_nydus",
+    "build_nydus_image": "build_nydus",
+}
+
+if TYPE_CHECKING:
+    from snapshotter.formats.build import (
+        DEFAULT_CHUNK_SIZE,
+        UNCOMPRESSED_SIZE_ANNOTATION,
+        BuiltBlob,
+        build_blob,
+        build_estargz,
+        build_zstdchunked,
+    )
+    from snapshotter.formats.build_nydus import build_nydus, build_nydus_image
+
+
+def __getattr__(name: str) -> Any:
+    module = _BUILDERS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -8,8 +8,6 @@ landmark files. File contents come from the chunk reader; this module knows file
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import functools
 import logging
@@ -25,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 import mfusepy
 
 from snapshotter.formats.index import Entry, EntryType, LayerIndex
+from snapshotter.mounts import is_fuse_mountpoint, unmount
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -358,29 +357,3 @@ class MountedLayer:
         if is_fuse_mountpoint(self.mountpoint):
             unmount(self.mountpoint)
         self._thread.join(timeout)
-
-
-def is_fuse_mountpoint(path: Path) -> bool:
-    target = str(path)
-    with open("/proc/self/mounts") as fh:
-        for line in fh:
-            fields = line.split()
-            if len(fields) > 2 and _unescape(fields[1]) == target and fields[2].startswith("fuse"):
-                return True
-    return False
-
-
-def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_MNT_DETACH = 2
-
-
-def unmount(path: Path) -> None:
-    """Detach the mount (lazily, so busy mounts do not block shutdown)."""
-    if _libc.umount2(str(path).encode(), _MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOENT):
-            raise OSError(err, f"umount {path}: {os.strerror(err)}")

@@ -34,13 +34,42 @@ def test_a_restarted_daemon_finds_its_manager(workdir: Path) -> None:
         manager = d.manager_pid()
         assert manager is not None and manager != d.pid
         assert os.getsid(manager) == manager  # a session of its own: the daemon's signals stay away
-        d.stop(keep_manager=True)
+        d.kill()  # a crash: the manager waits (manager_idle_exit_seconds) for the next daemon
         assert pid_alive(manager)
         d.start()
         assert d.manager_pid() == manager
+        # A clean stop with nothing mounted (Ctrl-C in a terminal, systemctl stop) leaves nothing.
+        d.stop(signal.SIGINT, keep_manager=True)
+        assert not pid_alive(manager)
+        assert not (d.root / "fuse.sock").exists()
     finally:
         d.stop()
-    assert not pid_alive(manager)  # stopping the manager is explicit (and unmounts lazy layers)
+
+
+def test_a_manager_nobody_needs_exits(workdir: Path) -> None:
+    """No daemon and nothing mounted for manager_idle_exit_seconds, or its root deleted: before,
+    every `lazysnap serve` left a manager behind (73 after three conformance runs)."""
+    config = write_config(workdir / "config.toml", {"remote": {"manager_idle_exit_seconds": 1.0}})
+    d = LazysnapDaemon(workdir, config=config)
+    d.start()
+    try:
+        manager = d.manager_pid()
+        assert manager is not None
+        d.kill()
+        assert wait_until(lambda: not pid_alive(manager), timeout=30)
+        assert "no lazy layer mounted and no daemon running" in (workdir / "lazysnap.log").read_text()
+    finally:
+        d.stop()
+    d = LazysnapDaemon(workdir)  # idle exit after 60 s: only the deleted root can end it sooner
+    d.start()
+    try:
+        manager = d.manager_pid()
+        assert manager is not None
+        d.kill()
+        subprocess.run(["rm", "-rf", str(d.root)], check=True)
+        assert wait_until(lambda: not pid_alive(manager), timeout=30)
+    finally:
+        d.stop()
 
 
 def test_a_daemon_that_fails_to_start_stops_the_manager_it_started(workdir: Path) -> None:
@@ -78,11 +107,11 @@ def test_a_daemon_with_other_settings_says_the_manager_runs_the_old_ones(workdir
     d = LazysnapDaemon(workdir, config=first)
     d.start()
     try:
-        d.stop(keep_manager=True)
+        d.kill()  # the manager outlives a crashed daemon (and one stopped while layers are mounted)
         d.config = write_config(workdir / "second.toml", {"read": {"timeout_seconds": 5.0}})
         d.start()
         assert "uses other settings than this config" in d.log_tail(50)
-        d.stop(keep_manager=True)
+        d.kill()
         d.config = first  # the manager's own settings: nothing to say
         log_size = len(d.log_path.read_text())
         d.start()

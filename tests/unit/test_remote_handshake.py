@@ -9,14 +9,14 @@ import pytest
 
 from snapshotter.errors import AlreadyExistsError, FailedPreconditionError, UnavailableError
 from snapshotter.fetcher import AuthError, BlobNotFoundError, FetchError
-from snapshotter.remote import (
+from snapshotter.contract import (
     REMOTE_LABEL,
     REMOTE_LABEL_VALUE,
     TARGET_REF_LABEL,
     NotLazyError,
-    fetch_failure_reason,
     layer_ref,
 )
+from snapshotter.remote import fetch_failure_reason
 from snapshotter.snapshots import Snapshotter
 from snapshotter.store import Kind
 
@@ -142,3 +142,29 @@ def test_labels_and_reasons() -> None:
     assert fetch_failure_reason(AuthError("401")) == "auth-failed"
     assert fetch_failure_reason(BlobNotFoundError("404")) == "not-found"
     assert fetch_failure_reason(FetchError("reset")) == "registry-unreachable"
+
+
+@pytest.mark.parametrize(
+    "digest",
+    [
+        "/etc/passwd",
+        "sha256:../../../etc",
+        "../x",
+        "sha256:" + "A" * 64,
+        "sha1:" + "a" * 40,
+        "sha256:" + "a" * 65,
+    ],
+)
+def test_a_layer_digest_label_that_is_not_a_digest_is_refused(digest: str) -> None:
+    """The digest label becomes a file name under the root; nothing else may get that far."""
+    with pytest.raises(NotLazyError) as info:
+        layer_ref({**LABELS, "containerd.io/snapshot/remote/stargz.digest": digest})
+    assert info.value.reason == "bad-labels"
+
+
+def test_the_manifest_digest_containerd_pulled_is_kept() -> None:
+    manifest = "sha256:" + "4" * 64
+    labels = {**LABELS, "containerd.io/snapshot/cri.manifest-digest": manifest}
+    assert layer_ref(labels).manifest_digest == manifest
+    with pytest.raises(NotLazyError, match="bad-labels"):
+        layer_ref({**LABELS, "containerd.io/snapshot/cri.manifest-digest": "sha256:nope"})
