@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import ipaddress
 import json
 import logging
 import socket
@@ -164,9 +165,25 @@ async def start_metrics(address: str, metrics: Metrics, backend: LazyBackend | N
         site = web.UnixSite(runner, str(path))
     else:
         host, _, port = address.rpartition(":")
-        site = web.TCPSite(runner, host.strip("[]"), int(port))
+        host = host.strip("[]")
+        if not _is_loopback(host):
+            log.warning(
+                "metrics are served beyond this node with no authentication; they name images and "
+                "layers. Prefer 127.0.0.1 or a unix socket behind an authenticating proxy",
+                extra={"address": address},
+            )
+        site = web.TCPSite(runner, host, int(port))
     await site.start()
     return runner
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # --- the client side (CLI, tests, the daemon talking to the FUSE manager) -------------------------

@@ -114,6 +114,8 @@ class CriConfig:
     listen: Path = Path("/run/lazysnap/cri.sock")  # the kubelet's --image-service-endpoint
     containerd_socket: Path = Path("/run/containerd/containerd.sock")  # calls are forwarded here
     persist_credentials: bool = False  # keep pull secrets in ROOT/cri/credentials.json (0600)
+    # Lend a host's most recent pull secret to repositories of that host that have none.
+    secret_host_fallback: bool = False
 
     def validate(self, where: str) -> None:
         for key, path in (("listen", self.listen), ("containerd_socket", self.containerd_socket)):

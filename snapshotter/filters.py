@@ -13,16 +13,37 @@ Grammar (from containerd)::
 A selector without operator tests that the field is present. Selectors joined by commas must all
 match; several filter strings match if any of them does. The scanner below follows containerd's
 rune by rune so that edge cases (dots inside values, escapes) parse the same way.
+
+``~=`` patterns are RE2 (Google's ``re2``), as in containerd, whose Go ``regexp`` is RE2: the same
+syntax, and matching in time linear in the input, so no pattern a client sends can make a List
+call spin (Python's backtracking ``re`` can take exponential time on patterns like ``(a+)+$``).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
+
+import re2
 
 from snapshotter.errors import InvalidArgumentError
+
+MAX_PATTERN_LENGTH = 4096  # containerd's label limit; a longer pattern can match no label
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a client's bad pattern is its error, answered, not logged
+
+
+def compile_pattern(pattern: str) -> Any:
+    """The RE2 program for a ``~=`` value; ValueError when it is not a valid RE2 pattern."""
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise ValueError(f"pattern longer than {MAX_PATTERN_LENGTH} characters")
+    try:
+        return re2.compile(pattern, options=_RE2_OPTIONS)
+    except re2.error as exc:
+        raise ValueError(str(exc.args[0].decode() if isinstance(exc.args[0], bytes) else exc)) from None
+
 
 # An adaptor answers "what is the value of this field path, and is it present?"
 Adaptor = Callable[[Sequence[str]], tuple[str, bool]]
@@ -40,7 +61,7 @@ class Selector:
     fieldpath: tuple[str, ...]
     operator: Operator
     value: str = ""
-    _regex: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
+    _regex: Any = field(default=None, repr=False, compare=False)  # an RE2 program
 
     def matches(self, adaptor: Adaptor) -> bool:
         value, present = adaptor(self.fieldpath)
@@ -51,7 +72,7 @@ class Selector:
         if self.operator is Operator.NOT_EQUAL:
             return value != self.value
         if self._regex is None:
-            self._regex = re.compile(self.value)
+            self._regex = compile_pattern(self.value)
         return self._regex.search(value) is not None
 
 
@@ -243,8 +264,8 @@ class _Parser:
         selector = Selector(fieldpath, operator, value)
         if operator is Operator.MATCHES:
             try:
-                selector._regex = re.compile(value)
-            except re.error as exc:
+                selector._regex = compile_pattern(value)
+            except ValueError as exc:
                 raise self.fail(pos, f"invalid regular expression {value!r}: {exc}") from None
         return selector
 

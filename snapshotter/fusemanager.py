@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -234,7 +235,9 @@ async def serve_manager(config: Config) -> None:
         secrets = None
         if config.cri.enable:
             persist = config.root / "cri" / "credentials.json" if config.cri.persist_credentials else None
-            secrets = await asyncio.to_thread(PullSecrets, persist)
+            secrets = await asyncio.to_thread(
+                functools.partial(PullSecrets, persist, host_fallback=config.cri.secret_host_fallback)
+            )
         sources = [secrets.lookup] if secrets is not None else []
         remote = await asyncio.to_thread(build_remote, config, loop, sources)
         metrics = Metrics()

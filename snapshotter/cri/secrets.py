@@ -4,8 +4,10 @@ The kubelet sends an image's pull secret in ``PullImageRequest.auth``; container
 own requests but never tells a snapshotter. The proxy records it here, keyed by the image's
 registry host and repository, *before* forwarding the pull (containerd prepares the layers while
 the pull is in flight, and lazysnap needs the credentials then), and takes it back if the pull
-fails. ``lookup(host, repository)`` is a ``CredentialStore`` source: the exact repository first,
-else the most recently used secret for the host.
+fails. ``lookup(host, repository)`` is a ``CredentialStore`` source: the secret of exactly that
+repository on that host. A secret is one tenant's: it never fetches another repository's layers,
+unless the operator turns ``host_fallback`` on (``cri.secret_host_fallback``), which then lends the
+most recently used secret of the host to repositories that have none.
 
 With a ``persist_path`` the secrets are also written to that file (mode 0600, root's directory
 0700) so that a restarted daemon can keep fetching lazily mounted layers of private images. Secrets
@@ -119,8 +121,9 @@ class PullSecrets:
     Thread-safe; ``lookup`` is cheap and never blocks on I/O (it runs on the daemon's event loop).
     """
 
-    def __init__(self, persist_path: Path | None = None) -> None:
+    def __init__(self, persist_path: Path | None = None, *, host_fallback: bool = False) -> None:
         self._persist = persist_path
+        self.host_fallback = host_fallback
         self._lock = threading.Lock()
         # Most recently used last: lookups by host prefer the newest secret.
         self._entries: OrderedDict[_Key, Credentials] = OrderedDict()
@@ -164,14 +167,16 @@ class PullSecrets:
             self._save_locked()
 
     def lookup(self, host: str, repository: str = "") -> Credentials | None:
-        """A ``CredentialStore`` source: the secret for ``repository`` on ``host`` if known, else
-        the most recently remembered one for ``host``, else None."""
+        """A ``CredentialStore`` source: the secret for ``repository`` on ``host`` if known; with
+        ``host_fallback``, else the most recently remembered one for ``host``; else None."""
         host = normalize_host(host)
         with self._lock:
             if repository:
                 found = self._entries.get(_Key(host, repository))
                 if found is not None:
                     return found
+            if not self.host_fallback:
+                return None
             for key in reversed(self._entries):
                 if key.host == host:
                     return self._entries[key]

@@ -73,9 +73,10 @@ def test_pull_and_run_on_lazysnap(
     # The whole tree: contents, modes, owners, links, whiteouts and the opaque directory.
     assert verify_container_fs(lz_containerd, ref, base_image.expected, snapshotter=SNAPSHOTTER) == []
 
-    # run --rm drops the containers' snapshots; containerd's garbage collector then calls Remove.
+    # run --rm drops the containers' snapshots; containerd's garbage collector then calls Remove,
+    # which deletes the directory after its transaction (as containerd does): wait for both.
     assert wait_until(lambda: not [i for i in backend_infos(lazysnap) if i.kind != pb.COMMITTED])
-    assert len(list((lazysnap.root / "snapshots").iterdir())) == len(committed)
+    assert wait_until(lambda: len(list((lazysnap.root / "snapshots").iterdir())) == len(committed))
 
 
 def test_ctr_snapshots_agree_with_the_daemon(

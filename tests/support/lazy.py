@@ -15,6 +15,7 @@ class MemoryBlob:
     def __init__(self, data: bytes) -> None:
         self.data = bytearray(data)
         self.requests: list[list[tuple[int, int]]] = []
+        self.arrived = 0  # requests that reached the blob, stalled ones included
         self.fail: Exception | None = None
         self.stall = asyncio.Event()
         self.stall.set()
@@ -24,6 +25,7 @@ class MemoryBlob:
         return sum(b - a for req in self.requests for a, b in req)
 
     async def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        self.arrived += 1
         await self.stall.wait()
         if self.fail is not None:
             raise self.fail

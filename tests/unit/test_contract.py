@@ -8,7 +8,13 @@ import sys
 
 from snapshotter.contract import NotLazyError, neighbour_digests, parse_mount_request
 
-LAZY_SIDE = ("mfusepy", "snapshotter.fetcher", "snapshotter.remote", "snapshotter.reader", "snapshotter.fuse.")
+LAZY_SIDE = (
+    "mfusepy",
+    "snapshotter.fetcher",
+    "snapshotter.remote",
+    "snapshotter.reader",
+    "snapshotter.fuse.",
+)
 BUILDERS = ("snapshotter.fetcher.push", "snapshotter.formats.build", "snapshotter.formats.build_nydus")
 
 

@@ -256,7 +256,7 @@ async def test_pull_secret_is_available_while_the_pull_runs_and_kept_after(rig: 
     await rig.stub.PullImage(pull_request(username="alice", password=SECRET))
     assert rig.upstream.seen[0].secret_during_call == Credentials("alice", SECRET)
     assert rig.secrets.lookup(REGISTRY, "team/app") == Credentials("alice", SECRET)
-    assert rig.secrets.lookup(REGISTRY) == Credentials("alice", SECRET)  # host only: newest secret
+    assert rig.secrets.lookup(REGISTRY) is None  # a secret is for its repository only
     assert rig.secrets.lookup("other.example:5000", "team/app") is None
     assert rig.proxy.pulls_with_credentials == 1
 
@@ -289,7 +289,7 @@ async def test_secrets_never_reach_the_log(rig: Rig, caplog: pytest.LogCaptureFi
     text = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
     assert "CRI pull" in text and "auth': 'username'" in text
     assert SECRET not in text and encoded not in text
-    assert SECRET not in repr(rig.secrets.lookup(REGISTRY))
+    assert SECRET not in repr(rig.secrets.lookup(REGISTRY, "team/app"))
 
 
 @pytest.mark.parametrize(
@@ -327,7 +327,16 @@ def test_lookup_prefers_the_exact_repository() -> None:
     secrets.remember(f"{REGISTRY}/b/two:1", cri.AuthConfig(username="two", password="2"))
     assert secrets.lookup(REGISTRY, "a/one") == Credentials("one", "1")
     assert secrets.lookup(REGISTRY, "b/two") == Credentials("two", "2")
+    assert secrets.lookup(REGISTRY, "c/unknown") is None  # one tenant's secret is not another's
+
+
+def test_host_fallback_is_opt_in() -> None:
+    secrets = PullSecrets(host_fallback=True)
+    secrets.remember(f"{REGISTRY}/a/one:1", cri.AuthConfig(username="one", password="1"))
+    secrets.remember(f"{REGISTRY}/b/two:1", cri.AuthConfig(username="two", password="2"))
+    assert secrets.lookup(REGISTRY, "a/one") == Credentials("one", "1")
     assert secrets.lookup(REGISTRY, "c/unknown") == Credentials("two", "2")  # newest for the host
+    assert secrets.lookup("other.example:5000", "c/unknown") is None
 
 
 def test_persisted_secrets_are_root_only_and_survive_a_restart(short_tmp: Path) -> None:
@@ -363,7 +372,7 @@ async def test_credential_store_asks_sources_first_and_uncached(tmp_path: Path) 
     assert await store.get(REGISTRY) == Credentials("docker", "cfg")  # the source has no opinion yet
     secrets.remember("fresh.example/x:1", cri.AuthConfig(username="k8s", password="s"))
     secrets.remember(f"{REGISTRY}/x:1", cri.AuthConfig(username="k8s", password="t"))
-    assert await store.get("fresh.example") == Credentials("k8s", "s")  # not hidden by the cache
+    assert await store.get("fresh.example", "x") == Credentials("k8s", "s")  # not hidden by the cache
     assert await store.get(REGISTRY, "x") == Credentials("k8s", "t")
 
 

@@ -69,9 +69,19 @@ def test_filter_matches(filters: list[str], expected: bool) -> None:
         "name==a,",
         "labels.foo~=(",
         "name==/x/",
+        "labels.foo~=(b)\\1",  # a backreference: Python's re has them, RE2 (and containerd) not
+        "labels.foo~=" + "a" * 4097,  # longer than any label
     ],
 )
 def test_bad_filters_are_invalid_argument(text: str) -> None:
     with pytest.raises(FilterSyntaxError) as info:
         parse_all([text])
     assert repr(text) in str(info.value)
+
+
+def test_a_pattern_that_backtracks_exponentially_in_python_re_matches_at_once() -> None:
+    """``(a+)+$`` against 4,000 a's and a b takes Python's re longer than the universe's age; RE2
+    (as containerd's Go regexp) answers in linear time. A List call must never spin on it."""
+    snap = {"labels": {"foo": "a" * 4000 + "b"}}
+    assert parse_all(["labels.foo~=(a+)+$"]).matches(adaptor(snap)) is False
+    assert parse_all(["labels.foo~=(a+)+b$"]).matches(adaptor(snap)) is True

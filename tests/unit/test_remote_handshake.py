@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.errors import AlreadyExistsError, FailedPreconditionError, UnavailableError
-from snapshotter.fetcher import AuthError, BlobNotFoundError, FetchError
 from snapshotter.contract import (
     REMOTE_LABEL,
     REMOTE_LABEL_VALUE,
@@ -16,6 +14,8 @@ from snapshotter.contract import (
     NotLazyError,
     layer_ref,
 )
+from snapshotter.errors import AlreadyExistsError, FailedPreconditionError, UnavailableError
+from snapshotter.fetcher import AuthError, BlobNotFoundError, FetchError
 from snapshotter.remote import fetch_failure_reason
 from snapshotter.snapshots import Snapshotter
 from snapshotter.store import Kind

@@ -56,7 +56,13 @@ def test_a_digest_that_is_not_one_never_becomes_a_path(tmp_path: Path) -> None:
     store = TocStore(tmp_path / "layers")
     victim = tmp_path / "victim.json"
     victim.write_text("{}")
-    for bad in ("sha256:../../victim", "/tmp/x", "sha256:" + "A" * 64, "md5:" + "a" * 32, "sha256:" + "a" * 63):
+    for bad in (
+        "sha256:../../victim",
+        "/tmp/x",
+        "sha256:" + "A" * 64,
+        "md5:" + "a" * 32,
+        "sha256:" + "a" * 63,
+    ):
         assert not store.has(bad)
         assert store.load(bad) is None
         store.remove(bad)

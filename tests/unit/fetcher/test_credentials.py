@@ -99,14 +99,14 @@ async def test_cred_helper_gets_host_on_stdin_and_is_cached(tmp_path: Path) -> N
 
 
 async def test_cred_helper_timeout_and_missing(tmp_path: Path) -> None:
-    bindir = helper(tmp_path, "slow", "sleep 5\n")
+    bindir = helper(tmp_path, "slow", "sleep 120\n")
     store = CredentialStore(
         config(tmp_path, {"credsStore": "slow"}), helper_search_path=bindir, helper_timeout=0.2
     )
     started = time.monotonic()
     with pytest.raises(AuthError, match="timed out"):
         await store.get("x.example")
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 60  # killed at its timeout, not waited for
     missing = CredentialStore(config(tmp_path, {"credsStore": "absent"}), helper_search_path=bindir)
     with pytest.raises(AuthError, match="docker-credential-absent not found"):
         await missing.get("x.example")
