@@ -27,7 +27,7 @@ import os
 import select
 import stat
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -44,6 +44,9 @@ FS_SOURCE = "lazysnap-blobs"
 DEFAULT_MAX_READ = 1 << 20
 # Blobs are immutable: the kernel may keep names, attributes and pages as long as it likes.
 CACHE_TIMEOUT_SECONDS = 365 * 86400.0
+# Small READs a source has at hand are answered by the thread that read them (a hand-off to a
+# worker costs more than the copy); big ones go to the workers, which copy in parallel.
+INLINE_READ_MAX = 128 * 1024
 # Requests are small (no WRITE on a read-only mount); the kernel insists on at least 8 KiB.
 _REQUEST_BUFFER = 64 * 1024
 _INIT_TIMEOUT_SECONDS = 30.0
@@ -53,13 +56,22 @@ _DT_REG = 8
 
 class BlobSource(Protocol):
     """The bytes of one blob. ``read`` runs in a worker thread and may block (cache miss, registry
-    fetch); it returns exactly ``size`` bytes (the server never asks past ``self.size``) or raises
-    OSError, which becomes EIO for that read only."""
+    fetch); it returns exactly ``size`` bytes (the server never asks past ``self.size``), as any
+    buffer (a memoryview saves a copy), or raises OSError, which becomes EIO for that read only."""
 
     @property
     def size(self) -> int: ...
 
-    def read(self, offset: int, size: int) -> bytes: ...
+    def read(self, offset: int, size: int) -> p.Buffer: ...
+
+
+class CachedBlobSource(BlobSource, Protocol):
+    """A source that can also say at once whether bytes are at hand: ``read_cached`` returns them
+    (exactly ``size``) if it can without waiting on the network, else None. For READs up to
+    ``INLINE_READ_MAX`` the server calls it in the thread that read the request, saving the
+    hand-off to a worker, and calls ``read`` in a worker only when it returns None."""
+
+    def read_cached(self, offset: int, size: int) -> p.Buffer | None: ...
 
 
 class FdKeeper(Protocol):
@@ -83,6 +95,10 @@ class _Node:
     name: str
     size: int
     source: BlobSource
+
+    @property
+    def read_cached(self) -> Callable[[int, int], p.Buffer | None] | None:
+        return getattr(self.source, "read_cached", None)
 
     def attr(self) -> p.Attr:
         return p.Attr(self.nodeid, self.size, stat.S_IFREG | 0o444)
@@ -500,16 +516,17 @@ class BlobServer:
         poller.register(self._fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         while not self._stopping.is_set():
-            events = dict(poller.poll())
-            if self._wake_r in events or self._stopping.is_set():
-                return
-            if events.get(self._fd, 0) & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
-                self._connection_gone("poll reported an error")
-                return
             try:
                 length = os.readv(self._fd, [buf])
             except (BlockingIOError, InterruptedError):
-                continue  # another reader took the request
+                # Nothing queued (or another reader took it): sleep until a request or stop().
+                events = dict(poller.poll())
+                if self._wake_r in events:
+                    return
+                if events.get(self._fd, 0) & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                    self._connection_gone("poll reported an error")
+                    return
+                continue
             except OSError as exc:
                 if exc.errno == errno.ENOENT:
                     continue  # the request was interrupted while being copied
@@ -625,6 +642,9 @@ class BlobServer:
         if size == 0:
             self._send(p.reply(req.unique))  # at or past the end: no data is EOF
             return
+        read_cached = node.read_cached if size <= INLINE_READ_MAX else None
+        if read_cached is not None and self._answer_cached(req.unique, node, read_cached, r.offset, size):
+            return
         job = _ReadJob(req.unique, req.pid, node, r.offset, size)
         with self._inflight_lock:
             self._inflight[job.unique] = job
@@ -668,6 +688,31 @@ class BlobServer:
             self._inflight.pop(job.unique, None)
             return True
 
+    def _answer_cached(
+        self,
+        unique: int,
+        node: _Node,
+        read_cached: Callable[[int, int], p.Buffer | None],
+        offset: int,
+        size: int,
+    ) -> bool:
+        """Answer from the source's fast path if it has the bytes at hand; False to queue the READ."""
+        try:
+            data = read_cached(offset, size)
+        except Exception as exc:
+            log.warning("blob read_cached failed: %s", exc, extra={"blob": node.name, "offset": offset})
+            return False  # the slow path decides
+        if data is None:
+            return False
+        if len(data) != size:
+            log.warning(
+                "blob read_cached returned %d of %d bytes", len(data), size, extra={"blob": node.name}
+            )
+            return False
+        self._stats.add(reads=1, read_bytes=size)
+        self._send(p.reply(unique, data))
+        return True
+
     def _serve_reads(self) -> None:
         while True:
             job = self._queue.get()
@@ -700,7 +745,7 @@ class BlobServer:
         if self._claim(job):
             self._send(p.reply(job.unique, data))
 
-    def _send(self, buffers: list[bytes]) -> None:
+    def _send(self, buffers: list[p.Buffer]) -> None:
         try:
             os.writev(self._fd, buffers)
         except OSError as exc:
@@ -711,7 +756,7 @@ class BlobServer:
                 return
             log.warning("cannot answer a FUSE request: %s", exc)
 
-    def _notify(self, buffers: list[bytes]) -> None:
+    def _notify(self, buffers: list[p.Buffer]) -> None:
         try:
             os.writev(self._fd, buffers)
         except OSError as exc:

@@ -217,7 +217,10 @@ def parse_request(buf: bytes | bytearray | memoryview, length: int) -> Request:
     return Request(opcode, unique, nodeid, uid, gid, pid, bytes(buf[IN_HEADER.size : length]))
 
 
-def reply(unique: int, *parts: bytes, error: int = 0) -> list[bytes]:
+Buffer = bytes | bytearray | memoryview
+
+
+def reply(unique: int, *parts: Buffer, error: int = 0) -> list[Buffer]:
     """The buffers of one reply: header (``error`` a positive errno or 0) then ``parts``; for writev."""
     size = OUT_HEADER.size + sum(len(p) for p in parts)
     if error:
@@ -225,7 +228,7 @@ def reply(unique: int, *parts: bytes, error: int = 0) -> list[bytes]:
     return [OUT_HEADER.pack(size, 0, unique), *parts]
 
 
-def notification(code: Notify, *parts: bytes) -> list[bytes]:
+def notification(code: Notify, *parts: Buffer) -> list[Buffer]:
     """The buffers of one unsolicited notification (unique 0, the code in the error field)."""
     size = OUT_HEADER.size + sum(len(p) for p in parts)
     return [OUT_HEADER.pack(size, int(code), 0), *parts]
@@ -370,16 +373,16 @@ def dirents(entries: Sequence[tuple[int, int, int, bytes]], limit: int) -> tuple
     return bytes(out), count
 
 
-def inval_inode(nodeid: int, offset: int = 0, length: int = 0) -> list[bytes]:
+def inval_inode(nodeid: int, offset: int = 0, length: int = 0) -> list[Buffer]:
     """Drop the kernel's attributes and cached pages of a node (``length`` 0: to the end)."""
     return notification(Notify.INVAL_INODE, NOTIFY_INVAL_INODE.pack(nodeid, offset, length))
 
 
-def inval_entry(parent: int, name: bytes) -> list[bytes]:
+def inval_entry(parent: int, name: bytes) -> list[Buffer]:
     """Drop the kernel's cached name ``name`` in directory ``parent``."""
     return notification(Notify.INVAL_ENTRY, NOTIFY_INVAL_ENTRY.pack(parent, len(name), 0), name + b"\0")
 
 
-def resend() -> list[bytes]:
+def resend() -> list[Buffer]:
     """Ask the kernel to queue again every request read but not answered on this connection."""
     return notification(Notify.RESEND)

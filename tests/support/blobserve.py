@@ -1,11 +1,12 @@
 """A blob server in a process of its own, for restart tests: ``python -m tests.support.blobserve``.
 
-Serves pattern blobs (``--blob LABEL:SIZE``, content ``pattern(LABEL)``) at ``--mountpoint``, with
-the fd kept by the holder at ``--holder``. Writes ``--ready FILE`` (``pid mounted|resumed``) once
-serving. SIGTERM: stop with handover (the mount stays for a successor); SIGUSR1: stop and unmount.
-Either way ``--stats FILE`` gets the server's counters as JSON. ``--stall-at OFFSET`` makes the read
-covering that offset of the first blob hang after writing ``--stalled FILE`` (to kill the process
-while the kernel waits for an answer); ``--delay`` slows every read down.
+Serves pattern blobs (``--blob LABEL:SIZE``, content ``pattern(LABEL)``) at ``--mountpoint``, the
+fd kept by the holder at ``--holder`` or, with ``--fdstore``, by systemd's fd store protocol.
+Writes ``--ready FILE`` (``pid mounted|resumed``) once serving. SIGTERM: stop with handover (the
+mount stays for a successor); SIGUSR1: stop and unmount. Either way ``--stats FILE`` gets the
+server's counters as JSON. ``--stall-at OFFSET`` makes the read covering that offset of the first
+blob hang after writing ``--stalled FILE`` (to kill the process while the kernel waits for an
+answer); ``--delay`` slows every read down.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 from snapshotter.fuse.blobserver import BlobServer
+from snapshotter.fuse.fdstore import SystemdFdStore
 from snapshotter.fuse.holder import HolderClient
 from tests.support.blobs import PatternSource, blob_name
 
@@ -39,7 +41,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mountpoint", required=True, type=Path)
     parser.add_argument("--state", required=True, type=Path)
-    parser.add_argument("--holder", required=True, type=Path)
+    parser.add_argument("--holder", type=Path)
+    parser.add_argument("--fdstore", action="store_true")
     parser.add_argument("--blob", action="append", default=[], help="LABEL:SIZE")
     parser.add_argument("--ready", required=True, type=Path)
     parser.add_argument("--stats", required=True, type=Path)
@@ -58,7 +61,8 @@ def main() -> int:
             source.gate.clear()  # never opened: the process is killed while it waits
         sources[blob_name(label)] = source
 
-    server = BlobServer(args.mountpoint, state_path=args.state, keeper=HolderClient(args.holder))
+    keeper = SystemdFdStore() if args.fdstore else HolderClient(args.holder)
+    server = BlobServer(args.mountpoint, state_path=args.state, keeper=keeper)
     stop = threading.Event()
     handover = True
 

@@ -374,3 +374,31 @@ def test_an_interrupted_read_is_answered_at_once_only_for_a_dying_reader(serve: 
         source.gate.set()
         terminate_pid(reader.pid)
         reader.wait()
+
+
+class CachedHalf(PatternSource):
+    """Has the first half of the blob at hand (``read_cached``); the rest needs ``read``."""
+
+    def __init__(self, salt: bytes, size: int) -> None:
+        super().__init__(salt, size)
+        self.cached: list[tuple[int, int]] = []
+
+    def read_cached(self, offset: int, size: int) -> bytes | None:
+        if offset + size > self.size // 2:
+            return None
+        self.cached.append((offset, size))
+        return pattern(self.salt, offset, size)
+
+
+def test_small_reads_a_source_has_at_hand_skip_the_workers(serve: Serve) -> None:
+    name = blob_name("cached")
+    source = CachedHalf(b"cached", 8 * MiB)
+    server = serve({name: source})
+    assert read_direct(server.path(name), 4096, 8192) == pattern(b"cached", 4096, 8192)
+    assert source.cached == [(4096, 8192)] and source.reads == []
+    assert read_direct(server.path(name), 6 * MiB, 4096) == pattern(b"cached", 6 * MiB, 4096)
+    assert source.reads == [(6 * MiB, 4096)]  # not at hand: a worker asked read()
+    source.reads.clear()
+    assert read_direct(server.path(name), 0, MiB) == pattern(b"cached", 0, MiB)
+    assert source.reads == [(0, MiB)]  # big: copied by a worker, in parallel with others
+    assert server.stats()["reads"] == 3
