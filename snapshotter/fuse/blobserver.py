@@ -8,12 +8,16 @@ table of files (name → node id, size, source), the serving threads, and the ha
 connection to a successor process (``start`` resumes a connection a keeper held; see ``holder`` and
 ``fdstore``), including FUSE_NOTIFY_RESEND for the requests a killed server had read.
 
-Threads: ``readers`` threads poll and read /dev/fuse (non-blocking, with a wake-up pipe so that
-``stop`` can end them without closing the fd under them) and answer metadata requests inline;
-READs go to a fair, bounded queue served by ``workers`` threads (a slow blob can take at most
-three quarters of them). All threads read the one fd the keeper holds, never a FUSE_DEV_IOC_CLONE
-clone: the kernel aborts the requests a clone had read when the clone is closed (as on SIGKILL),
-while the requests of the shared file survive for the successor to have resent.
+Threads: ``readers`` threads read /dev/fuse (non-blocking; they poll it, and a wake-up pipe that
+lets ``stop`` end them without closing the fd under them, only when it is empty) and answer
+metadata requests inline, as well as small READs a source has at hand (``read_cached``). Other
+READs go to a fair, bounded queue (``readqueue``) served by ``workers`` threads, of which a slow
+blob can take at most three quarters. All threads read the one fd the keeper holds, never a
+FUSE_DEV_IOC_CLONE clone: the kernel ends the requests a clone had read with ECONNABORTED when the
+clone is closed (as on SIGKILL), while those read through the shared file stay queued for the
+successor to have resent.
+
+A ``BlobServer`` object starts once; a restart is a new object (usually in a new process).
 """
 
 from __future__ import annotations
@@ -163,7 +167,10 @@ class BlobServer:
     ) -> None:
         if max_read < p.PAGE_SIZE or max_read % p.PAGE_SIZE or max_read > 65535 * p.PAGE_SIZE:
             raise ValueError(f"max_read must be a multiple of {p.PAGE_SIZE}, got {max_read}")
-        self.mountpoint = Path(os.path.abspath(mountpoint))
+        # Real directories, as /proc/self/mountinfo names them (the mount point itself may be a
+        # dead mount that cannot be resolved).
+        mountpoint = Path(os.path.abspath(mountpoint))
+        self.mountpoint = Path(os.path.realpath(mountpoint.parent)) / mountpoint.name
         self.state_path = Path(state_path)
         self.keeper = keeper
         self.keeper_name = keeper_name or keeper_name_for(self.mountpoint)
@@ -175,6 +182,7 @@ class BlobServer:
         self._max_background = min(max(1, max_background), 65535)
         self.resumed = False
         self.kept = False
+        self._started = False
         self._fd = -1
         self._state: SessionState | None = None
         self._nodes: dict[int, _Node] = {}
@@ -203,8 +211,9 @@ class BlobServer:
         """Serve ``sources``: resume the connection the keeper holds for this mount point if there
         is one and the state file matches it (files not in ``sources`` are removed), else mount
         afresh (clearing a dead mount left at the mount point)."""
-        if self._fd >= 0:
-            raise RuntimeError("the blob server is already running")
+        if self._started:
+            raise RuntimeError("a BlobServer starts once; make a new one to serve again")
+        self._started = True
         sources = dict(sources or {})
         for name in sources:
             _check_name(name)
@@ -575,7 +584,7 @@ class BlobServer:
         elif op == p.Opcode.READDIR:
             self._on_readdir(req)
         elif op == p.Opcode.STATFS:
-            nodes = list(self._nodes.values())
+            nodes = list(self._nodes.values())  # a snapshot: add() and remove() may run meanwhile
             blocks = sum((n.size + p.PAGE_SIZE - 1) // p.PAGE_SIZE for n in nodes)
             self._send(p.reply(req.unique, p.statfs_out(blocks, len(nodes) + 1)))
         elif op == p.Opcode.DESTROY:
@@ -627,8 +636,8 @@ class BlobServer:
         # Cookies: 1 ".", 2 "..", node id + 2 for a file. Node ids only grow, so a listing read
         # in several calls neither repeats nor skips a file that stays, whatever is added meanwhile.
         entries = [(p.ROOT_ID, 1, _DT_DIR, b"."), (p.ROOT_ID, 2, _DT_DIR, b"..")]
-        entries += [(n.nodeid, n.nodeid + 2, _DT_REG, n.name.encode()) for n in sorted(
-            self._nodes.values(), key=lambda n: n.nodeid)]  # fmt: skip
+        nodes = sorted(self._nodes.values(), key=lambda n: n.nodeid)  # a snapshot, in id order
+        entries += [(n.nodeid, n.nodeid + 2, _DT_REG, n.name.encode()) for n in nodes]
         data, _ = p.dirents([e for e in entries if e[1] > r.offset], r.size)
         self._send(p.reply(req.unique, data))
 

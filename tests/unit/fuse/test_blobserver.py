@@ -402,3 +402,9 @@ def test_small_reads_a_source_has_at_hand_skip_the_workers(serve: Serve) -> None
     assert read_direct(server.path(name), 0, MiB) == pattern(b"cached", 0, MiB)
     assert source.reads == [(0, MiB)]  # big: copied by a worker, in parallel with others
     assert server.stats()["reads"] == 3
+
+
+def test_a_server_object_starts_once(serve: Serve) -> None:
+    server = serve({})
+    with pytest.raises(RuntimeError, match="starts once"):
+        server.start({})
