@@ -93,7 +93,11 @@ async def serve(config: Config, config_path: Path | None = None, log_level: str 
             "serving",
             extra={"version": __version__, "address": str(config.address), "root": str(config.root)},
         )
+        if manager is not None:
+            supervisor = asyncio.create_task(_supervise_manager(manager, snapshotter))
         await _wait_for_stop_signal()
+        if manager is not None:
+            supervisor.cancel()
         log.info("stopping", extra={"grace_seconds": STOP_GRACE_SECONDS})
         notify("STOPPING=1")
         await server.stop(STOP_GRACE_SECONDS)
@@ -119,6 +123,25 @@ async def serve(config: Config, config_path: Path | None = None, log_level: str 
             snapshotter.close()
         lock.release()
     log.info("stopped")
+
+
+MANAGER_CHECK_SECONDS = 2.0
+
+
+async def _supervise_manager(manager: FuseManagerClient, snapshotter: Snapshotter) -> None:
+    """Start the FUSE manager again if it dies while lazy layers need it (an OOM kill, a crash),
+    and mount them again. With the fd holder keeping the blob server's FUSE connection, reads of
+    running containers wait meanwhile instead of failing."""
+    while True:
+        await asyncio.sleep(MANAGER_CHECK_SECONDS)
+        if snapshotter.remote_snapshots() == 0 or await asyncio.to_thread(manager.running) is not None:
+            continue
+        log.error("the FUSE manager is gone while lazy layers need it; starting it again")
+        try:
+            await asyncio.to_thread(manager.ensure_running)
+            await asyncio.to_thread(snapshotter.restore_remote)
+        except Exception as exc:  # next round tries again
+            log.error("cannot start the FUSE manager again", extra={"error": str(exc)})
 
 
 async def _wait_for_stop_signal() -> None:

@@ -207,9 +207,69 @@ class LayerReader:
 
     def read(self, entry: Entry, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) of a regular file, short at end of file. Blocks."""
-        end = min(entry.size, offset + size)
+        return self.read_extents([(entry, offset, size)])[0]
+
+    def read_cached(self, extents: Sequence[tuple[Entry, int, int]]) -> list[bytes] | None:
+        """The bytes of these file ranges if every chunk they need is in the cache, else None
+        (nothing is fetched). Cheap enough to answer on the FUSE server's reading thread."""
+        out: list[bytes] = []
+        for entry, offset, size in extents:
+            end = min(entry.size, offset + size)
+            parts: list[bytes] = []
+            for c, (lo, hi) in self._slices(entry, offset, end):
+                piece = self.cache.read_range(c.digest, lo, hi)
+                if piece is None:
+                    return None
+                parts.append(piece)
+            out.append(b"".join(parts))
+        return out
+
+    def read_extents(self, extents: Sequence[tuple[Entry, int, int]]) -> list[bytes]:
+        """Bytes of several file ranges (each short at its file's end), fetching every missing
+        chunk they need in one go: one READ of a data blob spans many small files. Blocks."""
+        plans: list[tuple[list[tuple[Chunk, tuple[int, int]]], list[bytes | None]]] = []
+        missing: dict[str, Chunk] = {}
+        extra: list[Chunk] = []
+        for entry, offset, size in extents:
+            end = min(entry.size, offset + size)
+            slices = self._slices(entry, offset, end)
+            pieces: list[bytes | None] = [self.cache.read_range(c.digest, lo, hi) for c, (lo, hi) in slices]
+            file_missing = [c for (c, _), piece in zip(slices, pieces, strict=True) if piece is None]
+            for c in file_missing:
+                missing.setdefault(c.digest, c)
+            if slices:
+                extra += self._plan_readahead(entry, offset, end, file_missing, extents_in_read=len(extents))
+            plans.append((slices, pieces))
+        extra = [c for c in extra if c.digest not in missing]
+        fetched: dict[str, bytes] = {}
+        if missing:
+            future = asyncio.run_coroutine_threadsafe(
+                self._ensure(list(missing.values()), extra, ON_DEMAND), self.loop
+            )
+            try:
+                fetched = future.result(timeout=self.config.read_timeout)
+            except TimeoutError:
+                future.cancel()
+                self.loop.call_soon_threadsafe(self._give_up, list(missing))
+                names = ", ".join(repr(e.name) for e, _, _ in extents[:3])
+                raise ReadError(
+                    f"layer {self.layer}: read of {names} timed out after {self.config.read_timeout}s"
+                ) from None
+        elif extra:
+            asyncio.run_coroutine_threadsafe(self._ensure([], extra, ON_DEMAND), self.loop)
+        out: list[bytes] = []
+        for slices, pieces in plans:
+            for i, (c, (lo, hi)) in enumerate(slices):
+                if pieces[i] is None:
+                    pieces[i] = fetched[c.digest][lo:hi]
+            out.append(b"".join(p for p in pieces if p is not None))
+        return out
+
+    def _slices(self, entry: Entry, offset: int, end: int) -> list[tuple[Chunk, tuple[int, int]]]:
+        """The chunks of ``entry`` that [offset, end) touches, each with the slice of it needed (a
+        read is small, chunks are large). A file may hold one chunk twice (zeros): kept by position."""
         if offset >= end:
-            return b""
+            return []
         chunks = entry.chunks
         offsets = self._offsets.get(entry.name)
         if offsets is None:
@@ -218,26 +278,36 @@ class LayerReader:
         last = first
         while last < len(chunks) and chunks[last].file_offset < end:
             last += 1
-        needed = chunks[first:last]
-        # Per chunk, the slice of it this read needs (a FUSE read is small; chunks are large).
-        # A file may hold the same chunk twice (zeros), so slices are kept by position.
-        bounds = [
-            (max(offset, c.file_offset) - c.file_offset, min(end, c.file_offset + c.size) - c.file_offset)
-            for c in needed
+        return [
+            (
+                c,
+                (
+                    max(offset, c.file_offset) - c.file_offset,
+                    min(end, c.file_offset + c.size) - c.file_offset,
+                ),
+            )
+            for c in chunks[first:last]
         ]
-        pieces: list[bytes | None] = [
-            self.cache.read_range(c.digest, lo, hi) for c, (lo, hi) in zip(needed, bounds, strict=True)
-        ]
-        missing = [c for c, piece in zip(needed, pieces, strict=True) if piece is None]
-        # Read ahead only for a file being read sequentially, and only once the stream has gone
-        # past the chunk it started in: a random access (a model loader seeking to one tensor),
-        # or a short read inside one chunk, should not pay for chunks it will never read. The
-        # window then grows with what the stream has read (from readahead_bytes up to 8 times),
-        # so a long stream keeps the link busy, however small the chunks.
-        prev_end, prev_chunk, first_chunk, run = self._read_state.get(entry.name, (-1, -1, -1, 0))
+
+    def _plan_readahead(
+        self, entry: Entry, offset: int, end: int, missing: list[Chunk], *, extents_in_read: int
+    ) -> list[Chunk]:
+        """What to fetch ahead of this read of ``entry``, besides what it misses.
+
+        Read ahead only for a file being read sequentially, and only once the stream has gone past
+        the chunk it started in: a random access (a model loader seeking to one tensor), or a short
+        read inside one chunk, should not pay for chunks it will never read. The window then grows
+        with what the stream has read (from readahead_bytes up to 8 times), so a long stream keeps
+        the link busy, however small the chunks."""
+        offsets = self._offsets[entry.name]
+        first = max(0, bisect.bisect_right(offsets, offset) - 1)
+        last = first
+        while last < len(entry.chunks) and entry.chunks[last].file_offset < end:
+            last += 1
+        prev_end, _prev_chunk, first_chunk, run = self._read_state.get(entry.name, (-1, -1, -1, 0))
         touched = last - 1  # the furthest chunk this read reaches
-        # The kernel issues readahead requests in parallel FUSE threads, so a sequential stream
-        # arrives slightly out of order: "near where the last read ended" counts as sequential.
+        # The kernel issues readahead requests in parallel, so a sequential stream arrives
+        # slightly out of order: "near where the last read ended" counts as sequential.
         sequential = prev_end >= 0 and abs(offset - prev_end) <= SEQUENTIAL_SLACK_BYTES
         if sequential:
             run += end - offset
@@ -248,26 +318,14 @@ class LayerReader:
         if run and touched != first_chunk:
             window = min(max(run, self.config.readahead_bytes), self.config.readahead_bytes * 8)
         extra = self._readahead(entry, last, window) if window else []
-        if missing and not extra and len(chunks) == 1:
+        if missing and not extra and len(entry.chunks) == 1 and extents_in_read == 1:
             # A small file read for the first time: its neighbours in the blob are most likely
-            # read next (a package's files lie together), so they share its round trip.
+            # read next (a package's files lie together), so they share its round trip. (A read
+            # spanning several files comes from a data blob, whose reader reads ahead itself.)
             extra = self._neighbours(missing[-1], self.config.small_file_readahead_bytes)
-        if not missing and extra and touched != prev_chunk:
-            asyncio.run_coroutine_threadsafe(self._ensure([], extra, ON_DEMAND), self.loop)
-        if missing:
-            future = asyncio.run_coroutine_threadsafe(self._ensure(missing, extra, ON_DEMAND), self.loop)
-            try:
-                fetched = future.result(timeout=self.config.read_timeout)
-            except TimeoutError:
-                future.cancel()
-                self.loop.call_soon_threadsafe(self._give_up, [c.digest for c in missing])
-                raise ReadError(
-                    f"layer {self.layer}: read of {entry.name!r} timed out after {self.config.read_timeout}s"
-                ) from None
-            for i, (c, (lo, hi)) in enumerate(zip(needed, bounds, strict=True)):
-                if pieces[i] is None:
-                    pieces[i] = fetched[c.digest][lo:hi]
-        return b"".join(p for p in pieces if p is not None)
+        if not missing and extra and touched == _prev_chunk:
+            return []  # still inside the chunk whose readahead was asked for last time
+        return extra
 
     def _neighbours(self, chunk: Chunk, budget: int) -> list[Chunk]:
         """Uncached chunks that follow ``chunk`` in its blob, up to ``budget`` compressed bytes."""

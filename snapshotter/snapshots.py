@@ -177,6 +177,10 @@ class Snapshotter:
                 self._remount(info.id)
         self.remote.forget_unused(in_use)
 
+    def remote_snapshots(self) -> int:
+        """How many committed lazy snapshots this snapshotter keeps mounted."""
+        return len(self._remote_labels)
+
     def _remount(self, sid: int) -> bool:
         assert self.remote is not None
         fs = self.fs_path(sid)

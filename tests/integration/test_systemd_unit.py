@@ -21,6 +21,7 @@ def test_unit_verifies(tmp_path: Path) -> None:
         pytest.fail("the lazysnap console script is not installed in the venv")
     text = UNIT.read_text()
     assert "Type=notify" in text and "Before=containerd.service" in text
+    assert "MemoryMax=" in text and "OOMScoreAdjust=0" in text  # a bound of its own, an ordinary score
     unit = tmp_path / "lazysnap.service"  # same unit, ExecStart pointing at this checkout's venv
     unit.write_text(text.replace("/opt/lazysnap/venv/bin/lazysnap", lazysnap))
     result = subprocess.run(
