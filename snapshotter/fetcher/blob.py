@@ -111,6 +111,9 @@ class BlobReader:
         self._concurrency = max(1, concurrency)
         self._target: _Target | None = None
         self._resolving = asyncio.Lock()
+        # time.monotonic() when a byte of a range read last arrived: lets a caller that waits
+        # for a read tell a slow link (bytes keep coming) from a dead one.
+        self.last_byte_at = 0.0
 
     @property
     def known_size(self) -> int | None:
@@ -383,7 +386,10 @@ class BlobReader:
                 raise Retry(f"asked for [{start}, {end}), got {got}", InvalidResponseError)
             try:
                 async for data in resp.content.iter_any():
-                    progress.add(answer.feed(data))
+                    kept = answer.feed(data)
+                    if kept:
+                        progress.add(kept)
+                        self.last_byte_at = progress.last
                     if answer.satisfied:
                         break
                 else:

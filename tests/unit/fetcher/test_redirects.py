@@ -126,6 +126,25 @@ async def test_loopback_registry_may_redirect_to_loopback(
         ]
 
 
+async def test_manifest_redirects_and_token_realms_are_checked_too(registry: FakeRegistry) -> None:
+    async def unsafe(request: web.Request) -> web.StreamResponse | None:
+        if "/manifests/" in request.path:
+            return web.Response(status=307, headers={"Location": "http://169.254.169.254/m?sig=SECRET"})
+        if "/blobs/" in request.path:
+            challenge = 'Bearer realm="http://169.254.169.254/token",service="x"'
+            return web.Response(status=401, headers={"WWW-Authenticate": challenge})
+        return None
+
+    registry.intercept = unsafe
+    async with make_client() as client:
+        with pytest.raises(
+            UnsafeTargetError, match=r"manifest redirect to 169\.254\.169\.254 is on a link-local"
+        ):
+            await client.resolve(f"{registry.host}/app:1")
+        with pytest.raises(UnsafeTargetError, match=r"token realm to 169\.254\.169\.254 is on a link-local"):
+            await client.blob(f"{registry.host}/app", "sha256:" + "0" * 64).read_ranges([(0, 1)])
+
+
 # -- an https registry ---------------------------------------------------------------------------
 
 

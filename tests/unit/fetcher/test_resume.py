@@ -62,7 +62,9 @@ async def test_a_cut_range_is_resumed_from_where_it_broke_off(registry: FakeRegi
     # No retries at all: every attempt brought bytes, so none of them counts against the budget.
     async with make_client(max_retries=0) as client:
         blob = client.blob(f"{registry.host}/app", digest, len(DATA))
+        assert blob.last_byte_at == 0.0
         assert await blob.read_ranges([(10_000, 30_000)]) == [DATA[10_000:30_000]]
+        assert blob.last_byte_at > 0.0
         counters = client.transport.counters
     assert seen == [f"bytes={10_000 + k * 3000}-29999" for k in range(6)]
     assert counters["resumed"] == 5
