@@ -13,6 +13,7 @@ is a ``GuardedResolver``, so DNS cannot point a public-looking name at a local a
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 import urllib.request
@@ -46,6 +47,29 @@ def address_kind(host: str) -> str | None:
     if ip.is_link_local:
         return LINK_LOCAL
     return None
+
+
+async def resolved_kind(host: str) -> str | None:
+    """``address_kind`` of a ``host[:port]``, resolving a name: the kind of any of its addresses
+    (None if it has none that is local, or cannot be resolved)."""
+    hostname = urlsplit(f"//{host}").hostname or host
+    kind = address_kind(hostname)
+    if kind is not None or _is_ip(hostname):
+        return kind
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(hostname, None)
+    except OSError:
+        return None
+    kinds = sorted({k for info in infos if (k := address_kind(str(info[4][0]))) is not None})
+    return kinds[0] if kinds else None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]").partition("%")[0])
+    except ValueError:
+        return False
+    return True
 
 
 def refusal(origin_scheme: str, origin_kind: str | None, target: str, what: str) -> str | None:

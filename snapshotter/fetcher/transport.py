@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import ipaddress
 import logging
 import random
 import ssl
@@ -53,9 +52,9 @@ from snapshotter.fetcher.hosts import HostsConfig, RegistryHost
 from snapshotter.fetcher.redirects import (
     GuardedResolver,
     LocalAddressError,
-    address_kind,
     proxy_hosts,
     refusal,
+    resolved_kind,
 )
 from snapshotter.fetcher.sizing import RequestSizing
 
@@ -113,6 +112,19 @@ class Retry(Exception):  # noqa: N818 - a signal to the retry loop, not an error
         self.reason = reason
         self.kind = kind
         self.retry_after = retry_after
+
+
+class _Failed(Exception):  # noqa: N818 - an attempt's transient failure, inside the retry loop
+    def __init__(
+        self,
+        reason: str,
+        kind: type[FetchError] = UnreachableError,
+        retry_after: float = 0.0,
+        *,
+        silent: bool = False,  # no byte arrived for the whole no-progress window
+    ) -> None:
+        super().__init__(reason)
+        self.reason, self.kind, self.retry_after, self.silent = reason, kind, retry_after, silent
 
 
 class RangeMode(enum.Enum):
@@ -232,19 +244,10 @@ class Transport:
     # -- where a registry may send us ------------------------------------------------------------
 
     async def _origin_kind(self, host: str) -> str | None:
-        """Whether a registry host is on a loopback or link-local address (resolving its name)."""
-        hostname = urlsplit(f"//{host}").hostname or host
-        if hostname not in self._origin_kinds:
-            kind = address_kind(hostname)
-            if kind is None and not _is_ip(hostname):
-                try:
-                    infos = await asyncio.get_running_loop().getaddrinfo(hostname, None)
-                except OSError:
-                    infos = []
-                kinds = sorted({k for info in infos if (k := address_kind(str(info[4][0]))) is not None})
-                kind = kinds[0] if kinds else None
-            self._origin_kinds[hostname] = kind
-        return self._origin_kinds[hostname]
+        """Whether a registry host is on a loopback or link-local address (remembered per host)."""
+        if host not in self._origin_kinds:
+            self._origin_kinds[host] = await resolved_kind(host)
+        return self._origin_kinds[host]
 
     async def foreign_session(
         self, origin: RegistryHost, url: str, what: str, where: Where
@@ -385,8 +388,7 @@ class Transport:
     async def _retrying(
         self, where: Where, attempt: Callable[[], Awaitable[T]], progress: Progress | None = None
     ) -> T:
-        reason, retry_after = "", 0.0
-        kind: type[FetchError] = UnreachableError
+        """Run ``attempt`` until it succeeds, retrying transient failures as the module docstring says."""
         window = self.progress_timeout if progress is not None else None
         attempts = stalled = 0  # attempts sent; the last ones in a row that kept no byte
         while True:
@@ -398,56 +400,75 @@ class Transport:
                     self.counters["resumed_bytes"] += progress.kept
             attempts += 1
             kept_before = progress.kept if progress is not None else 0
-            watchdog: asyncio.Timeout | None = None
             try:
-                if window is None:
-                    return await attempt()
-                assert progress is not None
-                async with asyncio.timeout(progress.last + window - time.monotonic()) as watchdog:
-                    progress.watch(watchdog, window)
-                    return await attempt()
-            except Retry as e:
-                reason, kind, retry_after = e.reason, e.kind, e.retry_after
-            except aiohttp.ClientPayloadError as e:
-                reason, kind, retry_after = f"body cut short ({type(e).__name__})", InvalidResponseError, 0.0
-            except aiohttp.ClientConnectorError as e:
-                if isinstance(e.os_error, LocalAddressError):
-                    raise where.error(UnsafeTargetError, str(e.os_error)) from None
-                reason, kind, retry_after = _describe(e), UnreachableError, 0.0
-            except (aiohttp.ClientError, TimeoutError) as e:
-                if watchdog is not None and watchdog.expired():
-                    reason = f"no data for {window:g}s"
-                else:
-                    reason = _describe(e)
-                kind, retry_after = UnreachableError, 0.0
-            finally:
-                if progress is not None:
-                    progress.watch(None, 0.0)
+                return await self._attempt(attempt, where, progress, window)
+            except _Failed as e:
+                failure = e
             progressed = progress is not None and progress.kept > kept_before
             stalled = 0 if progressed else stalled + 1
-            quiet = time.monotonic() - progress.last if progress is not None else 0.0
-            silent = window is not None and (quiet >= window or (watchdog is not None and watchdog.expired()))
+            silent = failure.silent or (
+                window is not None and progress is not None and time.monotonic() - progress.last >= window
+            )
             if stalled > self.max_retries or silent:
                 self.counters["failures"] += 1
-                if silent and not reason.startswith("no data"):
-                    reason = f"{reason}; no data for {window:g}s"
+                reason = failure.reason
+                if silent and not failure.silent:
+                    reason += f"; no data for {window:g}s"
                 gave_up = f"gave up after {attempts} attempts"
                 if stalled != attempts:
                     gave_up += f", the last {stalled} without progress"
-                raise where.error(kind, f"{reason}; {gave_up}")
+                raise where.error(failure.kind, f"{reason}; {gave_up}")
             # A cut after progress is resumed at once; only attempts that got nowhere back off.
-            delay = 0.0
-            if not progressed:
-                delay = min(self._max_delay, self._base_delay * 2 ** (stalled - 1))
-                delay = max(delay * (1 + self._random.random()), min(retry_after, self._max_delay))
-                if window is not None and progress is not None:
-                    delay = min(delay, max(0.0, progress.last + window - time.monotonic()))
+            delay = 0.0 if progressed else self._backoff(stalled, failure.retry_after, progress, window)
             log.debug(
                 "retrying request",
-                extra={"host": where.host, "reason": reason, "delay": delay, "resumed": progressed},
+                extra={"host": where.host, "reason": failure.reason, "delay": delay, "resumed": progressed},
             )
             if delay:
                 await asyncio.sleep(delay)
+
+    async def _attempt(
+        self,
+        attempt: Callable[[], Awaitable[T]],
+        where: Where,
+        progress: Progress | None,
+        window: float | None,
+    ) -> T:
+        """One attempt, stopped if no byte arrives for ``window`` seconds; a transient failure
+        comes out as ``_Failed``, a permanent one as it is."""
+        watchdog: asyncio.Timeout | None = None
+        try:
+            if window is None or progress is None:
+                return await attempt()
+            async with asyncio.timeout(progress.last + window - time.monotonic()) as watchdog:
+                progress.watch(watchdog, window)
+                return await attempt()
+        except Retry as e:
+            raise _Failed(e.reason, e.kind, e.retry_after) from None
+        except aiohttp.ClientPayloadError as e:
+            raise _Failed(f"body cut short ({type(e).__name__})", InvalidResponseError) from None
+        except aiohttp.ClientConnectorError as e:
+            if isinstance(e.os_error, LocalAddressError):
+                raise where.error(UnsafeTargetError, str(e.os_error)) from None
+            raise _Failed(_describe(e)) from None
+        except (aiohttp.ClientError, TimeoutError) as e:
+            if watchdog is not None and watchdog.expired():
+                raise _Failed(f"no data for {window:g}s", silent=True) from None
+            raise _Failed(_describe(e)) from None
+        finally:
+            if progress is not None:
+                progress.watch(None, 0.0)
+
+    def _backoff(
+        self, stalled: int, retry_after: float, progress: Progress | None, window: float | None
+    ) -> float:
+        """Exponential backoff with jitter for the ``stalled``-th attempt in a row without
+        progress, honouring Retry-After, never past the no-progress deadline."""
+        delay = min(self._max_delay, self._base_delay * 2.0 ** (stalled - 1))
+        delay = max(delay * (1 + self._random.random()), min(retry_after, self._max_delay))
+        if window is not None and progress is not None:
+            delay = min(delay, max(0.0, progress.last + window - time.monotonic()))
+        return delay
 
     async def _fetch_token(self, req: TokenRequest) -> Token:
         """Ask a Bearer realm for a token (GET with Basic credentials, or OAuth POST for identity tokens)."""
@@ -509,11 +530,3 @@ async def read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes | None
             return None
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]").partition("%")[0])
-    except ValueError:
-        return False
-    return True

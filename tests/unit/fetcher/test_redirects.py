@@ -21,6 +21,7 @@ from snapshotter.fetcher.redirects import (
     LocalAddressError,
     address_kind,
     refusal,
+    resolved_kind,
 )
 from snapshotter.fetcher.transport import Where
 
@@ -77,6 +78,19 @@ def test_refusal(scheme: str, origin_kind: str | None, target: str, refused: str
     else:
         assert reason is not None and refused in reason
         assert "SECRET" not in reason and "/blob" not in reason and "meta-data" not in reason
+
+
+@pytest.mark.parametrize(
+    ("host", "kind"),
+    [
+        ("127.0.0.1:5000", LOOPBACK),
+        ("localhost:5000", LOOPBACK),
+        ("[::1]:443", LOOPBACK),
+        ("registry.invalid", None),
+    ],
+)
+async def test_registry_kinds_resolve_names(host: str, kind: str | None) -> None:
+    assert await resolved_kind(host) == kind
 
 
 async def test_guarded_resolver_refuses_local_names_except_allowed_ones() -> None:
