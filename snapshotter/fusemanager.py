@@ -178,7 +178,12 @@ def build_remote(
     for source in credential_sources:  # e.g. the CRI proxy's pull secrets, asked first
         credentials.add_source(source)
     client = RegistryClient(
-        hosts, credentials, timeout=config.fetch.timeout_seconds, max_retries=config.fetch.max_retries
+        hosts,
+        credentials,
+        timeout=config.fetch.timeout_seconds,
+        max_retries=config.fetch.max_retries,
+        # A range read gives up when no byte of it arrived for as long as a read may wait.
+        progress_timeout=config.read.timeout_seconds,
     )
     reader_config = ReaderConfig(
         read_timeout=config.read.timeout_seconds,

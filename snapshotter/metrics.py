@@ -102,6 +102,8 @@ class _StatsCollector(Collector):
             ("requests", "HTTP requests sent to registries, retries included"),
             ("retries", "Requests sent again after a transient failure (5xx, reset, stall, short body)"),
             ("failures", "Requests given up on after every retry"),
+            ("resumed", "Retries that asked only for the rest of a response cut mid-body"),
+            ("resumed_bytes", "Bytes that resumed requests did not ask for again, having kept them"),
         ):
             yield CounterMetricFamily(f"lazysnap_registry_{name}", help_text, value=s["registry"][name])
         yield from _layer_metrics(s["layers"])

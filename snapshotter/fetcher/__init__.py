@@ -18,6 +18,7 @@ from snapshotter.fetcher.errors import (
     ManifestNotFoundError,
     RangeNotSatisfiableError,
     UnreachableError,
+    UnsafeTargetError,
 )
 from snapshotter.fetcher.hosts import DEFAULT_CONFIG_DIR, HostsConfig, RegistryHost
 from snapshotter.fetcher.manifest import (
@@ -38,6 +39,7 @@ from snapshotter.fetcher.manifest import (
 )
 from snapshotter.fetcher.push import Pusher, PushOutcome, PushStats
 from snapshotter.fetcher.reference import Reference, parse_reference
+from snapshotter.fetcher.sizing import RequestSizing
 
 __all__ = [
     "DEFAULT_CONFIG_DIR",
@@ -70,8 +72,10 @@ __all__ = [
     "Reference",
     "RegistryClient",
     "RegistryHost",
+    "RequestSizing",
     "ResolvedImage",
     "UnreachableError",
+    "UnsafeTargetError",
     "default_docker_config",
     "load_document",
     "parse_descriptor",

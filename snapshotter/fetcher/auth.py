@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from snapshotter.fetcher.credentials import Credentials, CredentialStore
 from snapshotter.fetcher.errors import AuthError
+from snapshotter.fetcher.hosts import RegistryHost
 
 DEFAULT_TOKEN_LIFETIME = 60.0  # seconds; the distribution token spec's default for expires_in
 _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -43,6 +44,7 @@ class TokenRequest:
     service: str
     scopes: tuple[str, ...]
     credentials: Credentials | None = field(default=None, repr=False)
+    origin: RegistryHost | None = None  # the endpoint that challenged us (the realm must be safe from there)
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,7 @@ class _HostScheme:
     scheme: str  # "basic" or "bearer"
     realm: str = ""
     service: str = ""
+    origin: RegistryHost | None = None
 
 
 class Authenticator:
@@ -176,8 +179,17 @@ class Authenticator:
                 token = await self._new_token(host, scope, known, extra_scope="")
             return f"Bearer {token.value}"
 
-    async def challenged(self, host: str, scope: str, headers: Sequence[str], sent: str | None) -> None:
-        """Learn from a 401 that answered a request sent with ``sent``; raise AuthError if hopeless."""
+    async def challenged(
+        self,
+        host: str,
+        scope: str,
+        headers: Sequence[str],
+        sent: str | None,
+        *,
+        origin: RegistryHost | None = None,
+    ) -> None:
+        """Learn from a 401 that answered a request sent with ``sent``; raise AuthError if hopeless.
+        ``origin`` is the endpoint that answered, passed on to the token fetcher with the realm."""
         challenges = parse_challenges(headers)
         if not challenges:
             raise AuthError("registry answered 401 without a Basic or Bearer challenge", host=host)
@@ -198,7 +210,7 @@ class Authenticator:
             realm = challenge.params.get("realm", "")
             if not realm.startswith(("https://", "http://")):
                 raise AuthError("Bearer challenge has no usable realm", host=host)
-            known = _HostScheme("bearer", realm, challenge.params.get("service", ""))
+            known = _HostScheme("bearer", realm, challenge.params.get("service", ""), origin)
             self._schemes[host] = known
             await self._new_token(host, scope, known, extra_scope=challenge.params.get("scope", ""))
 
@@ -212,7 +224,7 @@ class Authenticator:
         scopes = [s for s in scope.split(" ") if s]
         scopes += [s for s in extra_scope.split(" ") if s and s not in scopes]
         creds = await self._credentials.get(host, _repository(scope))
-        request = TokenRequest(host, known.realm, known.service, tuple(scopes), creds)
+        request = TokenRequest(host, known.realm, known.service, tuple(scopes), creds, known.origin)
         token = await self._fetch_token(request)
         self._tokens[(host, scope)] = token
         return token

@@ -1,24 +1,32 @@
-"""Reading one blob by byte ranges: redirects, multi-range requests and their fallbacks.
+"""Reading one blob by byte ranges: redirects, multi-range requests and their fallbacks, and
+resuming responses that break off.
 
 The blob URL is resolved once per reader with ``GET Range: bytes=0-1`` without following
 redirects. A ``Location`` (typically a presigned object-store URL) is then used for every read,
-without the registry's Authorization or hosts.toml headers; if it answers 401/403 (expired) or
-redirects again, the registry is asked once more and the read retried once.
+without the registry's Authorization or hosts.toml headers, if redirects.py allows it; if it
+answers 401/403 (expired) or redirects again, the registry is asked once more and the read
+retried once.
 
-Ranges go out as multi-range requests (``Range: bytes=a-b,c-d``, at most ``max_ranges`` each) and
-come back as ``multipart/byteranges``. Servers differ (stargz-snapshotter's resolver.go): some
-reject multi-range with 400 or 416, some answer only the first range, some send the whole blob
-(200). The first two switch that server to single-range mode for good, sending the ranges as
-parallel single requests; a 200 to a single range marks the server as ignoring Range, after which
-one request fetches the span of a read and it is sliced. A server may merge neighbouring ranges
-into one part; each requested range is cut from whichever part covers it.
+A read's ranges are split into requests of at most the size sizing.py allows for the server (the
+whole read while the link is sound) and sent, ``concurrency`` at a time, as multi-range requests
+(``Range: bytes=a-b,c-d``, at most ``max_ranges`` each) that come back as ``multipart/byteranges``.
+Servers differ (stargz-snapshotter's resolver.go): some reject multi-range with 400 or 416, some
+answer only the first range, some send the whole blob (200). The first two switch that server to
+single-range mode for good; a 200 to a single range marks the server as ignoring Range, after
+which one request fetches what a read needs from the whole blob. A server may merge neighbouring
+ranges into one part; each range is taken from whichever part covers it.
+
+Bodies are read as they arrive into the read's pieces (transfer.py), never more than was asked.
+A response cut mid-body keeps what arrived: its retry asks only for what is still missing (see
+transport.py for how retries are counted). The chunk digests the layers above check still cover
+every byte, so a resumed read can never serve wrong data.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
@@ -36,16 +44,18 @@ from snapshotter.fetcher.errors import (
 )
 from snapshotter.fetcher.hosts import RegistryHost
 from snapshotter.fetcher.manifest import ManifestError, matches_digest
-from snapshotter.fetcher.multipart import (
-    BytePart,
-    MultipartError,
-    content_type,
-    parse_byteranges,
-    parse_content_range,
-    range_header,
-)
+from snapshotter.fetcher.multipart import MultipartError, parse_content_range, range_header
 from snapshotter.fetcher.reference import Reference
-from snapshotter.fetcher.transport import RangeMode, Retry, Transport, Where, check_status
+from snapshotter.fetcher.transfer import Answer, PastEnd, Piece, SizeMismatch, Transfer, WrongAnswer
+from snapshotter.fetcher.transport import (
+    Progress,
+    RangeMode,
+    Retry,
+    Transport,
+    Where,
+    check_status,
+    read_at_most,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,10 +81,11 @@ class _Expired(Exception):  # noqa: N818 - control flow: the cached redirect no 
 
 
 @dataclass(frozen=True)
-class _Answer:
-    parts: tuple[BytePart, ...] = ()
-    whole: bytes | None = None  # the server sent the entire blob (200)
+class _Outcome:
+    """How one request (with its retries) ended, for the range-mode decisions."""
+
     rejected: bool = False  # the server refused a multi-range request (400/416)
+    whole: bool = False  # it answered with the whole blob (200)
 
 
 class BlobReader:
@@ -100,6 +111,9 @@ class BlobReader:
         self._concurrency = max(1, concurrency)
         self._target: _Target | None = None
         self._resolving = asyncio.Lock()
+        # time.monotonic() when a byte of a range read last arrived: lets a caller that waits
+        # for a read tell a slow link (bytes keep coming) from a dead one.
+        self.last_byte_at = 0.0
 
     @property
     def known_size(self) -> int | None:
@@ -125,15 +139,14 @@ class BlobReader:
         await self._current_target(set())
 
     async def read_all(self) -> bytes:
-        """The whole blob, verified against its digest."""
-
-        async def whole(target: _Target) -> bytes:
-            answer = await self._get(target, None, single=None)
-            if answer.whole is not None:
-                return answer.whole
-            raise self._where.error(InvalidResponseError, "server answered a plain GET with partial content")
-
-        data = await self._with_target(whole)
+        """The whole blob, verified against its digest; never more bytes than its size."""
+        size = self.known_size
+        if size is None:
+            size = await self.size()
+        transfer = Transfer([(0, size)])
+        if size:
+            await self._with_target(lambda target: self._whole(target, transfer))
+        (data,) = transfer.result()
         try:
             if len(data) >= _HASH_IN_THREAD:
                 ok = await asyncio.to_thread(matches_digest, data, self.digest)
@@ -148,9 +161,10 @@ class BlobReader:
     async def read_ranges(self, ranges: Sequence[Range]) -> list[bytes]:
         """Bytes of each half-open ``[start, end)`` range (sorted, non-overlapping), in order."""
         self._validate(ranges)
-        wanted = [r for r in ranges if r[1] > r[0]]
-        got = await self._with_target(lambda target: self._fetch(target, wanted)) if wanted else {}
-        return [got.get(r, b"") for r in ranges]
+        transfer = Transfer(ranges)
+        if transfer.pieces:
+            await self._with_target(lambda target: self._fetch(target, transfer))
+        return transfer.result()
 
     # -- targets and failover --------------------------------------------------------------------
 
@@ -226,7 +240,8 @@ class BlobReader:
                 return None
             check_status(resp, self._where, BlobNotFoundError)
             if resp.status == 206:
-                await resp.read()
+                if await read_at_most(resp, 2) is None:
+                    raise Retry("more than the 2 bytes asked for", InvalidResponseError)
                 try:
                     total = parse_content_range(resp.headers.get("Content-Range", ""))[2]
                 except MultipartError:
@@ -247,6 +262,8 @@ class BlobReader:
         )
         if location is None:
             return _Target(endpoint, url, foreign=False)
+        # Refuse an unsafe target now, with a clear error, rather than at the first read.
+        await self._transport.foreign_session(endpoint, location, "blob redirect", self._where)
         return _Target(endpoint, location, foreign=True)
 
     async def _head_size(self) -> int:
@@ -278,75 +295,120 @@ class BlobReader:
 
     # -- range requests --------------------------------------------------------------------------
 
-    async def _fetch(self, target: _Target, wanted: list[Range]) -> dict[Range, bytes]:
-        mode = self._transport.range_mode(target.server)
-        if mode is RangeMode.NONE:
-            span = (wanted[0][0], wanted[-1][1])
-            got = _cut(wanted, await self._get(target, [span], single=span))
-            self._require(wanted, got)
-            return got
-        sem = asyncio.Semaphore(self._concurrency)
-        if mode is RangeMode.SINGLE or len(wanted) == 1:
-            return await self._singles(target, wanted, sem)
-        batches = [wanted[i : i + self._max_ranges] for i in range(0, len(wanted), self._max_ranges)]
-        out: dict[Range, bytes] = {}
-        for part in await _all([self._multi(target, b, sem) for b in batches]):
-            out.update(part)
-        return out
+    async def _fetch(self, target: _Target, transfer: Transfer) -> None:
+        """Fetch every missing piece of ``transfer`` from ``target``, ``concurrency`` requests at a
+        time; a request planned after others completed or broke off is sized by what they showed."""
+        transfer.restart()  # requests to a previous target were abandoned with what they held
+        server = target.server
+        running: set[asyncio.Task[None]] = set()
 
-    async def _multi(self, target: _Target, batch: list[Range], sem: asyncio.Semaphore) -> dict[Range, bytes]:
-        if len(batch) == 1:
-            return await self._singles(target, batch, sem)
-        async with sem:
-            answer = await self._get(target, batch, single=None)
-        if answer.rejected:
-            self._transport.set_range_mode(target.server, RangeMode.SINGLE)
-            return await self._singles(target, batch, sem)
-        got = _cut(batch, answer)
-        missing = [r for r in batch if r not in got]
-        if answer.whole is not None:  # it ignored our multi-range (S3 does); single ranges may work
-            self._transport.set_range_mode(target.server, RangeMode.SINGLE)
-        if missing:  # it answered fewer ranges than asked: no multi-range there
-            self._transport.set_range_mode(target.server, RangeMode.SINGLE)
-            got.update(await self._singles(target, missing, sem))
-        return got
+        def plan() -> list[Piece]:
+            mode = self._transport.range_mode(server)
+            if mode is RangeMode.NONE:  # one request takes everything from the whole blob
+                return transfer.claim(1 << 62, 1 << 30)
+            max_ranges = self._max_ranges if mode is RangeMode.MULTI else 1
+            return transfer.claim(self._transport.sizing.piece_bytes(server), max_ranges)
 
-    async def _singles(
-        self, target: _Target, ranges: list[Range], sem: asyncio.Semaphore
-    ) -> dict[Range, bytes]:
-        async def one(rng: Range) -> bytes:
-            async with sem:
-                answer = await self._get(target, [rng], single=rng)
-            if answer.whole is not None:
-                self._transport.set_range_mode(target.server, RangeMode.NONE)
-            got = _cut([rng], answer)
-            self._require([rng], got)
-            return got[rng]
+        try:
+            while True:
+                batch = plan() if len(running) < self._concurrency else []
+                if batch:
+                    running.add(asyncio.ensure_future(self._request(target, transfer, batch)))
+                    continue
+                if not running:
+                    return
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                running -= done
+                for task in done:
+                    task.result()  # the first failure fails the read
+        finally:  # on failure or cancellation no request outlives the read that asked for it
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
 
-        results = await _all([one(r) for r in ranges])
-        return dict(zip(ranges, results, strict=True))
+    async def _request(self, target: _Target, transfer: Transfer, batch: list[Piece]) -> None:
+        """One request for ``batch``; what it leaves missing goes back to ``transfer``."""
+        server = target.server
+        whole_blob = self._transport.range_mode(server) is RangeMode.NONE
+        outcome = await self._get(target, batch, span=whole_blob)
+        missing = [p for p in batch if not p.done]
+        if outcome.rejected or (missing and len(batch) > 1):
+            # It refused multi-range, or answered fewer ranges than asked: no multi-range there.
+            self._transport.set_range_mode(server, RangeMode.SINGLE)
+        elif outcome.whole and not whole_blob:
+            # A 200 to one range: Range is ignored there. To several: single ranges may work (S3).
+            self._transport.set_range_mode(server, RangeMode.NONE if len(batch) == 1 else RangeMode.SINGLE)
+        transfer.release(missing)
 
-    async def _get(self, target: _Target, ranges: list[Range] | None, *, single: Range | None) -> _Answer:
-        """One GET (retried): ``ranges`` None for the whole blob; ``single`` is checked for coverage."""
+    async def _whole(self, target: _Target, transfer: Transfer) -> None:
+        """Fetch the whole blob: a plain GET, resumed by range if it breaks off."""
+        transfer.restart()
+        batch = transfer.claim(1 << 62, 1)
+        await self._get(target, batch, plain=True)
+        if not transfer.complete:
+            raise self._where.error(InvalidResponseError, "server answered a plain GET with partial content")
 
-        async def handler(resp: aiohttp.ClientResponse) -> _Answer:
+    async def _get(
+        self, target: _Target, batch: list[Piece], *, plain: bool = False, span: bool = False
+    ) -> _Outcome:
+        """One request for ``batch`` (retried, and resumed where it broke off), filling its pieces.
+        ``plain`` asks for the whole blob without a Range header while nothing has arrived;
+        ``span`` asks for one range from the first byte missing to the last (a server that
+        ignores Range sends the whole blob anyway: keep the header short)."""
+        progress = Progress()
+        sizing, server = self._transport.sizing, target.server
+        asked: list[tuple[int, int]] = []
+
+        def headers() -> dict[str, str] | None:
+            asked[:] = [p.remainder for p in batch if not p.done]
+            if span and asked:
+                asked[:] = [(asked[0][0], asked[-1][1])]
+            if not asked or (plain and not any(p.have for p in batch)):
+                return None
+            return {"Range": range_header(asked)}
+
+        async def handler(resp: aiohttp.ClientResponse) -> _Outcome:
             status = resp.status
             if 300 <= status < 400 or (target.foreign and status in (401, 403)):
                 raise _Expired()  # a presigned URL expired, or the registry now redirects elsewhere
-            if status in (400, 416) and ranges is not None and len(ranges) > 1:
-                return _Answer(rejected=True)
+            if not asked:
+                return _Outcome()  # a previous attempt completed every piece
+            if status in (400, 416) and len(asked) > 1:
+                return _Outcome(rejected=True)
             check_status(resp, self._where, BlobNotFoundError)
-            body = await resp.read()
-            if status == 200:
-                size = self.known_size
-                if size is not None and len(body) != size:
-                    raise Retry(f"body has {len(body)} of {size} bytes", InvalidResponseError)
-                if self._server_size is None:
-                    self._server_size = len(body)
-                return _Answer(whole=body)
-            if status != 206:
+            if status not in (200, 206):
                 raise self._where.error(FetchError, f"unexpected HTTP status {status}")
-            return _Answer(parts=self._parts(resp, body, single))
+            answer = self._answer(resp, batch, asked)
+            if answer.useless:
+                if len(asked) > 1:
+                    return _Outcome()  # it answered only some range(s): the caller goes single-range
+                (start, end), got = asked[0], answer.describe()
+                raise Retry(f"asked for [{start}, {end}), got {got}", InvalidResponseError)
+            try:
+                async for data in resp.content.iter_any():
+                    kept = answer.feed(data)
+                    if kept:
+                        progress.add(kept)
+                        self.last_byte_at = progress.last
+                    if answer.satisfied:
+                        break
+                else:
+                    answer.finish()
+                    if len(asked) == 1 and answer.missing():
+                        (start, end), got = asked[0], answer.describe()
+                        raise WrongAnswer(f"asked for [{start}, {end}), got {got}")
+            except WrongAnswer as e:
+                progress.drop(answer.rollback())
+                raise Retry(str(e), InvalidResponseError) from None
+            except PastEnd:
+                raise self._where.error(RangeNotSatisfiableError, "range ends past the blob") from None
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError):
+                sizing.cut(server)
+                raise
+            sizing.completed(server, sum(end - start for start, end in asked))
+            if answer.whole and self._server_size is None and answer.total is not None:
+                self._server_size = answer.total
+            return _Outcome(whole=answer.whole)
 
         return await self._transport.request(
             "GET",
@@ -355,65 +417,28 @@ class BlobReader:
             where=self._where,
             endpoint=None if target.foreign else target.endpoint,
             scope=self._ref.scope,
-            headers={"Range": range_header(ranges)} if ranges else None,
+            headers=headers,
             fetch=True,
+            via=target.endpoint if target.foreign else None,
+            what="blob redirect",
+            progress=progress,
         )
 
-    def _require(self, wanted: list[Range], got: dict[Range, bytes]) -> None:
-        # Only a whole-blob answer can miss a range that _get checked: the range lies past its end.
-        for start, end in wanted:
-            if (start, end) not in got:
-                raise self._where.error(
-                    RangeNotSatisfiableError, f"range [{start}, {end}) ends past the blob"
-                )
-
-    def _parts(self, resp: aiohttp.ClientResponse, body: bytes, single: Range | None) -> tuple[BytePart, ...]:
+    def _answer(
+        self, resp: aiohttp.ClientResponse, batch: list[Piece], asked: list[tuple[int, int]]
+    ) -> Answer:
+        length = resp.headers.get("Content-Length", "")
         try:
-            media, boundary = content_type(resp.headers.get("Content-Type", ""))
-            if media == "multipart/byteranges":
-                if boundary is None:
-                    raise MultipartError("multipart/byteranges without a boundary")
-                parts = tuple(parse_byteranges(body, boundary))
-            else:
-                start, end, total = parse_content_range(resp.headers.get("Content-Range", ""))
-                if len(body) != end - start:
-                    raise MultipartError(f"body has {len(body)} bytes, Content-Range announces {end - start}")
-                parts = (BytePart(start, end, total, body),)
-        except MultipartError as e:
+            return Answer(
+                batch,
+                asked,
+                status=resp.status,
+                content_type_header=resp.headers.get("Content-Type", ""),
+                content_range=resp.headers.get("Content-Range", ""),
+                content_length=int(length) if length.isdigit() else None,
+                size=self.known_size,
+            )
+        except SizeMismatch as e:
+            raise self._where.error(InvalidResponseError, str(e)) from None
+        except WrongAnswer as e:
             raise Retry(str(e), InvalidResponseError) from None
-        size = self.known_size
-        for part in parts:
-            if part.total is not None and size is not None and part.total != size:
-                raise self._where.error(
-                    InvalidResponseError, f"server says the blob has {part.total} bytes, expected {size}"
-                )
-        if single is not None and not any(p.start <= single[0] and single[1] <= p.end for p in parts):
-            got = ", ".join(f"[{p.start}, {p.end})" for p in parts)
-            raise Retry(f"asked for [{single[0]}, {single[1]}), got {got}", InvalidResponseError)
-        return parts
-
-
-async def _all(coros: list[Coroutine[object, object, T]]) -> list[T]:
-    """Like gather, but the first failure cancels (and waits for) the others before propagating,
-    so no request outlives the read that asked for it."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
-def _cut(wanted: list[Range], answer: _Answer) -> dict[Range, bytes]:
-    """Slice each wanted range out of the parts (or the whole blob) that cover it."""
-    if answer.whole is not None:
-        return {(s, e): answer.whole[s:e] for s, e in wanted if e <= len(answer.whole)}
-    out: dict[Range, bytes] = {}
-    for start, end in wanted:
-        for part in answer.parts:
-            if part.start <= start and end <= part.end:
-                out[(start, end)] = part.data[start - part.start : end - part.start]
-                break
-    return out

@@ -38,6 +38,7 @@ from snapshotter.fetcher.manifest import (
     string_map,
 )
 from snapshotter.fetcher.reference import Reference, parse_reference, validate_digest
+from snapshotter.fetcher.sizing import RequestSizing
 from snapshotter.fetcher.transport import Retry, Transport, Where, check_status
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,14 @@ log = logging.getLogger(__name__)
 class RegistryClient:
     """Talks to OCI registries and their mirrors as configured by hosts.toml.
 
-    ``timeout`` bounds each request (and any stall in a range read); ``fetch_timeout`` bounds a
-    range read in total. ``max_retries`` is the number of retries after the first attempt, with
-    exponential backoff from ``retry_base_delay`` capped at ``retry_max_delay`` (plus jitter).
-    ``host_cooldown`` is how long a failing endpoint stays at the back of the line.
+    ``timeout`` bounds each request (and any stall in a range read); ``fetch_timeout`` bounds one
+    attempt of a range read in total. ``max_retries`` is the number of retries after an attempt,
+    with exponential backoff from ``retry_base_delay`` capped at ``retry_max_delay`` (plus jitter);
+    for range reads it counts only attempts in a row that brought no byte, since a response cut
+    after part of its body is resumed at once. ``progress_timeout`` (None: no limit) fails a range
+    read when no byte of it has arrived for that long. ``host_cooldown`` is how long a failing
+    endpoint stays at the back of the line. ``sizing`` decides the size of range requests per
+    server (sizing.py; one is made if not given).
     """
 
     def __init__(
@@ -69,6 +74,8 @@ class RegistryClient:
         host_cooldown: float = 60.0,
         user_agent: str = f"lazysnap/{__version__}",
         trust_env: bool = False,
+        progress_timeout: float | None = None,
+        sizing: RequestSizing | None = None,
     ) -> None:
         self._transport = Transport(
             hosts,
@@ -82,6 +89,8 @@ class RegistryClient:
             host_cooldown=host_cooldown,
             user_agent=user_agent,
             trust_env=trust_env,
+            progress_timeout=progress_timeout,
+            sizing=sizing,
         )
         self._platform = platform or Platform()
         self._max_ranges = max_ranges_per_request
@@ -208,7 +217,9 @@ class RegistryClient:
             "GET", url, handler, where=where, endpoint=endpoint, scope=ref.scope, headers=headers
         )
         if isinstance(answer, str):  # redirected off the registry: follow once, without credentials
-            answer = await self._transport.request("GET", answer, handler, where=where, headers=headers)
+            answer = await self._transport.request(
+                "GET", answer, handler, where=where, headers=headers, via=endpoint, what="manifest redirect"
+            )
             if isinstance(answer, str):
                 raise where.error(InvalidResponseError, "manifest redirected more than once")
         return answer

@@ -51,6 +51,11 @@ class InvalidResponseError(FetchError):
     """The server's answer is malformed: wrong Content-Range, short body, bad multipart or JSON."""
 
 
+class UnsafeTargetError(FetchError):
+    """The registry sent us where we must not go: a redirect or token realm on plain http from an
+    https registry, or on a loopback or link-local address when the registry is not on one."""
+
+
 class InvalidReferenceError(ValueError):
     """An image reference string cannot be parsed."""
 

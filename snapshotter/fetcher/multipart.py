@@ -6,6 +6,8 @@ rest of lazysnap; the inclusive HTTP form appears only inside header strings.
 Parts are cut by the length their own ``Content-Range`` announces rather than by searching for the
 boundary, so blob bytes that happen to contain the boundary cannot truncate a part; the delimiter
 must then follow, which catches short or corrupted bodies. Line ends may be CRLF or bare LF.
+``ByterangesReader`` parses a body as it arrives, buffering only its (bounded) framing, so a
+response is checked and used piece by piece and never needs to be held whole.
 """
 
 from __future__ import annotations
@@ -58,64 +60,184 @@ def content_type(value: str) -> tuple[str, str | None]:
 
 
 def parse_byteranges(body: bytes, boundary: str) -> list[BytePart]:
-    """Split a ``multipart/byteranges`` body into its parts, in the order the server sent them."""
-    delimiter = b"--" + boundary.encode("latin-1")
-    # The first delimiter starts the body or a line; anything before it is preamble to ignore.
-    if body.startswith(delimiter):
-        pos = 0
-    else:
-        pos = body.find(b"\n" + delimiter)
-        if pos < 0:
+    """Split a whole ``multipart/byteranges`` body into its parts, in the order the server sent them."""
+    reader = ByterangesReader(boundary)
+    found: list[tuple[PartHeader, list[bytes]]] = []
+    for event in [*reader.feed(body), *reader.finish()]:
+        if isinstance(event, PartHeader):
+            found.append((event, []))
+        else:
+            found[-1][1].append(event)
+    return [BytePart(h.start, h.end, h.total, b"".join(data)) for h, data in found]
+
+
+@dataclass(frozen=True)
+class PartHeader:
+    """The start of one part: its data, ``end - start`` bytes, follows as ``bytes`` events."""
+
+    start: int
+    end: int
+    total: int | None
+
+
+# States of ByterangesReader
+_PREAMBLE, _DELIMITED, _HEADERS, _DATA, _AFTER_DATA, _DONE = range(6)
+
+
+class ByterangesReader:
+    """An incremental ``multipart/byteranges`` parser: ``feed`` body bytes as they arrive and get
+    back, in order, a ``PartHeader`` for each part followed by that part's data as ``bytes``;
+    call ``finish`` at a clean end of the body. After the close delimiter (``done``) the rest of
+    the body (the epilogue) is ignored, so a caller may stop reading there.
+
+    Only framing (preamble, delimiter lines, part headers) is buffered, and at most
+    ``max_framing`` bytes of it in all: data passes through, so memory stays bounded whatever a
+    server sends."""
+
+    def __init__(self, boundary: str, *, max_framing: int | None = None) -> None:
+        self._delimiter = b"--" + boundary.encode("latin-1")
+        self._buffer = bytearray()
+        self._state = _PREAMBLE
+        self._headers: dict[str, str] = {}
+        self._part: PartHeader | None = None
+        self._left = 0  # data bytes still to come in the current part
+        self._parts = 0  # parts begun
+        self._framing = 0  # framing bytes consumed
+        self._max_framing = max_framing
+
+    @property
+    def done(self) -> bool:
+        """The close delimiter has been read."""
+        return self._state == _DONE
+
+    def feed(self, data: bytes) -> list[PartHeader | bytes]:
+        events: list[PartHeader | bytes] = []
+        if self._state == _DONE or not data:
+            return events
+        if self._state == _DATA and not self._buffer:  # the common case: data passes straight on
+            n = min(self._left, len(data))
+            events.append(data[:n])
+            self._left -= n
+            if not self._left:
+                self._state = _AFTER_DATA
+            data = data[n:]
+            if not data:
+                return events
+        self._buffer += data
+        self._parse(events, final=False)
+        return events
+
+    def finish(self) -> list[PartHeader | bytes]:
+        """The body ended: parse what is left, raising if the body is not complete."""
+        events: list[PartHeader | bytes] = []
+        self._parse(events, final=True)
+        if self._state == _DONE:
+            return events
+        if self._state == _PREAMBLE:
             raise MultipartError("no multipart boundary in body")
-        pos += 1
-    parts: list[BytePart] = []
-    while True:
-        pos += len(delimiter)
-        if body.startswith(b"--", pos):  # the close delimiter; the rest is epilogue
-            if not parts:
-                raise MultipartError("multipart body has no parts")
-            return parts
-        pos = _skip_line_end(body, pos)
-        headers, pos = _read_headers(body, pos)
-        value = headers.get("content-range")
-        if value is None:
-            raise MultipartError(f"part {len(parts)} has no Content-Range")
-        start, end, total = parse_content_range(value)
-        data = body[pos : pos + end - start]
-        if len(data) != end - start:
-            raise MultipartError(f"part {len(parts)} is short: {len(data)} of {end - start} bytes")
-        parts.append(BytePart(start, end, total, data))
-        pos += end - start
-        if body.startswith(b"\r\n", pos):
-            pos += 2
-        elif body.startswith(b"\n", pos):
-            pos += 1
-        if not body.startswith(delimiter, pos):
-            raise MultipartError(f"part {len(parts) - 1} is not followed by the boundary")
-
-
-def _skip_line_end(body: bytes, pos: int) -> int:
-    """Skip transport padding (spaces, tabs) after a delimiter and the line end that follows."""
-    while pos < len(body) and body[pos] in b" \t":
-        pos += 1
-    if body.startswith(b"\r\n", pos):
-        return pos + 2
-    if body.startswith(b"\n", pos):
-        return pos + 1
-    raise MultipartError("boundary line is not terminated")
-
-
-def _read_headers(body: bytes, pos: int) -> tuple[dict[str, str], int]:
-    headers: dict[str, str] = {}
-    while True:
-        eol = body.find(b"\n", pos)
-        if eol < 0:
+        if self._state == _DELIMITED:
+            raise MultipartError("boundary line is not terminated")
+        if self._state == _HEADERS:
             raise MultipartError("part headers are not terminated")
-        line = body[pos:eol].rstrip(b"\r")
-        pos = eol + 1
-        if not line:
-            return headers, pos
-        name, sep, value = line.decode("latin-1").partition(":")
-        if not sep:
-            raise MultipartError(f"malformed part header {line[:80]!r}")
-        headers[name.strip().lower()] = value.strip()
+        if self._state == _DATA:
+            assert self._part is not None
+            size = self._part.end - self._part.start
+            raise MultipartError(f"part {self._parts - 1} is short: {size - self._left} of {size} bytes")
+        raise MultipartError(f"part {self._parts - 1} is not followed by the boundary")
+
+    def _consume(self, n: int, framing: bool = True) -> None:
+        del self._buffer[:n]
+        if framing:
+            self._framing += n
+            if self._max_framing is not None and self._framing > self._max_framing:
+                raise MultipartError(f"multipart framing is longer than {self._max_framing} bytes")
+
+    def _parse(self, events: list[PartHeader | bytes], *, final: bool) -> None:
+        """Advance through the buffer as far as it allows."""
+        while self._step(events, final):
+            pass
+        # Waiting for more framing: what is buffered counts against the bound already.
+        waiting = self._state != _DATA and self._max_framing is not None
+        if waiting and self._framing + len(self._buffer) > (self._max_framing or 0):
+            raise MultipartError(f"multipart framing is longer than {self._max_framing} bytes")
+
+    def _step(self, events: list[PartHeader | bytes], final: bool) -> bool:
+        """One step of the state machine; False when it needs more bytes (or is done)."""
+        buf, delimiter = self._buffer, self._delimiter
+        if self._state == _PREAMBLE:
+            # The first delimiter starts the body or a line; anything before it is preamble.
+            if not self._framing and buf.startswith(delimiter):
+                self._consume(len(delimiter))
+            else:
+                at = buf.find(b"\n" + delimiter)
+                if at < 0:
+                    if len(buf) > len(delimiter):  # keep only what may begin a delimiter line
+                        self._consume(len(buf) - len(delimiter))
+                    return False
+                self._consume(at + 1 + len(delimiter))
+            self._state = _DELIMITED
+            return True
+        if self._state == _DELIMITED:
+            if len(buf) < 2 and not final:
+                return False
+            if buf.startswith(b"--"):  # the close delimiter
+                if not self._parts:
+                    raise MultipartError("multipart body has no parts")
+                self._state = _DONE
+                self._buffer.clear()
+                return False
+            pos = 0
+            while pos < len(buf) and buf[pos] in b" \t":  # transport padding
+                pos += 1
+            if buf.startswith(b"\r\n", pos):
+                self._consume(pos + 2)
+            elif buf.startswith(b"\n", pos):
+                self._consume(pos + 1)
+            elif pos == len(buf) or (buf[pos:] == b"\r" and not final):
+                return False
+            else:
+                raise MultipartError("boundary line is not terminated")
+            self._state, self._headers = _HEADERS, {}
+            return True
+        if self._state == _HEADERS:
+            eol = buf.find(b"\n")
+            if eol < 0:
+                return False
+            line = bytes(buf[:eol]).rstrip(b"\r")
+            self._consume(eol + 1)
+            if line:
+                name, sep, value = line.decode("latin-1").partition(":")
+                if not sep:
+                    raise MultipartError(f"malformed part header {line[:80]!r}")
+                self._headers[name.strip().lower()] = value.strip()
+                return True
+            announced = self._headers.get("content-range")
+            if announced is None:
+                raise MultipartError(f"part {self._parts} has no Content-Range")
+            start, end, total = parse_content_range(announced)
+            self._part = PartHeader(start, end, total)
+            self._parts += 1
+            events.append(self._part)
+            self._state, self._left = _DATA, end - start
+            return True
+        if self._state == _DATA:
+            if not buf:
+                return False
+            n = min(self._left, len(buf))
+            events.append(bytes(buf[:n]))
+            self._consume(n, framing=False)
+            self._left -= n
+            if not self._left:
+                self._state = _AFTER_DATA
+            return True
+        if self._state == _AFTER_DATA:
+            # An optional line end, then the next delimiter; wait until that much is here.
+            if len(buf) < len(delimiter) + 2 and not final:
+                return False
+            pos = 2 if buf.startswith(b"\r\n") else 1 if buf.startswith(b"\n") else 0
+            if not buf.startswith(delimiter, pos):
+                raise MultipartError(f"part {self._parts - 1} is not followed by the boundary")
+            self._consume(pos + len(delimiter))
+            self._state = _DELIMITED
+            return True
+        return False

@@ -387,6 +387,8 @@ class Pusher:
             headers=headers,
             fetch=data is not None,  # bodies may be large: the long timeout with a stall limit
             data=data,
+            via=None if on_registry else endpoint,
+            what="upload location",
         )
 
 

@@ -44,15 +44,26 @@ up once per rotation. ``enable(kind, False)`` switches one kind off at runtime.
 ``away(seconds)`` refuses every connection (stops listening and aborts open connections) for a
 while, then listens again on the same port; ``go_away()`` / ``come_back()`` do it by hand.
 
+``lossy(p)`` models a lossy path instead of whole-request faults: every eligible response that is
+served normally is sent in pieces of ``piece_bytes`` (64 KiB) of body, each once the one before
+has left the proxy's socket, and for each piece, with chance ``p``, the proxy sends a random part
+of it (possibly none) and resets the connection. The
+draws come from an RNG of their own, seeded from ``seed``, so a run is reproducible for a given
+request order. ``counts()["piece_resets"]`` says how many connections it cut. Bytes still queued
+in the proxy's socket when it resets a connection are dropped by the reset and are not counted as
+served: what is counted is what reached the client.
+
 Everything is counted (``counts()``) and every request is recorded (``events``) and logged on the
 ``tests.faults`` logger.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -110,6 +121,7 @@ _HOP_BY_HOP = frozenset(
     )
 )
 _REALM_SERVICE = "lazysnap-fault-proxy"
+_SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in a socket's send queue not yet sent
 
 
 @dataclass(frozen=True)
@@ -179,6 +191,9 @@ class FaultProxy:
         self.events: list[ProxyEvent] = []
         self._lock = threading.Lock()  # plan and counters: set from the test thread, used on the loop
         self._random = random.Random(seed)
+        self._loss_random = random.Random(f"loss-{seed}")
+        self.piece_loss = 0.0  # see lossy()
+        self.piece_bytes = 64 << 10
         self._plan = _Plan()
         self._window: list[bool] = []  # stratified: the remaining verdicts of the current window
         self._current: dict[str, dict[str, float]] = {"registry": {}, "store": {}}  # round-robin state
@@ -285,6 +300,13 @@ class FaultProxy:
         """Every eligible request (that the kind applies to) gets ``kind``."""
         self.configure({kind: 1.0})
 
+    def lossy(self, p: float, piece_bytes: int = 64 << 10) -> None:
+        """Cut responses as a lossy path does (see the module docstring); ``lossy(0)`` stops."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"loss rate {p} is not in [0, 1)")
+        with self._lock:
+            self.piece_loss, self.piece_bytes = p, piece_bytes
+
     def clear(self) -> None:
         """No more faults; stalled responses stay held until their client gives up."""
         self.configure({})
@@ -338,7 +360,7 @@ class FaultProxy:
 
     def counts(self) -> dict[str, Any]:
         """``requests``, ``eligible``, ``redirects``, ``tokens``, ``bytes_served`` (body bytes sent,
-        all requests), ``blob_bytes_served`` and ``faults`` (by kind)."""
+        all requests), ``blob_bytes_served``, ``piece_resets`` and ``faults`` (by kind)."""
         with self._lock:
             return {**self._counts, "faults": dict(self._faults)}
 
@@ -441,6 +463,8 @@ class FaultProxy:
                 resp = await self._fault(fault, request, store)
             elif self.redirect and eligible and not store and _BLOB_PATH.match(request.path):
                 resp = self._redirect(request)
+            elif eligible and self.piece_loss > 0:
+                resp = await self._lossy(request, store)
             else:
                 resp = await self._forward(request, store)
             status = resp.status
@@ -528,6 +552,40 @@ class FaultProxy:
             resp.headers.add(k, v)
         return resp
 
+    async def _lossy(self, request: web.BaseRequest, store: bool) -> web.StreamResponse:
+        """Forward, sending the body piece by piece; cut the connection inside a piece with
+        chance ``piece_loss`` per piece."""
+        status, headers, data, _ = await self._fetch(request, store, "")
+        resp = web.StreamResponse(status=status)
+        for k, v in headers:
+            resp.headers.add(k, v)
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        size = self.piece_bytes
+        for at in range(0, len(data), size):
+            piece = data[at : at + size]
+            with self._lock:
+                cut = self._loss_random.random() < self.piece_loss
+                part = self._loss_random.randrange(len(piece)) if cut else len(piece)
+                self._counts["piece_resets"] += cut
+            if part:
+                await resp.write(piece[:part])
+                self._count_body(request, part)
+            transport = request.transport
+            if transport is not None:
+                # A piece is cut while it is on the way, not while it waits in our socket: send
+                # the next one only when this one has left.
+                await _sent(transport)
+                if cut:
+                    # A reset drops what is still queued (if the client stopped reading): it never
+                    # reached the client, so it does not count as served.
+                    self._count_body(request, -_unsent(transport))
+                    _reset(transport)
+            if cut:
+                log.debug("piece reset for %s after %d body bytes", request.path, at + part)
+                return resp
+        return resp
+
     async def _fault(self, kind: str, request: web.BaseRequest, store: bool) -> web.StreamResponse:
         if kind == HTTP_5XX:
             with self._lock:
@@ -608,16 +666,43 @@ class FaultProxy:
         self._count_body(request, len(part))
         transport = request.transport
         if transport is not None:
-            # Let what was written reach the socket first, so the client really sees part of a body.
-            for _ in range(100):
-                if transport.get_write_buffer_size() == 0:
-                    break
-                await asyncio.sleep(0.01)
+            await _flushed(transport)
             if kind == RESET:
                 _reset(transport)
             else:
                 transport.close()
         return resp
+
+
+async def _flushed(transport: asyncio.Transport) -> None:
+    """Let what was written reach the socket first, so that the client really sees part of a body
+    (gives up after a second: a client that stopped reading must not hold the proxy)."""
+    for _ in range(100):
+        if transport.get_write_buffer_size() == 0:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def _sent(transport: asyncio.Transport) -> None:
+    """Wait until what was written has left the socket (gives up after about a second)."""
+    await _flushed(transport)
+    for _ in range(200):
+        if not _unsent(transport):
+            return
+        await asyncio.sleep(0.005)
+
+
+def _unsent(transport: asyncio.Transport) -> int:
+    """Bytes written to the socket and not sent yet (Linux's SIOCOUTQNSD; 0 where unsupported)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    queued = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, queued)
+    except OSError:
+        return 0
+    return queued[0]
 
 
 def _reset(transport: asyncio.BaseTransport) -> None:
@@ -733,6 +818,64 @@ def _build(registry_host: str) -> FaultImage:
         layers=tuple(names),
         sha256={p: hashlib.sha256(d).hexdigest() for p, d in contents.items()},
         sizes={p: len(d) for p, d in contents.items()},
+        layer_digests=digests,
+        blob_sizes={b.digest: b.size for b in image.layers},
+        tocs={d: b.toc_json for d, b in zip(digests, built_layers, strict=True)},
+        toc_offsets={d: b.toc_offset for d, b in zip(digests, built_layers, strict=True)},
+    )
+
+
+LOSSY_REPO = "lztest/lossy"
+LOSSY_FILE = "/data/big.bin"
+LOSSY_SIZE = 48 << 20
+_lossy_cache: dict[str, FaultImage] = {}
+
+
+def lossy_content() -> bytes:
+    """The bytes of ``LOSSY_FILE``: incompressible, every byte a function of its position."""
+    return hashlib.shake_256(b"lazysnap-lossy-link").digest(LOSSY_SIZE)
+
+
+def lossy_image(registry_host: str) -> FaultImage:
+    """Build and push (once per registry) an eStargz image with busybox and one layer holding
+    ``LOSSY_FILE`` (48 MiB in 512 KiB chunks), for reading over a lossy link."""
+    with _cache_lock:
+        if registry_host not in _lossy_cache:
+            _lossy_cache[registry_host] = _build_lossy(registry_host)
+        return _lossy_cache[registry_host]
+
+
+def _build_lossy(registry_host: str) -> FaultImage:
+    busybox = Path("/bin/busybox").read_bytes()
+    base: list[oci.Entry] = [
+        oci.Dir("/bin"),
+        oci.File("/bin/busybox", busybox, mode=0o755),
+        oci.Symlink("/bin/sh", "busybox"),
+        oci.Dir("/tmp", mode=0o1777),
+    ]
+    content = lossy_content()
+    data: list[oci.Entry] = [oci.Dir("/data"), oci.File(LOSSY_FILE, content)]
+    built_layers = []
+
+    def encode(raw: bytes) -> oci.EncodedLayer:
+        built = build_estargz(raw, chunk_size=CHUNK_SIZE, compression_level=1)
+        built_layers.append(built)
+        return oci.EncodedLayer(built.blob, built.media_type, built.annotations, built.diff_id)
+
+    workdir = Path(tempfile.mkdtemp(prefix="lzl", dir="/tmp"))
+    try:
+        layout = workdir / "layout"
+        image = oci.build_layout(layout, [base, data], tag=FAULT_TAG, cmd=["/bin/sh"], encode=encode)
+        oci.push(image.layout_dir, FAULT_TAG, registry_host, LOSSY_REPO)
+    finally:
+        if not mounts.unmount_all(workdir):
+            shutil.rmtree(workdir, ignore_errors=True)
+    digests = tuple(b.digest for b in image.layers)
+    return FaultImage(
+        ref=f"{LOSSY_REPO}:{FAULT_TAG}",
+        layers=((), (LOSSY_FILE,)),
+        sha256={LOSSY_FILE: hashlib.sha256(content).hexdigest()},
+        sizes={LOSSY_FILE: len(content)},
         layer_digests=digests,
         blob_sizes={b.digest: b.size for b in image.layers},
         tocs={d: b.toc_json for d, b in zip(digests, built_layers, strict=True)},

@@ -36,7 +36,7 @@ def stats() -> dict[str, object]:
         "lazy_mounts": 1,
         "not_lazy": {"no-toc-digest": 2},
         "cache": {"bytes": 60, "hits": 5, "misses": 4, "evictions": 0},
-        "registry": {"requests": 9, "retries": 2, "failures": 1},
+        "registry": {"requests": 9, "retries": 2, "failures": 1, "resumed": 1, "resumed_bytes": 4096},
         "layers": {"sha256:" + "a" * 64: layer},
     }
 
@@ -74,4 +74,5 @@ def test_fs_operations_and_daemon_counters() -> None:
     assert sample(text, "lazysnap_not_lazy_layers_total", reason="no-toc-digest") == 2
     assert sample(text, "lazysnap_cache_hits_total") == 5
     assert sample(text, "lazysnap_registry_retries_total") == 2
+    assert sample(text, "lazysnap_registry_resumed_bytes_total") == 4096
     assert sample(text, "lazysnap_lazy_mounts_total") == 1 and sample(text, "lazysnap_mounted_layers") == 1

@@ -225,7 +225,10 @@ async def test_bad_bodies_are_retried(registry: FakeRegistry, fault: str) -> Non
     async with make_client() as client:
         blob = client.blob(f"{registry.host}/app", digest, len(DATA))
         assert await blob.read_ranges([(10, 20)]) == [DATA[10:20]]
-    assert range_headers(registry).count("bytes=10-19") == 2
+    if fault == "cut":  # what arrived is kept: the retry asks for the rest
+        assert range_headers(registry) == ["bytes=0-1", "bytes=10-19", "bytes=13-19"]
+    else:  # a body that contradicts its headers is not used at all
+        assert range_headers(registry) == ["bytes=0-1", "bytes=10-19", "bytes=10-19"]
 
 
 async def test_persistently_wrong_content_range_is_an_error(registry: FakeRegistry) -> None:
