@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -247,13 +248,14 @@ class LayerReader:
                 self._ensure(list(missing.values()), extra, ON_DEMAND), self.loop
             )
             try:
-                fetched = future.result(timeout=self.config.read_timeout)
+                fetched = self._wait(future)
             except TimeoutError:
                 future.cancel()
                 self.loop.call_soon_threadsafe(self._give_up, list(missing))
                 names = ", ".join(repr(e.name) for e, _, _ in extents[:3])
                 raise ReadError(
-                    f"layer {self.layer}: read of {names} timed out after {self.config.read_timeout}s"
+                    f"layer {self.layer}: read of {names} timed out: no byte arrived for "
+                    f"{self.config.read_timeout}s"
                 ) from None
         elif extra:
             asyncio.run_coroutine_threadsafe(self._ensure([], extra, ON_DEMAND), self.loop)
@@ -264,6 +266,20 @@ class LayerReader:
                     pieces[i] = fetched[c.digest][lo:hi]
             out.append(b"".join(p for p in pieces if p is not None))
         return out
+
+    def _wait(self, future: concurrent.futures.Future[dict[str, bytes]]) -> dict[str, bytes]:
+        """The fetch's result. A slow link that keeps delivering is waited for; TimeoutError once
+        no byte of this layer's blobs has arrived for ``read_timeout`` (a dead link, a stall)."""
+        timeout = self.config.read_timeout
+        waited_from = time.monotonic()
+        while True:
+            try:
+                return future.result(timeout=max(0.0, waited_from + timeout - time.monotonic()))
+            except TimeoutError:
+                last = max((getattr(b, "last_byte_at", 0.0) for b in self.blobs.values()), default=0.0)
+                if time.monotonic() - max(last, waited_from) >= timeout:
+                    raise
+                waited_from = max(last, waited_from)
 
     def _slices(self, entry: Entry, offset: int, end: int) -> list[tuple[Chunk, tuple[int, int]]]:
         """The chunks of ``entry`` that [offset, end) touches, each with the slice of it needed (a

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import os
 import random
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -395,3 +396,37 @@ def test_a_chunk_that_landed_after_the_readers_cache_check_is_not_fetched_again(
     data = future.result(5)
     assert data[chunk.digest][:10] == FILES["lib/b.so"][:10]
     assert len(layer.blob.requests) == served
+
+
+class TricklingBlob(MemoryBlob):
+    """A slow link that keeps delivering: the answer takes several read timeouts in all, but a
+    byte arrives well within each (as the fetcher reports through ``last_byte_at``)."""
+
+    def __init__(self, data: bytes, beats: int, interval: float) -> None:
+        super().__init__(data)
+        self.beats, self.interval = beats, interval
+        self.last_byte_at = 0.0
+
+    async def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        for _ in range(self.beats):
+            await asyncio.sleep(self.interval)
+            self.last_byte_at = time.monotonic()
+        return await super().read_ranges(ranges)
+
+
+def test_a_slow_link_that_keeps_delivering_is_waited_for(
+    tmp_path: Path, loop: asyncio.AbstractEventLoop
+) -> None:
+    """Issue 16: a read fails only when no byte has arrived for read.timeout_seconds."""
+    layer = make_layer(tmp_path, loop, Compression.GZIP)
+    timeout = 0.6
+    layer.blob = TricklingBlob(bytes(layer.blob.data), beats=6, interval=timeout / 3)  # 2 timeouts in all
+    entry = layer.index.entries["lib/b.so"]
+    reader = layer.reader(read_timeout=timeout, readahead_bytes=0)
+    assert reader.read(entry, 0, 100) == FILES["lib/b.so"][:100]
+    dead = TricklingBlob(bytes(layer.blob.data), beats=0, interval=0)
+    dead.stall.clear()
+    layer.blob = dead
+    with pytest.raises(ReadError, match="no byte arrived"):
+        layer.reader(read_timeout=timeout, readahead_bytes=0).read(entry, 70_000, 100)
+    dead.stall.set()

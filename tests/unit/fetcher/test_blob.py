@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from snapshotter.fetcher import (
     RangeNotSatisfiableError,
     UnreachableError,
 )
+from snapshotter.fetcher.transport import Where
 
 from .conftest import FakeRegistry, ObjectStore, make_client
 
@@ -257,11 +257,9 @@ async def test_stalled_server_times_out(registry: FakeRegistry) -> None:
         return None
 
     registry.intercept = stalls
-    started = time.monotonic()
     async with make_client(timeout=0.3, max_retries=1) as client:
-        with pytest.raises(UnreachableError, match="timed out"):
+        with pytest.raises(UnreachableError, match="timed out"):  # never set: only a timeout ends it
             await client.blob(f"{registry.host}/app", digest).read_ranges([(10, 20)])
-    assert time.monotonic() - started < 2.0
     stall.set()
 
 
@@ -276,10 +274,11 @@ async def test_mirror_failing_falls_over_to_origin(registry: FakeRegistry, tmp_p
     async with make_client(HostsConfig(tmp_path), max_retries=1) as client:
         blob = client.blob(f"{registry.host}/app", digest, len(DATA))
         assert await blob.read_ranges(RANGES) == expected(RANGES)
-        started = time.monotonic()
+        where = Where(registry.host, "app", digest)
+        order = [e.base_url for e in client.transport.endpoints(registry.host, "pull", where)]
+        assert order == [f"http://{registry.host}/v2", "http://127.0.0.1:1/v2"]  # the sick mirror goes last
         other = client.blob(f"{registry.host}/app", digest, len(DATA))
-        assert await other.read_ranges([(1, 2)]) == [DATA[1:2]]  # the sick mirror is now tried last
-        assert time.monotonic() - started < 0.5
+        assert await other.read_ranges([(1, 2)]) == [DATA[1:2]]
 
 
 async def test_mirror_5xx_falls_over_mid_read(registry: FakeRegistry, tmp_path: Path) -> None:
