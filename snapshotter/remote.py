@@ -37,7 +37,8 @@ from snapshotter.fetcher import (
 from snapshotter.formats import MAX_FOOTER_SIZE, TocLocation, locate_toc, nydus, parse_toc
 from snapshotter.formats.index import FormatError, LayerIndex
 from snapshotter.formats.nydus import BootstrapLocation
-from snapshotter.fuse.layerfs import FsObserver, LayerFS, LayerTree, MountedLayer, is_fuse_mountpoint, unmount
+from snapshotter.fuse.layerfs import FsObserver, LayerFS, MountedLayer, is_fuse_mountpoint, unmount
+from snapshotter.layertree import LayerTree
 from snapshotter.profile import StartupRecorder
 from snapshotter.reader import LayerReader, OnDemandActivity, ReaderConfig
 from snapshotter.tocstore import StoredToc, TocStore

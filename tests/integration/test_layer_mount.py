@@ -18,7 +18,8 @@ import pytest
 from snapshotter.cache import ChunkCache
 from snapshotter.formats import build_estargz, build_zstdchunked, locate_toc, parse_toc
 from snapshotter.formats.index import Compression
-from snapshotter.fuse.layerfs import LayerFS, LayerTree, MountedLayer
+from snapshotter.fuse.layerfs import LayerFS, MountedLayer
+from snapshotter.layertree import LayerTree
 from snapshotter.reader import LayerReader, ReaderConfig
 from tests.support.lazy import MemoryBlob, running_loop
 from tests.support.mounts import unmount_all
