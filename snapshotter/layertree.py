@@ -175,6 +175,9 @@ class LayerTree:
             return
         if base.startswith(WHITEOUT_PREFIX):
             hidden = base.removeprefix(WHITEOUT_PREFIX)
+            if hidden in ("", ".", ".."):  # would hide nothing, or shadow "." and ".."
+                log.warning("meaningless whiteout skipped", extra={"entry": entry.name})
+                return
             parent.children[hidden] = Node(self._new_ino(), entry, EntryType.CHAR, whiteout=True)
             return
         if entry.type == EntryType.HARDLINK:

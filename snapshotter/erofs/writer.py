@@ -164,7 +164,9 @@ class _Writer:
         for inode in self.inodes:
             self._prepare(inode)
         meta_end = self._place_inodes()
-        data_end = self._place_data(meta_end)
+        # erofs-utils 1.5's fsck reads a 12-byte xattr header after every inode, even one without
+        # xattrs, and calls the image corrupt when the last inode ends the image: leave room.
+        data_end = self._place_data(meta_end + ondisk.XATTR_IBODY_HEADER_SIZE)
         xattr_blkaddr = data_end // self.block_size if self.shared_area else 0
         image = bytearray(_round_up(data_end + len(self.shared_area), self.block_size))
         image[data_end : data_end + len(self.shared_area)] = self.shared_area

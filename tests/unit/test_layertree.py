@@ -24,6 +24,7 @@ def test_presentation_rules() -> None:
         Entry("etc/hard", EntryType.HARDLINK, 0, link_name="etc/conf"),
         Entry("etc/.wh.gone", EntryType.REG, 0o644),
         Entry("etc/.wh..wh..opq", EntryType.REG, 0o644),
+        *(Entry(f"etc/.wh.{hidden}", EntryType.REG, 0o644) for hidden in ("", ".", "..")),
         Entry(".prefetch.landmark", EntryType.REG, 0o644, size=1),
         Entry("deep/.prefetch.landmark", EntryType.REG, 0o644, size=1),  # only the root's are hidden
     )
