@@ -19,7 +19,8 @@ Two ways to lay a blob out:
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+import errno
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -28,6 +29,11 @@ from snapshotter.layertree import LayerTree, Node
 
 MIN_BLOCK_SIZE = 512
 MAX_BLOCK_SIZE = 4096
+
+
+FileReader = Callable[
+    [Entry, int, int], bytes
+]  # (entry, file offset, length) -> bytes, like LayerReader.read
 
 
 class LayoutError(ValueError):
@@ -108,6 +114,22 @@ class BlobLayout:
     def find(self, entry: Entry) -> PlacedFile | None:
         """Where ``entry``'s content is (None for an empty or unplaced file)."""
         return self._by_name.get(entry.name)
+
+    def read(self, offset: int, size: int, read_file: FileReader) -> bytes:
+        """Blob bytes ``[offset, offset + size)`` (short at the blob's end), each file's part from
+        ``read_file(entry, file_offset, length)``, zeros between files."""
+        parts = []
+        for piece in self.locate(offset, size):
+            if piece.entry is None:
+                parts.append(bytes(piece.length))
+                continue
+            data = read_file(piece.entry, piece.file_offset, piece.length)
+            if len(data) != piece.length:
+                raise OSError(
+                    errno.EIO, f"{piece.entry.name}: {len(data)} bytes read, {piece.length} expected"
+                )
+            parts.append(data)
+        return b"".join(parts)
 
     def locate(self, offset: int, size: int) -> list[Piece]:
         """The pieces covering blob bytes ``[offset, offset + size)``, clipped to the blob's end,

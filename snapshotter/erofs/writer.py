@@ -269,8 +269,7 @@ class _Writer:
         )
 
     def _prepare_xattrs(self, inode: _Inode) -> None:
-        if not inode.xattrs:
-            return
+        """The inline xattr body: header, ids of shared xattrs, then the inode's own entries."""
         shared = [self.shared_ids[k] for k in inode.xattrs if k in self.shared_ids][:_MAX_SHARED_PER_INODE]
         shared_set = set(shared)
         inline = b"".join(

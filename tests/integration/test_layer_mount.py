@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from snapshotter.cache import ChunkCache
-from snapshotter.erofs.layout import plan_layout
+from snapshotter.erofs.layout import BlobLayout, plan_layout
 from snapshotter.erofs.writer import build_metadata
 from snapshotter.formats import build_estargz, build_zstdchunked, locate_toc, parse_toc
 from snapshotter.formats.index import Compression, LayerIndex
@@ -150,3 +150,25 @@ def test_mounted_layer_equals_its_source_tar(
         mounting = _mount_erofs(index, reader, mountpoint, workdir)
     with mounting:
         assert tar_mismatches(mountpoint, tar_bytes) == []
+
+
+def test_a_plain_tar_stream_as_the_blob(workdir: Path) -> None:
+    """A plain layer's blob can be its uncompressed tar stream: file data starts on 512-byte
+    boundaries there, so the image uses 512-byte blocks and its chunks point into the tar."""
+    tar_bytes = source_tar()
+    built = build_estargz(tar_bytes)  # for its index only: what the formats parse into
+    location = locate_toc(built.blob[-4096:], len(built.blob), built.annotations)
+    raw = built.blob[location.offset : location.offset + location.length]
+    tree = LayerTree(parse_toc(raw, location, blob_size=len(built.blob), expected_digest=built.toc_digest))
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        data_at = {m.name: m.offset_data for m in tar.getmembers() if m.isreg()}
+    files = {node for node in tree.by_name.values() if node.is_file}
+    layout = BlobLayout.from_offsets(
+        [(node.entry, data_at[node.entry.name]) for node in files], blob_size=len(tar_bytes), block_size=512
+    )
+    image = Image(workdir / "layer.erofs", workdir / "layer.tar", tree, layout)
+    image.meta.write_bytes(build_metadata(tree, layout))
+    image.blob.write_bytes(tar_bytes)
+    assert_fsck_accepts(image)
+    with mounted(image, workdir / "mnt") as root:
+        assert tar_mismatches(root, tar_bytes) == []

@@ -131,6 +131,8 @@ def assert_fsck_accepts(image: Image) -> None:
     if image.layout.block_size != 4096 and not fsck_supports(image.layout.block_size):
         return  # the kernel mount in the same test is the check; see FSCK above
     result = fsck(image)
+    if "unable to fsck since the path is too long" in result.stderr:
+        return  # newer fsck.erofs stops at PATH_MAX; 1.5 walks any depth (given the stack)
     assert result.returncode == 0, result.stderr
 
 

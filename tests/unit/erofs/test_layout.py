@@ -63,6 +63,20 @@ def test_locate_pieces_and_gaps() -> None:
     assert layout.locate(-1, 10) == []
 
 
+def test_read_assembles_files_and_zeros() -> None:
+    tree = tree_of(reg("a", 3), reg("b", 2))
+    layout = plan_layout(tree, block_size=512)
+    contents = {"a": b"AAA", "b": b"BB"}
+
+    def read_file(entry: Entry, offset: int, size: int) -> bytes:
+        return contents[entry.name][offset : offset + size]
+
+    assert layout.read(1, 515, read_file) == b"AA" + bytes(509) + b"BB" + bytes(2)
+    assert layout.read(1020, 100, read_file) == bytes(4)  # short at the blob's end
+    with pytest.raises(OSError, match="1 bytes read, 2 expected"):
+        layout.read(512, 2, lambda entry, offset, size: b"B")
+
+
 def test_explicit_offsets_like_a_tar_stream() -> None:
     a, b, empty = reg("a", 700), reg("b", 1), reg("e", 0)
     layout = BlobLayout.from_offsets([(a, 512), (b, 2048), (empty, 1536)], blob_size=10240, block_size=512)
