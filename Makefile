@@ -7,8 +7,9 @@ PYTEST_ARGS ?=
 
 # Debian packages the tests drive for real: containerd + runc run containers, docker-registry
 # serves images on loopback, skopeo/umoci handle OCI images, fuse3 and stargz-snapshotter
-# (ctr-remote) come with lazy pulling, busybox-static fills test images.
-APT_PACKAGES := containerd runc docker-registry skopeo umoci fuse3 stargz-snapshotter \
+# (ctr-remote) come with lazy pulling, erofs-utils (fsck.erofs, dump.erofs) checks the EROFS
+# images lazysnap writes, busybox-static fills test images.
+APT_PACKAGES := containerd runc docker-registry skopeo umoci fuse3 stargz-snapshotter erofs-utils \
 	busybox-static util-linux ca-certificates systemd
 
 .PHONY: help setup setup-apt setup-venv proto proto-check lint format unit test demo bench clean

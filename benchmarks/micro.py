@@ -34,7 +34,8 @@ from benchmarks.harness import drop_page_cache, remove_workdir
 from benchmarks.images import pseudo_random_blocks
 from snapshotter.cache import ChunkCache
 from snapshotter.formats import build_estargz, locate_toc, parse_toc
-from snapshotter.fuse.layerfs import LayerFS, LayerTree, MountedLayer
+from snapshotter.fuse.layerfs import LayerFS, MountedLayer
+from snapshotter.layertree import LayerTree
 from snapshotter.reader import LayerReader, ReaderConfig
 from tests.support.lazy import MemoryBlob
 

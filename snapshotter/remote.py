@@ -47,7 +47,8 @@ from snapshotter.fetcher import (
 from snapshotter.formats import registry
 from snapshotter.formats.index import FormatError, LayerIndex
 from snapshotter.formats.registry import LayerFormat, Location
-from snapshotter.fuse.layerfs import FsObserver, LayerFS, LayerTree, MountedLayer
+from snapshotter.fuse.layerfs import FsObserver, LayerFS, MountedLayer
+from snapshotter.layertree import LayerTree
 from snapshotter.mounts import is_fuse_mountpoint, unmount
 from snapshotter.profile import StartupRecorder
 from snapshotter.reader import LayerReader, OnDemandActivity, ReaderConfig

@@ -8,7 +8,8 @@ import mfusepy
 import pytest
 
 from snapshotter.formats.index import Compression, Entry, EntryType, LayerIndex
-from snapshotter.fuse.layerfs import LayerFS, LayerTree
+from snapshotter.fuse.layerfs import LayerFS
+from snapshotter.layertree import LayerTree
 from snapshotter.metrics import Metrics
 from tests.support.promtext import sample
 

@@ -11,8 +11,9 @@ import pytest
 
 from snapshotter.admin import AdminError, fetch_profile, start_admin
 from snapshotter.formats.index import Compression, Entry, EntryType, LayerIndex
-from snapshotter.fuse.layerfs import LayerFS, LayerTree
+from snapshotter.fuse.layerfs import LayerFS
 from snapshotter.fusemanager import LocalBackend
+from snapshotter.layertree import LayerTree
 from snapshotter.profile import ProfileNotFoundError, StartupRecorder
 from tests.support.lazy import running_loop
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from snapshotter.formats.index import Compression, Entry, EntryType, LayerIndex
-from snapshotter.fuse.layerfs import LayerFS, LayerTree, MountedLayer, is_fuse_mountpoint
+from snapshotter.fuse.layerfs import LayerFS, MountedLayer, is_fuse_mountpoint
+from snapshotter.layertree import LayerTree
 from tests.support.mounts import unmount_all
 from tests.support.services import require_privileges
 
