@@ -10,7 +10,7 @@ from pathlib import Path
 
 from snapshotter import __version__
 from snapshotter.cli_admin import add_admin_parsers, run_admin
-from snapshotter.config import LOG_LEVELS, load
+from snapshotter.config import FS_BACKENDS, LOG_LEVELS, load, with_backend
 from snapshotter.errors import ConfigError
 from snapshotter.logsetup import setup as setup_logging
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--root", type=Path, help="state directory (overrides config `root`)")
     serve.add_argument("--address", type=Path, help="unix socket path (overrides config `address`)")
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="overrides config `log.level`")
+    serve.add_argument("--fs-backend", choices=FS_BACKENDS, help="overrides config `fs.backend`")
 
     manager = commands.add_parser(
         "fuse-manager",
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     manager.add_argument("--config", type=Path, help="TOML config file (the daemon's)")
     manager.add_argument("--root", type=Path, help="state directory (overrides config `root`)")
     manager.add_argument("--log-level", choices=LOG_LEVELS, help="overrides config `log.level`")
+    manager.add_argument("--fs-backend", choices=FS_BACKENDS, help="overrides config `fs.backend`")
 
     check = commands.add_parser("check-config", help="validate a config file and print the result")
     check.add_argument("config", type=Path)
@@ -184,13 +186,13 @@ def _serve(args: argparse.Namespace) -> int:
     from snapshotter.ownership import StartupError
 
     try:
-        config = load(args.config, root=args.root, address=args.address)
+        config = with_backend(load(args.config, root=args.root, address=args.address), args.fs_backend)
     except ConfigError as exc:
         print(f"lazysnap: {exc}", file=sys.stderr)
         return 2
     setup_logging(args.log_level or config.log.level, config.log.format)
     try:
-        asyncio.run(serve(config, args.config, args.log_level))
+        asyncio.run(serve(config, args.config, args.log_level, args.fs_backend))
     except StartupError as exc:
         log.error("refusing to start: %s", exc)
         return 1
@@ -202,7 +204,7 @@ def _fuse_manager(args: argparse.Namespace) -> int:
     from snapshotter.ownership import StartupError
 
     try:
-        config = load(args.config, root=args.root)
+        config = with_backend(load(args.config, root=args.root), args.fs_backend)
     except ConfigError as exc:
         print(f"lazysnap: {exc}", file=sys.stderr)
         return 2

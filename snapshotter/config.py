@@ -52,6 +52,26 @@ class RemoteConfig:
     manager_idle_exit_seconds: float = 60.0
 
 
+FS_BACKENDS = ("erofs", "fuse")
+
+
+@dataclass(frozen=True)
+class FsConfig:
+    # How a lazy layer's file system is served: "erofs" (the kernel serves it from a metadata
+    # image; lazysnap supplies only missing file bytes) when the kernel can, else "fuse".
+    backend: str = "erofs"
+    # EROFS over loop devices instead of file-backed mounts (kernels before 6.12).
+    loop_devices: bool = False
+    # Threads answering the kernel's reads of data blobs (each may wait on the registry).
+    blob_workers: int = 64
+
+    def validate(self, where: str) -> None:
+        if self.backend not in FS_BACKENDS:
+            raise ConfigError(f"{where}fs.backend: {self.backend!r} is not one of {', '.join(FS_BACKENDS)}")
+        if not 1 <= self.blob_workers <= 1024:
+            raise ConfigError(f"{where}fs.blob_workers: {self.blob_workers} is not between 1 and 1024")
+
+
 @dataclass(frozen=True)
 class FetchConfig:
     timeout_seconds: float = 30.0  # per HTTP request
@@ -134,6 +154,7 @@ class Config:
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     log: LogConfig = field(default_factory=LogConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
+    fs: FsConfig = field(default_factory=FsConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
@@ -152,6 +173,7 @@ class Config:
                 f"{where}address: {str(self.address)!r} is longer than a unix socket path may be (107 bytes)"
             )
         self.log.validate(where)
+        self.fs.validate(where)
         self.cri.validate(where)
         self.metrics.validate(where)
         positive = {
@@ -184,8 +206,17 @@ class Config:
 def manager_fingerprint(config: Config) -> str:
     """A digest of the settings the FUSE manager runs with: a daemon restarted with other ones
     can tell that the running manager does not use them yet."""
-    owned = (config.root, config.remote, config.fetch, config.cache, config.prefetch, config.read)
+    owned = (config.root, config.remote, config.fs, config.fetch, config.cache, config.prefetch, config.read)
     return hashlib.sha256(repr((*owned, config.profile, config.cri)).encode()).hexdigest()[:16]
+
+
+def with_backend(config: Config, backend: str | None) -> Config:
+    """``config`` with ``fs.backend`` overridden by a command-line flag (None: unchanged)."""
+    if backend is None:
+        return config
+    changed = dataclasses.replace(config, fs=dataclasses.replace(config.fs, backend=backend))
+    changed.validate()
+    return changed
 
 
 def load(path: Path | None, **overrides: Any) -> Config:

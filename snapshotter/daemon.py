@@ -40,17 +40,26 @@ from snapshotter.snapshots import Snapshotter
 log = logging.getLogger(__name__)
 
 
-def manager_command(config: Config, config_path: Path | None, log_level: str | None) -> list[str]:
+def manager_command(
+    config: Config, config_path: Path | None, log_level: str | None, fs_backend: str | None = None
+) -> list[str]:
     """How the daemon starts the FUSE manager of its root (same interpreter, same config)."""
     cmd = [sys.executable, "-P", "-m", "snapshotter", "fuse-manager", "--root", str(config.root)]
     if config_path is not None:
         cmd += ["--config", str(config_path.resolve())]
     if log_level is not None:
         cmd += ["--log-level", log_level]
+    if fs_backend is not None:
+        cmd += ["--fs-backend", fs_backend]
     return cmd
 
 
-async def serve(config: Config, config_path: Path | None = None, log_level: str | None = None) -> None:
+async def serve(
+    config: Config,
+    config_path: Path | None = None,
+    log_level: str | None = None,
+    fs_backend: str | None = None,
+) -> None:
     lock = RootLock(config.root)
     snapshotter: Snapshotter | None = None
     manager: FuseManagerClient | None = None
@@ -61,7 +70,7 @@ async def serve(config: Config, config_path: Path | None = None, log_level: str 
         if config.remote.enabled:
             manager = FuseManagerClient(
                 config.root,
-                manager_command(config, config_path, log_level),
+                manager_command(config, config_path, log_level, fs_backend),
                 mount_timeout=config.remote.mount_timeout_seconds,
                 fingerprint=manager_fingerprint(config),
             )

@@ -38,6 +38,8 @@ from snapshotter.cache import ChunkCache
 from snapshotter.config import Config, manager_fingerprint
 from snapshotter.contract import NotLazyError, manager_pidfile, manager_socket, parse_mount_request
 from snapshotter.cri import ImageServiceProxy, PullSecrets
+from snapshotter.erofs.mount import kernel_support
+from snapshotter.erofslayers import ErofsLayers
 from snapshotter.fetcher import CredentialStore, HostsConfig, RegistryClient, default_docker_config
 from snapshotter.fetcher.credentials import CredentialSource
 from snapshotter.logsetup import set_level
@@ -212,7 +214,24 @@ def build_remote(
             if config.profile.record
             else None
         ),
+        erofs=choose_backend(config),
     )
+
+
+def choose_backend(config: Config) -> ErofsLayers | None:
+    """The EROFS backend when configured and the kernel can mount it, else None (per-file FUSE);
+    one log line says which and why."""
+    if config.fs.backend == "fuse":
+        log.info("lazy layers are served by FUSE", extra={"why": "fs.backend = fuse"})
+        return None
+    supported, why = kernel_support(loop=config.fs.loop_devices)
+    if not supported:
+        log.warning(
+            "lazy layers are served by FUSE: this kernel cannot serve them with EROFS", extra={"why": why}
+        )
+        return None
+    log.info("lazy layers are served by the kernel (EROFS)", extra={"why": why})
+    return ErofsLayers(config.root, loop_devices=config.fs.loop_devices, workers=config.fs.blob_workers)
 
 
 def start_cri_proxy(config: Config, secrets: PullSecrets) -> ImageServiceProxy:
@@ -236,6 +255,7 @@ async def serve_manager(config: Config) -> None:
     cri: ImageServiceProxy | None = None
     runner: web.AppRunner | None = None
     tasks: set[asyncio.Task[None]] = set()
+    handover = False
     try:
         secrets = None
         if config.cri.enable:
@@ -245,6 +265,7 @@ async def serve_manager(config: Config) -> None:
             )
         sources = [secrets.lookup] if secrets is not None else []
         remote = await asyncio.to_thread(build_remote, config, loop, sources)
+        await remote.start()  # take over the layers a previous manager left mounted
         metrics = Metrics()
         metrics.watch(remote.stats)
         remote.fs_observer = metrics.observe_fs
@@ -261,12 +282,24 @@ async def serve_manager(config: Config) -> None:
         log.info("FUSE manager serving", extra={"version": __version__, "address": str(address)})
         watchdog = loop.create_task(_watch(config, remote, stop))
         tasks.add(watchdog)
+
+        def hand_over() -> None:
+            nonlocal handover
+            handover = True
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # SIGUSR2: stop for a successor (an upgrade, a restart): EROFS-served layers stay mounted and
+        # their blob connection stays with the fd holder; the next manager takes them over.
+        loop.add_signal_handler(signal.SIGUSR2, hand_over)
         # The daemon that started us may die; its terminal's SIGHUP must not take the mounts along.
         loop.add_signal_handler(signal.SIGHUP, lambda: None)
         await stop.wait()
-        log.info("FUSE manager stopping: unmounting every lazy layer")
+        if handover:
+            log.info("FUSE manager stopping for a successor: lazy layers stay mounted")
+        else:
+            log.info("FUSE manager stopping: unmounting every lazy layer")
     finally:
         for task in tasks:
             task.cancel()
@@ -276,7 +309,7 @@ async def serve_manager(config: Config) -> None:
         if cri is not None:
             await cri.stop(STOP_GRACE_SECONDS)
         if remote is not None:
-            await remote.close()
+            await remote.close(handover=handover)
         calls.shutdown(wait=False, cancel_futures=True)
         pidfile.unlink(missing_ok=True)
         lock.close()

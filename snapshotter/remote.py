@@ -19,11 +19,11 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from snapshotter.cache import ChunkCache
 from snapshotter.contract import (
@@ -33,6 +33,10 @@ from snapshotter.contract import (
     layer_ref,
     neighbour_digests,
 )
+from snapshotter.digest import file_stem
+from snapshotter.erofs.layout import plan_layout
+from snapshotter.erofs.writer import ImageError
+from snapshotter.erofslayers import ErofsLayers, LayerBlob
 from snapshotter.fetcher import (
     AuthError,
     BlobNotFoundError,
@@ -49,7 +53,7 @@ from snapshotter.formats.index import FormatError, LayerIndex
 from snapshotter.formats.registry import LayerFormat, Location
 from snapshotter.fuse.layerfs import FsObserver, LayerFS, MountedLayer
 from snapshotter.layertree import LayerTree
-from snapshotter.mounts import is_fuse_mountpoint, unmount
+from snapshotter.mounts import mount_type, unmount
 from snapshotter.profile import StartupRecorder
 from snapshotter.reader import LayerReader, OnDemandActivity, ReaderConfig
 from snapshotter.tocstore import StoredToc, TocStore
@@ -79,12 +83,38 @@ class Indexed(NamedTuple):
     layer_index: LayerIndex
 
 
+class LayerMount(Protocol):
+    """A mounted lazy layer, whichever backend serves it."""
+
+    @property
+    def read_errors(self) -> int: ...
+    def is_alive(self) -> bool: ...
+    def unmount(self) -> None: ...
+
+
+class FuseMount:
+    """The per-file FUSE backend: a ``LayerFS`` served by libfuse in a thread."""
+
+    def __init__(self, layer: MountedLayer) -> None:
+        self.layer = layer
+
+    @property
+    def read_errors(self) -> int:
+        return self.layer.fs.read_errors
+
+    def is_alive(self) -> bool:
+        return self.layer.is_alive()
+
+    def unmount(self) -> None:
+        self.layer.unmount()
+
+
 @dataclass
 class _Mounted:
     ref: LayerRef
     index: LayerIndex
     reader: LayerReader
-    fuse: MountedLayer
+    mount: LayerMount
 
 
 class RemoteLayers:
@@ -100,8 +130,11 @@ class RemoteLayers:
         max_chunk_bytes: int = 64 << 20,
         mount_timeout: float = 60.0,
         recorder: StartupRecorder | None = None,
+        erofs: ErofsLayers | None = None,
     ) -> None:
         self.client = client
+        # The kernel backend (EROFS over data blobs); None: the per-file FUSE backend.
+        self.erofs = erofs
         self.recorder = recorder  # startup profiles, when [profile] record is on
         self.fs_observer: FsObserver | None = None  # metrics of FUSE operations
         self.cache = cache
@@ -172,7 +205,7 @@ class RemoteLayers:
 
     def check(self, mountpoint: Path) -> bool:
         mounted = self._mounts.get(mountpoint)
-        return mounted is not None and mounted.fuse.is_alive()
+        return mounted is not None and mounted.mount.is_alive()
 
     def unmount(self, mountpoint: Path) -> None:
         """Take the layer at ``mountpoint`` down (and any stale mount there). Logs, never raises."""
@@ -184,10 +217,10 @@ class RemoteLayers:
         try:
             if mounted is not None:
                 try:
-                    mounted.fuse.unmount()
+                    mounted.mount.unmount()
                 finally:
                     asyncio.run_coroutine_threadsafe(mounted.reader.close(), self.loop).result(30)
-            while is_fuse_mountpoint(mountpoint):  # stacked or left by an earlier process
+            while mount_type(mountpoint) in ("erofs", "fuse", "fuse.lazysnap"):  # left by an earlier process
                 unmount(mountpoint)
         except Exception:
             log.exception("failed to unmount a lazy layer", extra={"at": str(mountpoint)})
@@ -197,6 +230,8 @@ class RemoteLayers:
         for digest in list(self.tocs.digests()):
             if digest not in digests_in_use:
                 self.tocs.remove(digest)
+                if self.erofs is not None:
+                    self.erofs.image_path(digest).unlink(missing_ok=True)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -217,7 +252,7 @@ class RemoteLayers:
                     "blob_size": m.index.blob_size,
                     "files": len(m.index.entries),
                     "prefetch_files": len(m.index.prefetch),
-                    "read_errors": m.fuse.fs.read_errors,
+                    "read_errors": m.mount.read_errors,
                     **m.reader.stats.snapshot(),
                 }
                 for mp, m in list(self._mounts.items())
@@ -231,19 +266,18 @@ class RemoteLayers:
         self._fetch_neighbours(ref, labels)
         fmt, index = await self._index(ref, labels)
         try:
-            await self._mount_index(ref, index, mountpoint)
+            await self._mount_index(ref, index, mountpoint, labels)
         except NotLazyError as exc:
             exc.required = fmt.lazy_only
             raise
 
-    async def _mount_index(self, ref: LayerRef, index: LayerIndex, mountpoint: Path) -> None:
+    def _reader(self, ref: LayerRef, index: LayerIndex) -> LayerReader:
         oversized = max((c.size for e in index.entries.values() for c in e.chunks), default=0)
         if oversized > self.max_chunk_bytes:
             raise NotLazyError("chunk-too-large", f"{ref.digest}: a chunk of {oversized} bytes")
-        blob = self.client.blob(ref.reference, ref.digest, index.blob_size)
-        reader = LayerReader(
+        return LayerReader(
             index,
-            blob,
+            self.client.blob(ref.reference, ref.digest, index.blob_size),
             self.cache,
             self.loop,
             layer=ref.digest,
@@ -252,25 +286,58 @@ class RemoteLayers:
             executor=self.chunk_executor,
             activity=self.activity,
         )
+
+    def _first_reads(self, ref: LayerRef) -> Callable[[str], None] | None:
+        if self.recorder is None:
+            return None
+        self.loop.call_later(self.recorder.window + 1, self._flush_profiles)
+        return self.recorder.layer_mounted(ref.reference)
+
+    async def _mount_index(
+        self, ref: LayerRef, index: LayerIndex, mountpoint: Path, labels: Mapping[str, str]
+    ) -> None:
+        reader = self._reader(ref, index)
         tree = await self.loop.run_in_executor(self.mount_executor, LayerTree, index)
-        on_first_read = None
-        if self.recorder is not None:
-            on_first_read = self.recorder.layer_mounted(ref.reference)
-            self.loop.call_later(self.recorder.window + 1, self._flush_profiles)
-        fuse = MountedLayer(
-            LayerFS(tree, reader, layer=ref.digest, on_first_read=on_first_read, observer=self.fs_observer),
-            mountpoint,
-        )
-        started = self.loop.run_in_executor(self.mount_executor, fuse.start)
-        try:
-            await asyncio.shield(started)
-        except asyncio.CancelledError:
-            # The mount goes on in its thread; once it is up, take it down again.
-            started.add_done_callback(lambda _: self.mount_executor.submit(fuse.unmount))
-            raise
-        except OSError as exc:
-            raise NotLazyError("fuse-mount-failed", str(exc)) from None
-        self._mounts[mountpoint] = _Mounted(ref, index, reader, fuse)
+        on_first_read = self._first_reads(ref)
+        mount: LayerMount
+        if self.erofs is not None:
+            erofs = self.erofs
+            blob = LayerBlob(
+                plan_layout(tree, index.prefetch),
+                reader,
+                on_first_read=on_first_read,
+                observer=self.fs_observer,
+            )
+            mounting = self.loop.run_in_executor(
+                self.mount_executor, erofs.mount, ref.digest, tree, blob, mountpoint, labels
+            )
+            try:
+                mount = await asyncio.shield(mounting)
+            except asyncio.CancelledError:
+                mounting.add_done_callback(
+                    lambda f: f.cancelled() or f.exception() or self.mount_executor.submit(f.result().unmount)
+                )
+                raise
+            except (OSError, ImageError) as exc:
+                raise NotLazyError("erofs-mount-failed", f"{ref.digest}: {exc}") from None
+        else:
+            fuse = MountedLayer(
+                LayerFS(
+                    tree, reader, layer=ref.digest, on_first_read=on_first_read, observer=self.fs_observer
+                ),
+                mountpoint,
+            )
+            started = self.loop.run_in_executor(self.mount_executor, fuse.start)
+            try:
+                await asyncio.shield(started)
+            except asyncio.CancelledError:
+                # The mount goes on in its thread; once it is up, take it down again.
+                started.add_done_callback(lambda _: self.mount_executor.submit(fuse.unmount))
+                raise
+            except OSError as exc:
+                raise NotLazyError("fuse-mount-failed", str(exc)) from None
+            mount = FuseMount(fuse)
+        self._mounts[mountpoint] = _Mounted(ref, index, reader, mount)
         self.lazy_mounts += 1
         reader.start()
         log.info(
@@ -279,9 +346,48 @@ class RemoteLayers:
                 "layer": ref.digest,
                 "format": index.format,
                 "files": len(index.entries),
+                "backend": "erofs" if self.erofs is not None else "fuse",
                 "at": str(mountpoint),
             },
         )
+
+    async def start(self) -> None:
+        """Take up what an earlier manager left (EROFS backend): rebuild the blob sources of the
+        layers still mounted from their stored metadata, then start or resume the blob server,
+        whose connection the fd holder kept. Reads that waited meanwhile go on."""
+        if self.erofs is None:
+            return
+        erofs = self.erofs
+        adopted: list[tuple[Path, _Mounted, LayerBlob]] = []
+        for mountpoint, labels in erofs.recorded().items():
+            try:
+                ref = layer_ref(labels)
+                stored = await self._stored_index(ref)
+                if stored is None:
+                    raise NotLazyError("no-stored-toc", f"{ref.digest}: its metadata is gone")
+                index = stored.layer_index
+                reader = self._reader(ref, index)
+                tree = await self.loop.run_in_executor(self.mount_executor, LayerTree, index)
+                blob = LayerBlob(plan_layout(tree, index.prefetch), reader, observer=self.fs_observer)
+            except NotLazyError as exc:
+                log.warning(
+                    "cannot serve a lazy layer left mounted; dropping it",
+                    extra={"at": str(mountpoint), "reason": str(exc)},
+                )
+                await self.loop.run_in_executor(self.mount_executor, unmount, mountpoint)
+                continue
+            adopted.append(
+                (mountpoint, _Mounted(ref, index, reader, erofs.adopt(ref.digest, blob, mountpoint)), blob)
+            )
+        sources = {file_stem(m.ref.digest): blob for _, m, blob in adopted}
+        await self.loop.run_in_executor(self.mount_executor, erofs.start, sources)
+        if not erofs.server.resumed:
+            adopted = []  # a fresh connection: those mounts were dropped; the daemon mounts again
+        for mountpoint, mounted, _ in adopted:
+            self._mounts[mountpoint] = mounted
+            mounted.reader.start()
+        if adopted:
+            log.info("lazy layers taken over from the previous FUSE manager", extra={"layers": len(adopted)})
 
     def _flush_profiles(self) -> None:
         """Save startup profiles once a window has closed (off the loop; not after close)."""
@@ -441,10 +547,24 @@ class RemoteLayers:
         await self.loop.run_in_executor(self.mount_executor, self.tocs.save, ref.digest, stored)
         return index
 
-    async def close(self) -> None:
+    async def close(self, *, handover: bool = False) -> None:
+        """Stop serving. ``handover``: leave the EROFS mounts and the blob connection (kept by the
+        fd holder) to the next manager, which resumes them; else unmount every lazy layer."""
         self._closed = True
-        for mountpoint in list(self._mounts):
-            await self.loop.run_in_executor(self.mount_executor, self.unmount, mountpoint)
+        if handover and self.erofs is not None:
+            await self.loop.run_in_executor(
+                self.mount_executor, functools.partial(self.erofs.stop, handover=True)
+            )
+            for mounted in list(self._mounts.values()):
+                await mounted.reader.close()
+            self._mounts.clear()
+        else:
+            for mountpoint in list(self._mounts):
+                await self.loop.run_in_executor(self.mount_executor, self.unmount, mountpoint)
+            if self.erofs is not None:
+                await self.loop.run_in_executor(
+                    self.mount_executor, functools.partial(self.erofs.stop, handover=False)
+                )
         await self.client.close()
         if self.recorder is not None:
             await self.loop.run_in_executor(self.mount_executor, self.recorder.flush)

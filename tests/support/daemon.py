@@ -19,6 +19,8 @@ from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc 
 from tests.support.services import pid_alive, terminate_pid
 
 SNAPSHOTTER = "lazysnap"
+# `make test` runs the lazy-layer tests once per backend: LAZYSNAP_TEST_BACKEND=fuse|erofs.
+TEST_BACKEND = os.environ.get("LAZYSNAP_TEST_BACKEND", "")
 
 
 def write_config(path: Path, sections: Mapping[str, Mapping[str, object]]) -> Path:
@@ -57,6 +59,8 @@ class LazysnapDaemon:
         cmd += ["--address", str(self.address), "--log-level", "debug"]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
+        if TEST_BACKEND:
+            cmd += ["--fs-backend", TEST_BACKEND]
         return cmd + self.extra_args
 
     def start(self, timeout: float = 20.0) -> None:

@@ -1,0 +1,278 @@
+"""Kernel-served lazy layers: an EROFS metadata image per layer over a data blob the blob server serves.
+
+For each lazily mounted layer the FUSE manager writes an EROFS metadata image from the layer's
+index (``ROOT/layers/<digest>.erofs``: every inode, directory, symlink, xattr, whiteout) whose
+regular files point into the layer's *data blob*: one flat file of the layer's uncompressed file
+contents, laid out in startup order (``snapshotter.erofs.layout``). The blob is a file of the one
+FUSE mount the blob server keeps at ``ROOT/blobs``; the kernel mounts the pair at the snapshot's
+directory. Lookups, attributes, directories and the page cache are the kernel's: Python runs only
+when the kernel reads blob bytes it has not cached, and then ``LayerBlob`` turns the blob range
+into file ranges for the chunk reader (cache, or fetch + verify).
+
+The FUSE connection of ``ROOT/blobs`` is kept alive by the fd holder (``snapshotter.fuse.holder``,
+``ROOT/fuse-holder.sock``) across a restart or a crash of the manager; the EROFS mounts are kernel
+mounts and outlive the manager by themselves. So that a successor can serve the blobs at once, the
+mounts are recorded in ``ROOT/lazy-mounts.json`` (mount point → labels), and a new manager rebuilds
+their blob sources from the stored layer metadata before it resumes the connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from snapshotter.digest import file_stem
+from snapshotter.erofs.layout import BlobLayout
+from snapshotter.erofs.mount import ErofsMountError, is_erofs_mountpoint, mount_erofs
+from snapshotter.erofs.mount import unmount as unmount_erofs
+from snapshotter.erofs.writer import build_metadata
+from snapshotter.fuse.blobserver import BlobServer
+from snapshotter.fuse.holder import HolderClient, HolderError, start_holder
+from snapshotter.layertree import LayerTree
+from snapshotter.reader import LayerReader
+
+log = logging.getLogger(__name__)
+
+# Told, after every blob read, the operation's name, its duration in seconds and the errno name it
+# failed with ("" on success): the FUSE operation metrics.
+Observer = Callable[[str, float, str], None]
+
+
+class LayerBlob:
+    """One layer's data blob as the blob server sees it: blob ranges become file ranges."""
+
+    def __init__(
+        self,
+        layout: BlobLayout,
+        reader: LayerReader,
+        *,
+        on_first_read: Callable[[str], None] | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        self.layout = layout
+        self.reader = reader
+        self.size = layout.blob_size
+        self.read_errors = 0
+        self.on_first_read = on_first_read  # startup profiles: told each file's path once
+        self.observer = observer
+        self._read_once: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _note_reads(self, names: list[str]) -> None:
+        if self.on_first_read is None:
+            return
+        with self._lock:
+            fresh = [n for n in names if n not in self._read_once]
+            self._read_once.update(fresh)
+        for name in fresh:
+            self.on_first_read(name)
+
+    def read(self, offset: int, size: int) -> bytes:
+        started = time.perf_counter()
+        failed = ""
+        try:
+            pieces = self.layout.locate(offset, size)
+            extents = [(p.entry, p.file_offset, p.length) for p in pieces if p.entry is not None]
+            self._note_reads([e.name for e, _, _ in extents])
+            data = iter(self.reader.read_extents(extents))
+            return b"".join(bytes(p.length) if p.entry is None else next(data) for p in pieces)
+        except OSError as exc:
+            failed = "EIO"
+            self.read_errors += 1
+            log.error("blob read failed", extra={"layer": self.reader.layer, "error": str(exc)})
+            raise
+        finally:
+            if self.observer is not None:
+                self.observer("read", time.perf_counter() - started, failed)
+
+    def read_cached(self, offset: int, size: int) -> bytes | None:
+        """The bytes when every chunk they need is local (the blob server answers at once)."""
+        pieces = self.layout.locate(offset, size)
+        extents = [(p.entry, p.file_offset, p.length) for p in pieces if p.entry is not None]
+        found = self.reader.read_cached(extents)
+        if found is None:
+            return None
+        self._note_reads([e.name for e, _, _ in extents])
+        data = iter(found)
+        return b"".join(bytes(p.length) if p.entry is None else next(data) for p in pieces)
+
+
+@dataclass
+class ErofsMount:
+    """A layer mounted through EROFS at ``mountpoint``; ``blob`` serves its data."""
+
+    backend: ErofsLayers
+    digest: str
+    mountpoint: Path
+    blob: LayerBlob
+
+    @property
+    def read_errors(self) -> int:
+        return self.blob.read_errors
+
+    def is_alive(self) -> bool:
+        return self.backend.serves(self.digest) and is_erofs_mountpoint(self.mountpoint)
+
+    def unmount(self) -> None:
+        self.backend.unmount(self)
+
+
+class ErofsLayers:
+    """The EROFS backend of one FUSE manager: metadata images, the blob server, the mount record."""
+
+    def __init__(self, root: Path, *, loop_devices: bool = False, workers: int = 64) -> None:
+        self.root = root
+        self.images = root / "layers"
+        self.images.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.loop_devices = loop_devices
+        self.record_path = root / "lazy-mounts.json"
+        blobs = root / "blobs"
+        blobs.mkdir(mode=0o700, exist_ok=True)
+        self.holder_socket = root / "fuse-holder.sock"
+        self.server = BlobServer(
+            blobs,
+            state_path=root / "blobs.state",
+            keeper=HolderClient(self.holder_socket),
+            keeper_name="blobs",
+            workers=workers,
+        )
+        self._lock = threading.Lock()
+        self._users: dict[str, int] = {}  # blob name -> mounts using it
+        self._record: dict[str, dict[str, str]] = self._load_record()
+
+    # --- life -----------------------------------------------------------------------------------
+
+    def recorded(self) -> dict[Path, dict[str, str]]:
+        """The mounts an earlier manager made that are still mounted: mount point -> labels."""
+        return {Path(mp): labels for mp, labels in self._record.items() if is_erofs_mountpoint(Path(mp))}
+
+    def start(self, sources: Mapping[str, LayerBlob]) -> None:
+        """Start (or resume, when the holder kept the connection) the blob server with the blobs of
+        the layers that are still mounted."""
+        try:
+            holder = start_holder(self.holder_socket, log_path=self.root / "fuse-holder.log")
+            log.info("fd holder keeps the blob server's FUSE connection", extra={"pid": holder})
+        except (HolderError, OSError) as exc:
+            log.warning(
+                "no fd holder: a restart of the FUSE manager will break lazy layers",
+                extra={"error": str(exc)},
+            )
+        with self._lock:
+            self._users = {}
+            for name in sources:
+                self._users[name] = self._users.get(name, 0) + 1
+        self.server.start(dict(sources))
+        if not self.server.resumed:
+            # A fresh connection: EROFS mounts of the previous one read a dead blob; drop them.
+            for mountpoint in list(self._record):
+                if is_erofs_mountpoint(Path(mountpoint)):
+                    log.warning(
+                        "dropping a lazy layer whose blob connection is gone", extra={"at": mountpoint}
+                    )
+                    unmount_erofs(Path(mountpoint))
+            self._save_record({})
+
+    def stop(self, *, handover: bool) -> None:
+        """Stop serving blobs: for good (the layers are unmounted), or for a successor."""
+        if not handover:
+            for mountpoint in list(self._record):
+                if is_erofs_mountpoint(Path(mountpoint)):
+                    unmount_erofs(Path(mountpoint))
+            self._save_record({})
+        self.server.stop(handover=handover and self.server.kept)
+        if not handover:
+            self._stop_holder()
+
+    def _stop_holder(self) -> None:
+        client = HolderClient(self.holder_socket, timeout=2)
+        try:
+            pid = client.ping()
+        except HolderError:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+    def serves(self, digest: str) -> bool:
+        return self.server.is_alive() and file_stem(digest) in self._users
+
+    # --- mounts ---------------------------------------------------------------------------------
+
+    def image_path(self, digest: str) -> Path:
+        return self.images / f"{file_stem(digest)}.erofs"
+
+    def mount(
+        self, digest: str, tree: LayerTree, blob: LayerBlob, mountpoint: Path, labels: Mapping[str, str]
+    ) -> ErofsMount:
+        """Write the layer's metadata image, serve its blob and mount both at ``mountpoint``."""
+        name = file_stem(digest)
+        image = build_metadata(tree, blob.layout, device_tag=digest.encode()[:64])
+        path = self.image_path(digest)
+        tmp = path.with_suffix(f".tmp{threading.get_ident()}")
+        tmp.write_bytes(image)
+        os.replace(tmp, path)
+        with self._lock:
+            blob_path = self.server.add(name, blob)
+            self._users[name] = self._users.get(name, 0) + 1
+        try:
+            mount_erofs(path, blob_path, mountpoint, loop=self.loop_devices)
+        except ErofsMountError:
+            self._release(name)
+            raise
+        with self._lock:
+            self._record[str(mountpoint)] = dict(labels)
+            self._save_record(self._record)
+        return ErofsMount(self, digest, mountpoint, blob)
+
+    def adopt(self, digest: str, blob: LayerBlob, mountpoint: Path) -> ErofsMount:
+        """A mount an earlier manager made, whose blob ``start`` serves again."""
+        return ErofsMount(self, digest, mountpoint, blob)
+
+    def unmount(self, mount: ErofsMount) -> None:
+        if is_erofs_mountpoint(mount.mountpoint):
+            unmount_erofs(mount.mountpoint)
+        with self._lock:
+            self._record.pop(str(mount.mountpoint), None)
+            self._save_record(self._record)
+        self._release(file_stem(mount.digest))
+
+    def _release(self, name: str) -> None:
+        with self._lock:
+            users = self._users.get(name, 0) - 1
+            if users > 0:
+                self._users[name] = users
+                return
+            self._users.pop(name, None)
+        with contextlib.suppress(FileNotFoundError, RuntimeError):  # not served, or not started
+            self.server.remove(name)
+
+    # --- the mount record -----------------------------------------------------------------------
+
+    def _load_record(self) -> dict[str, dict[str, str]]:
+        try:
+            doc = json.loads(self.record_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("discarding an unreadable lazy mount record", extra={"error": str(exc)})
+            return {}
+        if not isinstance(doc, dict):
+            return {}
+        return {
+            str(mp): {str(k): str(v) for k, v in labels.items()}
+            for mp, labels in doc.items()
+            if isinstance(labels, dict)
+        }
+
+    def _save_record(self, record: dict[str, dict[str, str]]) -> None:
+        self._record = record
+        tmp = self.record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self.record_path)
