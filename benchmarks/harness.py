@@ -290,12 +290,13 @@ class ImageSet:
             kwargs["prioritized_files"] = ()
         blobs = build(tars, **kwargs)
         del tars
-        layers: list[oci_layout.LayerDesc] = []
-        for blob in blobs:
-            digest, size = oci_layout.write_blob(layout, blob.blob)
-            layers.append(
-                oci_layout.LayerDesc(digest, size, blob.diff_id, blob.media_type, dict(blob.annotations))
+        store = oci_layout.open_layout(layout)
+        layers = [
+            oci_layout.LayerDesc(
+                store.write_blob(blob.blob), len(blob.blob), blob.diff_id, blob.media_type, blob.annotations
             )
+            for blob in blobs
+        ]
         oci_layout.write_image(layout, "nydus", layers, env=oci_layout.env(layout, "gzip"))
         set_variant_stamp(layout, "nydus", self._stamp("nydus"))
 

@@ -13,7 +13,7 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,14 @@ from snapshotter.convert import (
     parse_prefetch_file,
     parse_size,
 )
-from snapshotter.fetcher import Descriptor, InvalidReferenceError, Platform, parse_reference
+from snapshotter.fetcher import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Descriptor,
+    InvalidReferenceError,
+    Platform,
+    parse_reference,
+)
 from snapshotter.formats import (
     MAX_FOOTER_SIZE,
     TOC_DIGEST_ANNOTATION,
@@ -44,6 +51,7 @@ from snapshotter.formats import (
     read_toc_json,
 )
 from snapshotter.image import (
+    OCI_CONFIG,
     LayoutDigestError,
     LayoutError,
     LayoutLocation,
@@ -52,13 +60,12 @@ from snapshotter.image import (
     OciLayout,
     PlainProgress,
     RegistryLocation,
+    descriptor_json,
     parse_location,
     summary_text,
 )
 from snapshotter.image.progress import BarProgress, Phase
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPES = {
     "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
     "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
@@ -171,7 +178,7 @@ def write_image(
         how = compressions[i % len(compressions)]
         blob = compress(tar, how)
         media_type = layer_types[i] if layer_types else LAYER_TYPES[how]
-        layers.append({"mediaType": media_type, "digest": layout.write_blob(blob), "size": len(blob)})
+        layers.append(Descriptor(media_type, layout.write_blob(blob), len(blob)))
     config = {
         "architecture": "amd64",
         "os": "linux",
@@ -179,21 +186,14 @@ def write_image(
         "rootfs": {"type": "layers", "diff_ids": list(diff_ids or [sha256(t) for t in tars])},
         "history": [{"created_by": f"step {i}"} for i in range(len(tars))],
     }
-    config_bytes = json.dumps(config).encode()
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": manifest_type,
-        "config": {
-            "mediaType": config_type,
-            "digest": layout.write_blob(config_bytes),
-            "size": len(config_bytes),
-        },
-        "layers": layers,
-        "annotations": {"org.example.source": "unit test"},
-    }
-    body = json.dumps(manifest).encode()
-    digest = layout.write_blob(body)
-    layout.tag(Descriptor(manifest_type, digest, len(body), platform=Platform()), tag)
+    layout.write_image(
+        config,
+        layers,
+        tag=tag,
+        media_type=manifest_type,
+        config_media_type=config_type,
+        annotations={"org.example.source": "unit test"},
+    )
     return layout
 
 
@@ -422,21 +422,8 @@ def test_layout_selection(tmp_path: Path) -> None:
     tars = source_tars()
     layout = write_image(tmp_path / "img", tars[:1], tag="amd")
     amd = layout.resolve("amd")
-    arm_config = json.dumps({"architecture": "arm64", "os": "linux", "rootfs": {"diff_ids": []}}).encode()
-    arm_manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": OCI_CONFIG,
-                "digest": layout.write_blob(arm_config),
-                "size": len(arm_config),
-            },
-            "layers": [],
-        }
-    ).encode()
-    arm = layout.write_blob(arm_manifest)
-    layout.tag(Descriptor(OCI_MANIFEST, arm, len(arm_manifest), platform=Platform("linux", "arm64")), "arm")
+    arm_config = {"architecture": "arm64", "os": "linux", "rootfs": {"diff_ids": []}}
+    arm = layout.write_image(arm_config, [], tag="arm", platform=Platform("linux", "arm64")).digest
     # Two images, no tag: the linux/amd64 one (or the one asked for).
     assert layout.resolve().digest == amd.digest
     assert layout.resolve(platform=Platform("linux", "arm64")).digest == arm
@@ -445,30 +432,51 @@ def test_layout_selection(tmp_path: Path) -> None:
     with pytest.raises(LayoutError, match=r"holds 2 images; name one as oci:.*:TAG \(tags: amd, arm\)"):
         layout.resolve(platform=Platform("linux", "s390x"))
     # A multi-platform index under one tag is narrowed to the platform.
-    index = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "manifests": [
-                {
-                    "mediaType": OCI_MANIFEST,
-                    "digest": arm,
-                    "size": len(arm_manifest),
-                    "platform": {"os": "linux", "architecture": "arm64"},
-                },
-                {
-                    "mediaType": OCI_MANIFEST,
-                    "digest": amd.digest,
-                    "size": len(amd.manifest),
-                    "platform": {"os": "linux", "architecture": "amd64"},
-                },
-            ],
-        }
-    ).encode()
-    multi = layout.write_blob(index)
-    layout.tag(Descriptor("application/vnd.oci.image.index.v1+json", multi, len(index)), "multi")
+    entries = [
+        Descriptor(OCI_MANIFEST, image.digest, len(image.manifest), platform=platform)
+        for image, platform in ((layout.resolve("arm"), Platform("linux", "arm64")), (amd, Platform()))
+    ]
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [descriptor_json(e) for e in entries]}
+    layout.tag(layout.write_json(index, OCI_INDEX), "multi")
     assert layout.resolve("multi").digest == amd.digest
     assert layout.resolve("multi", Platform("linux", "arm64")).digest == arm
+
+
+def test_layout_writes_streams_and_canonical_images(tmp_path: Path) -> None:
+    layout = OciLayout(tmp_path / "img")
+    layout.create()
+    chunks = [b"a" * 1000, b"", b"b" * 3000]
+    digest, size = layout.write_blob_stream(iter(chunks))
+    assert (digest, size) == (sha256(b"".join(chunks)), 4000)
+    assert layout.read_blob(digest, size) == b"".join(chunks)
+
+    def broken() -> Iterator[bytes]:
+        yield b"half a blob"
+        raise OSError("source went away")
+
+    with pytest.raises(OSError, match="source went away"):
+        layout.write_blob_stream(broken())
+    blob_dir = tmp_path / "img" / "blobs" / "sha256"
+    assert [p.name for p in blob_dir.iterdir()] == [digest.partition(":")[2]]  # no temp file, no blob
+
+    layer = Descriptor(LAYER_TYPES["none"], digest, size, {"b": "2", "a": "1"})
+    config = {"rootfs": {"type": "layers", "diff_ids": [digest]}, "os": "linux", "architecture": "amd64"}
+    first = layout.write_image(config, [layer], tag="v1")
+    again = layout.write_image(dict(reversed(config.items())), [layer], tag="v1")
+    assert again.digest == first.digest  # key order does not change the bytes
+    doc = json.loads(first.manifest)
+    assert first.manifest == json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()  # canonical
+    assert layout.resolve("v1") == first
+    assert layout.tagged("v1") == Descriptor(
+        OCI_MANIFEST, first.digest, len(first.manifest), {"org.opencontainers.image.ref.name": "v1"},
+        platform=Platform(),
+    )  # fmt: skip
+    with pytest.raises(LayoutError, match=r"no image tagged 'v2' \(tags: v1\)"):
+        layout.tagged("v2")
+    missing = Descriptor(LAYER_TYPES["none"], sha256(b"never written"), 13)
+    with pytest.raises(LayoutError, match="is not written"):
+        layout.write_image(config, [missing], tag="v2")
+    assert layout.tags() == ["v1"]
 
 
 def test_layout_refuses_what_is_not_one(tmp_path: Path) -> None:
