@@ -7,10 +7,7 @@ import asyncio
 import io
 import os
 import stat
-import subprocess
 import tarfile
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,10 +17,9 @@ from snapshotter.formats import build_estargz, build_zstdchunked, locate_toc, pa
 from snapshotter.formats.index import Compression
 from snapshotter.fuse.layerfs import LayerFS, LayerTree, MountedLayer
 from snapshotter.reader import LayerReader, ReaderConfig
-from tests.support.lazy import MemoryBlob, running_loop
-from tests.support.mounts import unmount_all
-from tests.support.services import require_privileges
+from tests.support.lazy import MemoryBlob
 
+pytestmark = pytest.mark.usefixtures("privileged")
 MTIME = 1_650_000_000
 
 
@@ -61,21 +57,6 @@ def source_tar() -> bytes:
         add("dev/tty0", tarfile.CHRTYPE, devmajor=4, devminor=0, mode=0o620)
         add("dev/pipe", tarfile.FIFOTYPE)
     return buf.getvalue()
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    require_privileges(binaries=())
-    path = Path(tempfile.mkdtemp(prefix="lzlm"))
-    yield path
-    assert unmount_all(path) == []
-    subprocess.run(["rm", "-rf", str(path)], check=True)
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    with running_loop() as loop:
-        yield loop
 
 
 @pytest.mark.parametrize("compression", [Compression.GZIP, Compression.ZSTD], ids=["estargz", "zstdchunked"])

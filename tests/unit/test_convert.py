@@ -3,7 +3,8 @@
 Covers the option parsers, the OCI layout reader/writer (round trip, digest and size checks,
 index selection), and whole conversions whose output is read back with the project's own
 parsers and compared entry by entry (attributes, xattrs, links, bytes) with the source tars.
-``check_converted`` is shared with the registry and end-to-end tests.
+The checks of converted images are ``tests.support.converted``, shared with the registry and
+end-to-end tests.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +39,6 @@ from snapshotter.fetcher import (
     Platform,
     parse_reference,
 )
-from snapshotter.formats import (
-    MAX_FOOTER_SIZE,
-    TOC_DIGEST_ANNOTATION,
-    UNCOMPRESSED_SIZE_ANNOTATION,
-    EntryType,
-    LayerIndex,
-    decompress_chunk,
-    locate_toc,
-    nydus,
-    parse_toc,
-    read_toc_json,
-)
 from snapshotter.image import (
     OCI_CONFIG,
     LayoutDigestError,
@@ -65,23 +54,15 @@ from snapshotter.image import (
     summary_text,
 )
 from snapshotter.image.progress import BarProgress, Phase
+from tests.support.converted import check_converted, read_layout_image, sha256
 
 LAYER_TYPES = {
     "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
     "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
     "none": "application/vnd.oci.image.layer.v1.tar",
 }
-FORMAT_MEDIA_TYPES = {
-    "estargz": "application/vnd.oci.image.layer.v1.tar+gzip",
-    "zstdchunked": "application/vnd.oci.image.layer.v1.tar+zstd",
-    "nydus": nydus.MEDIA_TYPE,
-}
 MTIME = 1_600_000_000
 SMALL_CHUNKS = 64 << 10
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 # -- source images ---------------------------------------------------------------------------------
@@ -195,107 +176,6 @@ def write_image(
         annotations={"org.example.source": "unit test"},
     )
     return layout
-
-
-# -- reading a converted image back ----------------------------------------------------------------
-
-
-def read_index(blob: bytes, desc: Mapping[str, Any]) -> LayerIndex:
-    """Parse a converted layer blob the way the snapshotter does, verifying its TOC/bootstrap."""
-    annotations: dict[str, str] = desc.get("annotations", {})
-    if nydus.is_nydus_layer(desc["mediaType"], annotations):
-        loc = nydus.locate_bootstrap(blob[-nydus.FOOTER_SIZE :], len(blob))
-        expected = nydus.bootstrap_digest(annotations)
-        assert expected is not None, "nydus layer without a bootstrap digest annotation"
-        raw = blob[loc.offset : loc.offset + loc.length]
-        return nydus.parse_bootstrap(raw, loc, blob_size=len(blob), expected_digest=expected)
-    loc = locate_toc(blob[-MAX_FOOTER_SIZE:], len(blob), annotations)
-    raw = blob[loc.offset : loc.offset + loc.length]
-    # The TOC digest annotation is the sha256 of the TOC JSON itself.
-    assert sha256(read_toc_json(raw, loc)) == annotations[TOC_DIGEST_ANNOTATION]
-    return parse_toc(raw, loc, blob_size=len(blob), expected_digest=annotations[TOC_DIGEST_ANNOTATION])
-
-
-def check_layer_against_tar(index: LayerIndex, blob: bytes, blobs: Mapping[str, bytes], tar: bytes) -> None:
-    """Every entry of the source tar is in the index with the same attributes and bytes."""
-    with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as tf:
-        for ti in tf:
-            name = ti.name.rstrip("/")
-            entry = index.entries[name]
-            assert (entry.mode, entry.uid, entry.gid) == (ti.mode & 0o7777, ti.uid, ti.gid), name
-            assert entry.mtime_ns == int(ti.mtime) * 10**9, name
-            xattrs = {
-                k.removeprefix("SCHILY.xattr."): v.encode()
-                for k, v in ti.pax_headers.items()
-                if k.startswith("SCHILY.xattr.")
-            }
-            assert entry.xattrs == xattrs, name
-            if ti.issym():
-                assert (entry.type, entry.link_name) == (EntryType.SYMLINK, ti.linkname), name
-            elif ti.islnk():
-                assert (entry.type, entry.link_name) == (EntryType.HARDLINK, ti.linkname), name
-            elif ti.isdir():
-                assert entry.type is EntryType.DIR, name
-            else:
-                f = tf.extractfile(ti)
-                want = f.read() if f else b""
-                got = b"".join(
-                    decompress_chunk(
-                        index.compression,
-                        (blobs[c.blob] if c.blob else blob)[
-                            c.compressed_offset : c.compressed_offset + c.compressed_size
-                        ],
-                        c,
-                    )
-                    for c in entry.chunks
-                )
-                assert (entry.type, entry.size, got) == (EntryType.REG, len(want), want), name
-
-
-def check_converted(
-    manifest: Mapping[str, Any],
-    config: Mapping[str, Any],
-    blobs: Mapping[str, bytes],
-    tars: Sequence[bytes],
-    fmt: str,
-    *,
-    prioritized: Sequence[str] = (),
-) -> list[LayerIndex]:
-    """Check a converted image (manifest, config and every layer blob) against its source tars."""
-    assert manifest["mediaType"] == OCI_MANIFEST and manifest["schemaVersion"] == 2
-    assert manifest["config"]["mediaType"] == OCI_CONFIG
-    assert len(manifest["layers"]) == len(tars) == len(config["rootfs"]["diff_ids"])
-    if fmt == "nydus":
-        assert manifest["annotations"].items() >= nydus.manifest_annotations().items()
-    indexes = []
-    for desc, tar, diff_id in zip(manifest["layers"], tars, config["rootfs"]["diff_ids"], strict=True):
-        blob = blobs[desc["digest"]]
-        assert (sha256(blob), len(blob)) == (desc["digest"], desc["size"])
-        assert desc["mediaType"] == FORMAT_MEDIA_TYPES[fmt]
-        if fmt == "nydus":
-            assert diff_id == sha256(tar)  # nydus keeps the source DiffIDs
-        else:
-            stream = decompress(blob, "gzip" if fmt == "estargz" else "zstd")
-            assert diff_id == sha256(stream)
-            assert desc["annotations"][UNCOMPRESSED_SIZE_ANNOTATION] == str(len(stream))
-        index = read_index(blob, desc)
-        assert index.format == fmt
-        check_layer_against_tar(index, blob, blobs, tar)
-        if prioritized:
-            names = {e.rstrip("/") for e in index.entries}
-            wanted = [p.strip("/") for p in prioritized if p.strip("/") in names]
-            # In access order among what is prefetched (with their parent directories).
-            assert [p for p in index.prefetch if p in wanted] == wanted
-        indexes.append(index)
-    return indexes
-
-
-def read_layout_image(layout: OciLayout, tag: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, bytes]]:
-    image = layout.resolve(tag)
-    manifest = json.loads(image.manifest)
-    config = json.loads(layout.read_blob(image.config.digest))
-    blobs = {d.digest: layout.read_blob(d.digest, d.size) for d in image.layers}
-    return manifest, config, blobs
 
 
 # -- option parsing --------------------------------------------------------------------------------
