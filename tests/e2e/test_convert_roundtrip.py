@@ -28,7 +28,7 @@ import pytest
 
 from snapshotter import cli
 from snapshotter.formats import UNCOMPRESSED_SIZE_ANNOTATION
-from tests.e2e.conftest import ContainerdFactory, make_tmpdir, remove_tmpdir
+from tests.e2e.conftest import ContainerdFactory
 from tests.support import oci
 from tests.support.converted import (
     PRIORITIZED,
@@ -40,11 +40,11 @@ from tests.support.converted import (
     toc_stream_count,
     toc_without_offsets,
 )
-from tests.support.daemon import LazysnapDaemon
+from tests.support.daemon import SNAPSHOTTER, LazysnapDaemon
 from tests.support.oci import PushedImage
+from tests.support.scratch import make_tmpdir, remove_tmpdir
 from tests.support.services import Containerd, Registry, require_privileges, verify_container_fs
 
-SNAPSHOTTER = "lazysnap"
 REPO = "lztest/convert"
 XATTRS = {"SCHILY.xattr.user.lazysnap.origin": "converted", "SCHILY.xattr.user.note": "a b=c"}
 FORMATS = ["estargz", "zstdchunked", "nydus"]
