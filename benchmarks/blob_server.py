@@ -22,15 +22,14 @@ import json
 import mmap
 import os
 import random
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import remove_workdir
 from snapshotter.fuse.blobserver import BlobServer
+from tests.support.scratch import make_tmpdir, remove_tmpdir
 
 MiB = 1 << 20
 
@@ -121,7 +120,7 @@ def main() -> int:
     args = parser.parse_args()
     size = args.size_mib * MiB
     data = os.urandom(size)
-    workdir = Path(tempfile.mkdtemp(prefix="lzbb", dir="/tmp"))
+    workdir = make_tmpdir("lzbb")
     local = workdir / "local"
     local.write_bytes(data)
     os.sync()
@@ -161,7 +160,7 @@ def main() -> int:
         report["server"] = server.stats()
     finally:
         server.stop()
-        remove_workdir(workdir)
+        remove_tmpdir(workdir)
     print(json.dumps(report, indent=2))
     return 0
 

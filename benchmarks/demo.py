@@ -19,12 +19,11 @@ from benchmarks.harness import (
     RunResult,
     cold_run,
     lazysnap_mode,
-    make_workdir,
     model_workload,
     registry_and_proxy,
-    remove_workdir,
 )
 from benchmarks.shaping_proxy import PROFILES
+from tests.support.scratch import make_tmpdir, remove_tmpdir
 
 
 def _mb(n: int) -> str:
@@ -43,7 +42,7 @@ def main() -> int:
     workload = model_workload("demo-model", args.shard_mib, args.shards, read_fraction=0.05)
     rtt, bandwidth = PROFILES[args.profile]
     print(f"network: {args.profile} profile, {rtt} ms RTT, {bandwidth / 1e6:.0f} Mbit/s (a loopback proxy)")
-    workdir = make_workdir("lzdemo")
+    workdir = make_tmpdir("lzdemo")
     try:
         with registry_and_proxy(args.profile) as (registry, proxy):
             print(f"registry on {registry.host}, shaped link on {proxy.host}")
@@ -58,7 +57,7 @@ def main() -> int:
                 print(f"cold start with {label} ...", flush=True)
                 results.append(cold_run(images, workload, proxy, mode))
     finally:
-        remove_workdir(workdir)
+        remove_tmpdir(workdir)
 
     print()
     print(f"{'mode':<18} {'pull':>8} {'run':>8} {'total':>8} {'fetched':>12}")

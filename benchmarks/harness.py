@@ -24,7 +24,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -49,6 +48,7 @@ from benchmarks.shaping_proxy import ShapingProxy, from_profile
 from snapshotter.admin import admin_socket, fetch_stats
 from tests.support import mounts, oci
 from tests.support.daemon import LazysnapDaemon, write_config
+from tests.support.scratch import make_tmpdir, remove_tmpdir
 from tests.support.services import Containerd, Registry, run_args, terminate_pid, unique_id
 
 SNAPSHOTTER = "lazysnap"
@@ -278,7 +278,7 @@ class ImageSet:
                 set_variant_stamp(layout, variant, self._stamp(variant))
         finally:
             converter.stop()
-            remove_workdir(self.workdir / "conv")
+            remove_tmpdir(self.workdir / "conv")
 
     def _convert_nydus(self, layout: Path) -> None:
         build = nydus_builder()
@@ -290,12 +290,13 @@ class ImageSet:
             kwargs["prioritized_files"] = ()
         blobs = build(tars, **kwargs)
         del tars
-        layers: list[oci_layout.LayerDesc] = []
-        for blob in blobs:
-            digest, size = oci_layout.write_blob(layout, blob.blob)
-            layers.append(
-                oci_layout.LayerDesc(digest, size, blob.diff_id, blob.media_type, dict(blob.annotations))
+        store = oci_layout.open_layout(layout)
+        layers = [
+            oci_layout.LayerDesc(
+                store.write_blob(blob.blob), len(blob.blob), blob.diff_id, blob.media_type, blob.annotations
             )
+            for blob in blobs
+        ]
         oci_layout.write_image(layout, "nydus", layers, env=oci_layout.env(layout, "gzip"))
         set_variant_stamp(layout, "nydus", self._stamp("nydus"))
 
@@ -471,17 +472,6 @@ def drop_page_cache() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def make_workdir(prefix: str = "lzb") -> Path:
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-
-
-def remove_workdir(path: Path) -> None:
-    left = mounts.unmount_all(path)
-    if left:
-        raise RuntimeError(f"could not unmount {[m.target for m in left]}; leaving {path}")
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @dataclass
 class Timing:
     started: float
@@ -618,7 +608,7 @@ def cold_run(
     timeout: float = 3600,
 ) -> RunResult:
     """Pull and run ``workload`` once from nothing, in ``mode``."""
-    workdir = make_workdir()
+    workdir = make_tmpdir("lzb")
     process: SnapshotterProcess | None = None
     cd: Containerd | None = None
     try:
@@ -666,7 +656,7 @@ def cold_run(
             cd.stop()
         if process is not None:
             process.stop()
-        remove_workdir(workdir)
+        remove_tmpdir(workdir)
 
 
 @contextlib.contextmanager
@@ -705,7 +695,7 @@ def warm_runs(
 ) -> WarmResult:
     """Pull the gzip image (unshaped) into a private containerd whose root is a ``loop_fs``, then
     ``reps`` times: drop the page cache, run (bytes read), run again (warm time)."""
-    workdir = make_workdir("lzw")
+    workdir = make_tmpdir("lzw")
     cd = Containerd(workdir / "cd")
     result = WarmResult(workload.name, [], [], exact=True)
     try:
@@ -729,7 +719,7 @@ def warm_runs(
                 result.warm_s.append(hot.ready - hot.started)
         return result
     finally:
-        remove_workdir(workdir)
+        remove_tmpdir(workdir)
 
 
 # --- registry and link ------------------------------------------------------------------------
@@ -737,14 +727,14 @@ def warm_runs(
 
 @contextlib.contextmanager
 def serve_registry() -> Iterator[Registry]:
-    workdir = make_workdir("lzreg")
+    workdir = make_tmpdir("lzreg")
     registry = Registry(workdir)
     try:
         registry.start()
         yield registry
     finally:
         registry.stop()
-        remove_workdir(workdir)
+        remove_tmpdir(workdir)
 
 
 @contextlib.contextmanager

@@ -1,9 +1,12 @@
-"""OCI image layouts of the benchmark images, written from layer tars on disk.
+"""The benchmark images' layers and tags in OCI layouts, written from layer tars on disk.
 
-Layers are streamed (read, hashed, compressed and written in blocks), so a multi-GiB image never
-sits in memory. Everything is deterministic: gzip without a name or time stamp, JSON with sorted
-keys, a fixed creation date, so the same layer tars give the same digests on every machine.
-A layout holds one image under several tags, one per format (``gzip``, ``estargz``, ...).
+What is the benchmark's own: streaming a multi-GiB layer tar through gzip into a blob (read,
+hashed, compressed and written in blocks, so it never sits in memory), the benchmark image's
+config, and the few questions the harness asks of a layout. Blobs, configs, manifests and tags are
+written by ``snapshotter.image.OciLayout``. Everything is deterministic (gzip without a name or
+time stamp, canonical JSON, a fixed creation date), so the same layer tars give the same digests
+on every machine. A layout holds one image under several tags, one per format (``gzip``,
+``estargz``, ...).
 """
 
 from __future__ import annotations
@@ -11,20 +14,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
-import tempfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-MEDIA_TYPE_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_TYPE_INDEX = "application/vnd.oci.image.index.v1+json"
-MEDIA_TYPE_CONFIG = "application/vnd.oci.image.config.v1+json"
-MEDIA_TYPE_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
-CREATED = "2020-01-01T00:00:00Z"
+from snapshotter.fetcher import Descriptor
+from snapshotter.formats.build import MEDIA_TYPE_GZIP as MEDIA_TYPE_LAYER_GZIP
+from snapshotter.image import LayoutImage, OciLayout, image_config
+
 DEFAULT_ENV = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",)
 BLOCK = 4 << 20
 
@@ -39,60 +38,33 @@ class LayerDesc:
     media_type: str = MEDIA_TYPE_LAYER_GZIP
     annotations: Mapping[str, str] = field(default_factory=dict)
 
-
-def _blob_path(layout: Path, digest: str) -> Path:
-    algo, hexd = digest.split(":", 1)
-    return layout / "blobs" / algo / hexd
-
-
-def _init(layout: Path) -> None:
-    (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-    (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    @property
+    def descriptor(self) -> Descriptor:
+        return Descriptor(self.media_type, self.digest, self.size, dict(self.annotations))
 
 
-def write_blob(layout: Path, data: bytes) -> tuple[str, int]:
-    """Store ``data`` as a blob; returns (digest, size)."""
-    _init(layout)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    path = _blob_path(layout, digest)
-    if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    return digest, len(data)
+def open_layout(layout: Path) -> OciLayout:
+    """``layout`` as an OCI layout, created if it is missing."""
+    store = OciLayout(layout)
+    store.create()
+    return store
 
 
 def gzip_layer(layout: Path, tar_path: Path, level: int = 6) -> LayerDesc:
     """Compress the tar at ``tar_path`` into a gzip blob of ``layout``, streaming."""
-    _init(layout)
     diff = hashlib.sha256()
-    blob = hashlib.sha256()
-    size = 0
-    # wbits 31: a gzip wrapper with mtime 0 and no file name, hence reproducible.
-    compressor = zlib.compressobj(level, zlib.DEFLATED, 31)
-    fd, tmp_name = tempfile.mkstemp(dir=layout / "blobs" / "sha256", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, open(tar_path, "rb") as src:
+
+    def compressed() -> Iterator[bytes]:
+        # wbits 31: a gzip wrapper with mtime 0 and no file name, hence reproducible.
+        compressor = zlib.compressobj(level, zlib.DEFLATED, 31)
+        with open(tar_path, "rb") as src:
             while block := src.read(BLOCK):
                 diff.update(block)
-                piece = compressor.compress(block)
-                blob.update(piece)
-                out.write(piece)
-                size += len(piece)
-            piece = compressor.flush()
-            blob.update(piece)
-            out.write(piece)
-            size += len(piece)
-        digest = "sha256:" + blob.hexdigest()
-        os.replace(tmp_name, _blob_path(layout, digest))
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+                yield compressor.compress(block)
+        yield compressor.flush()
+
+    digest, size = open_layout(layout).write_blob_stream(compressed())
     return LayerDesc(digest, size, "sha256:" + diff.hexdigest())
-
-
-def _dumps(obj: object) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
 def write_image(
@@ -105,83 +77,40 @@ def write_image(
 ) -> str:
     """Write the config and manifest of an image made of ``layers`` and tag it ``tag`` in
     ``layout``'s index (replacing an older image of that tag). Returns the manifest digest."""
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "created": CREATED,
-        "config": {"Env": list(env)},
-        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
-        "history": [{"created": CREATED, "created_by": created_by}] * len(layers),
-    }
-    config_digest, config_size = write_blob(layout, _dumps(config))
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": MEDIA_TYPE_MANIFEST,
-        "config": {"mediaType": MEDIA_TYPE_CONFIG, "digest": config_digest, "size": config_size},
-        "layers": [
-            {
-                "mediaType": layer.media_type,
-                "digest": layer.digest,
-                "size": layer.size,
-                **({"annotations": dict(sorted(layer.annotations.items()))} if layer.annotations else {}),
-            }
-            for layer in layers
-        ],
-    }
-    digest, size = write_blob(layout, _dumps(manifest))
-    index = _read_index(layout)
-    kept = [m for m in index["manifests"] if m.get("annotations", {}).get(ANNOTATION_REF_NAME) != tag]
-    kept.append(
-        {
-            "mediaType": MEDIA_TYPE_MANIFEST,
-            "digest": digest,
-            "size": size,
-            "annotations": {ANNOTATION_REF_NAME: tag},
-            "platform": {"architecture": "amd64", "os": "linux"},
-        }
-    )
-    index["manifests"] = kept
-    (layout / "index.json").write_bytes(_dumps(index))
-    return digest
-
-
-def _read_index(layout: Path) -> dict[str, Any]:
-    path = layout / "index.json"
-    if not path.exists():
-        return {"schemaVersion": 2, "mediaType": MEDIA_TYPE_INDEX, "manifests": []}
-    return cast(dict[str, Any], json.loads(path.read_text()))
+    config = image_config([layer.diff_id for layer in layers], env=env, created_by=created_by)
+    written = open_layout(layout).write_image(config, [layer.descriptor for layer in layers], tag=tag)
+    return written.digest
 
 
 def tags(layout: Path) -> list[str]:
     """Tags present in ``layout``'s index."""
-    return [
-        str(m["annotations"][ANNOTATION_REF_NAME])
-        for m in _read_index(layout)["manifests"]
-        if ANNOTATION_REF_NAME in m.get("annotations", {})
-    ]
+    return OciLayout(layout).tags()
+
+
+def _image(layout: Path, tag: str) -> LayoutImage:
+    return OciLayout(layout).resolve(tag)
 
 
 def manifest(layout: Path, tag: str) -> dict[str, Any]:
     """The manifest tagged ``tag``."""
-    for m in _read_index(layout)["manifests"]:
-        if m.get("annotations", {}).get(ANNOTATION_REF_NAME) == tag:
-            return cast(dict[str, Any], json.loads(_blob_path(layout, m["digest"]).read_text()))
-    raise KeyError(f"no tag {tag!r} in {layout}")
+    return cast(dict[str, Any], json.loads(_image(layout, tag).manifest))
 
 
 def image_size(layout: Path, tag: str) -> int:
     """Sum of the compressed layer sizes of the image tagged ``tag``."""
-    return sum(int(layer["size"]) for layer in manifest(layout, tag)["layers"])
+    return sum(layer.size for layer in _image(layout, tag).layers)
 
 
 def env(layout: Path, tag: str) -> list[str]:
-    config = json.loads(_blob_path(layout, manifest(layout, tag)["config"]["digest"]).read_text())
+    config_desc = _image(layout, tag).config
+    config = json.loads(OciLayout(layout).read_blob(config_desc.digest, config_desc.size))
     return [str(e) for e in config.get("config", {}).get("Env") or DEFAULT_ENV]
 
 
 def layer_tars(layout: Path, tag: str) -> Iterator[bytes]:
     """The uncompressed tar of every gzip layer of ``tag``, bottom first, one at a time."""
-    for layer in manifest(layout, tag)["layers"]:
-        if not str(layer["mediaType"]).endswith("+gzip"):
-            raise ValueError(f"{tag}: layer {layer['digest']} is {layer['mediaType']}, not gzip")
-        yield gzip.decompress(_blob_path(layout, layer["digest"]).read_bytes())
+    store = OciLayout(layout)
+    for layer in _image(layout, tag).layers:
+        if not layer.media_type.endswith("+gzip"):
+            raise ValueError(f"{tag}: layer {layer.digest} is {layer.media_type}, not gzip")
+        yield gzip.decompress(store.read_blob(layer.digest, layer.size))

@@ -23,35 +23,22 @@ import os
 import platform
 import subprocess
 import tarfile
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import drop_page_cache, remove_workdir
+from benchmarks.harness import drop_page_cache
 from benchmarks.images import pseudo_random_blocks
 from snapshotter.cache import ChunkCache
 from snapshotter.formats import build_estargz, locate_toc, parse_toc
 from snapshotter.fuse.layerfs import LayerFS, MountedLayer
 from snapshotter.layertree import LayerTree
 from snapshotter.reader import LayerReader, ReaderConfig
-from tests.support.lazy import MemoryBlob
+from tests.support.lazy import MemoryBlob, running_loop
+from tests.support.scratch import make_tmpdir, remove_tmpdir
 
 METADATA_OPS = ("stat", "stat (warm dcache)", "open+close", "open+read+close")
-
-
-@contextlib.contextmanager
-def _loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield loop
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
 
 
 @contextlib.contextmanager
@@ -64,7 +51,7 @@ def lazy_mount(tar: bytes, workdir: Path, chunk_size: int) -> Iterator[Path]:
     index = parse_toc(raw, location, blob_size=len(built.blob), expected_digest=built.toc_digest)
     cache = ChunkCache(workdir / "cache", 4 * len(built.blob) + (64 << 20))
     config = ReaderConfig(background=False, prefetch=False)
-    with _loop() as loop:
+    with running_loop() as loop:
 
         async def make_reader() -> LayerReader:
             return LayerReader(index, MemoryBlob(built.blob), cache, loop, layer="bench", config=config)
@@ -99,7 +86,7 @@ def timed_read(path: Path, block: int = 1 << 20) -> float:
 
 def throughput(size_mib: int = 256, chunk_mib: int = 4) -> dict[str, Any]:
     size = size_mib << 20
-    work = Path(tempfile.mkdtemp(prefix="lzmt", dir="/tmp"))
+    work = make_tmpdir("lzmt")
     try:
         payload = b"".join(pseudo_random_blocks(size, b"fuse-throughput"))
         local = work / "local.bin"
@@ -118,7 +105,7 @@ def throughput(size_mib: int = 256, chunk_mib: int = 4) -> dict[str, Any]:
             if (mnt / "model.bin").read_bytes() != payload:
                 raise RuntimeError("FUSE read returned different bytes")
     finally:
-        remove_workdir(work)
+        remove_tmpdir(work)
     mbps = {k: round(size / v / 1e6, 1) for k, v in seconds.items()}
     return {
         "size_bytes": size,
@@ -175,7 +162,7 @@ def _passes(root: Path, names: list[str]) -> dict[str, float]:
 
 
 def metadata(files: int = 10_000, dirs: int = 100, file_bytes: int = 512) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="lzmm", dir="/tmp"))
+    work = make_tmpdir("lzmm")
     overlay: Path | None = None
     try:
         tar, names = _small_tree(files, dirs, file_bytes)
@@ -200,7 +187,7 @@ def metadata(files: int = 10_000, dirs: int = 100, file_bytes: int = 512) -> dic
     finally:
         if overlay is not None:
             subprocess.run(["umount", str(overlay)], check=False, capture_output=True)
-        remove_workdir(work)
+        remove_tmpdir(work)
     return {
         "files": len(names),
         "dirs": dirs,

@@ -79,12 +79,10 @@ from benchmarks.harness import (
     disk_shortfall,
     gcc_workload,
     lazysnap_mode,
-    make_workdir,
     model_workload,
     nydus_builder,
     python_workload,
     redis_workload,
-    remove_workdir,
     serve_registry,
     shaped,
     sympy_workload,
@@ -92,6 +90,7 @@ from benchmarks.harness import (
 )
 from benchmarks.images import DEFAULT_CACHE, cached_tags
 from benchmarks.shaping_proxy import PROFILES
+from tests.support.scratch import make_tmpdir, remove_tmpdir
 
 RESULTS = Path(__file__).parent / "results"
 IMAGES = ("model", "model-full", "python", "gcc", "redis", "sympy")
@@ -293,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     failures: list[dict[str, object]] = []
     bench_started = time.monotonic()
-    workdir = make_workdir("lzbench")
+    workdir = make_tmpdir("lzbench")
     try:
         with serve_registry() as registry:
             image_sets: dict[str, ImageSet] = {}
@@ -373,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                                 print(progress(profile, result, args.reps, wall), flush=True)
                 write_profile(args, date, profile, results, warm, modes, images_info, failures, notes)
     finally:
-        remove_workdir(workdir)
+        remove_tmpdir(workdir)
     if args.micro:
         print("[micro] FUSE metadata and throughput ...", flush=True)
         data = micro.run_all(args.micro_files, args.micro_mib)

@@ -42,6 +42,7 @@ from snapshotter.fetcher import (
 from snapshotter.fetcher.manifest import digest_of
 from snapshotter.formats import BuiltBlob, FormatError, build_estargz, build_zstdchunked, nydus
 from snapshotter.image import (
+    OCI_CONFIG,
     ImageSource,
     ImageTarget,
     LayerResult,
@@ -65,7 +66,6 @@ COMPRESSION_LEVELS = {"estargz": (0, 9), "zstdchunked": (1, 22), "nydus": (1, 22
 DEFAULT_PARALLEL_LAYERS = 2
 PUSH_CHUNK_SIZE = 8 << 20  # blobs above this are uploaded in PATCH pieces of this size
 
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 CONFIG_TYPES = frozenset({OCI_CONFIG, "application/vnd.docker.container.image.v1+json"})
 _LAYER_COMPRESSION = {
     "application/vnd.oci.image.layer.v1.tar": "none",

@@ -119,22 +119,26 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):  # type: ignore[misc]
     async def _call(self, context: Context, method: str, key: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` in a worker thread; turn our errors into the matching gRPC status."""
         started = time.monotonic()
-        code = grpc.StatusCode.OK
         try:
             result = await asyncio.get_running_loop().run_in_executor(self.executor, fn)
         except SnapshotError as exc:
             code = status_code(exc)
             log.debug("%s failed", method, extra={"key": key, "code": code.name, "error": str(exc)})
+            self._observe(method, started, code)
             await context.abort(code, str(exc))
         except Exception as exc:
             code = grpc.StatusCode.INTERNAL
             log.exception("%s failed unexpectedly", method, extra={"key": key})
+            self._observe(method, started, code)
             await context.abort(code, f"{method} {key}: {exc}")
-        finally:
-            if self.observer is not None:
-                self.observer(method, time.monotonic() - started, code.name)
+        self._observe(method, started, grpc.StatusCode.OK)
         log.debug("%s", method, extra={"key": key, "ms": round((time.monotonic() - started) * 1000, 1)})
         return result
+
+    def _observe(self, method: str, started: float, code: grpc.StatusCode) -> None:
+        # Before the answer is sent: a client that then reads the metrics finds its call counted.
+        if self.observer is not None:
+            self.observer(method, time.monotonic() - started, code.name)
 
     async def Prepare(  # noqa: N802 - gRPC method names are containerd's
         self, request: pb.PrepareSnapshotRequest, context: Context

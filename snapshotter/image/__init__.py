@@ -4,7 +4,17 @@
 """
 
 from snapshotter.image.locations import SYNTAX, LayoutLocation, Location, RegistryLocation, parse_location
-from snapshotter.image.ocilayout import LayoutDigestError, LayoutError, LayoutImage, OciLayout
+from snapshotter.image.ocilayout import (
+    OCI_CONFIG,
+    REPRODUCIBLE_CREATED,
+    LayoutDigestError,
+    LayoutError,
+    LayoutImage,
+    OciLayout,
+    canonical_json,
+    descriptor_json,
+    image_config,
+)
 from snapshotter.image.progress import (
     BarProgress,
     LayerResult,
@@ -28,6 +38,8 @@ from snapshotter.image.stores import (
 )
 
 __all__ = [
+    "OCI_CONFIG",
+    "REPRODUCIBLE_CREATED",
     "SYNTAX",
     "BarProgress",
     "ImageSource",
@@ -49,6 +61,9 @@ __all__ = [
     "RegistryTarget",
     "SourceImage",
     "Summary",
+    "canonical_json",
+    "descriptor_json",
+    "image_config",
     "open_source",
     "open_target",
     "parse_location",

@@ -1,5 +1,8 @@
 """OCI image layout directories (image-spec ``image-layout.md``): read an image, write one.
 
+The one writer of layouts in the project: ``lazysnap convert``, the benchmark images and the test
+images all write blobs, configs, manifests and tags through :class:`OciLayout`.
+
 A layout is ``DIR/oci-layout`` (``{"imageLayoutVersion": "1.0.0"}``), ``DIR/index.json`` (an image
 index whose entries may be named by the ``org.opencontainers.image.ref.name`` annotation, the tag in
 skopeo's ``oci:DIR:TAG``) and content-addressed ``DIR/blobs/<alg>/<hex>``.
@@ -7,7 +10,9 @@ skopeo's ``oci:DIR:TAG``) and content-addressed ``DIR/blobs/<alg>/<hex>``.
 Reading verifies every blob against its digest (and its descriptor's size) before it is used.
 Writing puts each blob in place atomically (a temp file in the same directory, fsync, rename), so
 a crash never leaves a truncated blob under a digest's name, and rewrites ``index.json`` the same
-way. One writer per layout at a time; readers never see a half-written file.
+way. One writer per layout at a time; readers never see a half-written file. The JSON documents
+written here (configs, manifests, the index) are canonical: sorted keys, no spaces, so the same
+image gives the same digests on every machine.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from snapshotter.fetcher import (
     INDEX_TYPES,
     OCI_INDEX,
+    OCI_MANIFEST,
     Descriptor,
     ManifestError,
     Platform,
@@ -39,6 +46,10 @@ LAYOUT_FILE = "oci-layout"
 LAYOUT_VERSION = "1.0.0"
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME_ANNOTATION = "io.containerd.image.name"  # what `ctr image export` names entries with
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+# The creation time of images built from scratch (benchmarks, tests): a fixed one keeps them
+# reproducible.
+REPRODUCIBLE_CREATED = "2020-01-01T00:00:00Z"
 _HASHES = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
 
 
@@ -194,7 +205,7 @@ class OciLayout:
         _atomic_write(self.path / LAYOUT_FILE, json.dumps({"imageLayoutVersion": LAYOUT_VERSION}).encode())
         if not (self.path / "index.json").exists():
             index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
-            _atomic_write(self.path / "index.json", _dumps(index))
+            _atomic_write(self.path / "index.json", canonical_json(index))
 
     def write_blob(self, data: bytes) -> str:
         """Store ``data`` under its sha256 digest (atomically) and return the digest."""
@@ -206,26 +217,122 @@ class OciLayout:
         _atomic_write(path, data)
         return digest
 
+    def write_blob_stream(self, chunks: Iterable[bytes]) -> tuple[str, int]:
+        """Store the concatenation of ``chunks`` as a blob, hashing while writing, so a blob of
+        any size never sits in memory; returns its (sha256 digest, size)."""
+        directory = self.path / "blobs" / "sha256"
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp, digest, size = _stage(directory, chunks)
+        try:
+            os.replace(tmp, self.blob_path(digest))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return digest, size
+
+    def write_json(self, doc: object, media_type: str) -> Descriptor:
+        """Store ``doc`` as canonical JSON (see the module docstring); its descriptor."""
+        body = canonical_json(doc)
+        return Descriptor(media_type, self.write_blob(body), len(body))
+
+    def write_image(
+        self,
+        config: Mapping[str, Any],
+        layers: Sequence[Descriptor],
+        *,
+        tag: str | None = None,
+        media_type: str = OCI_MANIFEST,
+        config_media_type: str = OCI_CONFIG,
+        annotations: Mapping[str, str] | None = None,
+        platform: Platform | None = None,
+    ) -> LayoutImage:
+        """Write ``config`` and the image manifest of ``layers`` (blobs already written), and name
+        it ``tag`` (for ``platform``, default linux/amd64) when one is given."""
+        for layer in layers:
+            if not self.has_blob(layer.digest):
+                raise LayoutError(f"{self.path}: layer {layer.digest} is not written")
+        config_desc = self.write_json(config, config_media_type)
+        manifest: dict[str, Any] = {
+            "schemaVersion": 2,
+            "mediaType": media_type,
+            "config": descriptor_json(config_desc),
+            "layers": [descriptor_json(layer) for layer in layers],
+        }
+        if annotations:
+            manifest["annotations"] = dict(annotations)
+        body = canonical_json(manifest)
+        digest = self.write_blob(body)
+        if tag is not None:
+            self.tag(Descriptor(media_type, digest, len(body), platform=platform or Platform()), tag)
+        return LayoutImage(digest, media_type, config_desc, tuple(layers), dict(annotations or {}), body)
+
     def tag(self, manifest: Descriptor, tag: str) -> None:
         """Name ``manifest`` (already written as a blob) ``tag`` in index.json, replacing that tag."""
         if not self.has_blob(manifest.digest):
             raise LayoutError(f"{self.path}: cannot tag {manifest.digest}: blob not written")
         index = self.index()
         kept = [e for e in index.get("manifests", []) if not (isinstance(e, dict) and _name_of(e) == tag)]
-        entry: dict[str, Any] = {
-            "mediaType": manifest.media_type,
-            "digest": manifest.digest,
-            "size": manifest.size,
-            "annotations": {**manifest.annotations, REF_NAME_ANNOTATION: tag},
-        }
-        if manifest.platform is not None:
-            p = manifest.platform
-            entry["platform"] = {"architecture": p.architecture, "os": p.os}
-            if p.variant:
-                entry["platform"]["variant"] = p.variant
+        named = replace(manifest, annotations={**manifest.annotations, REF_NAME_ANNOTATION: tag})
+        entry = descriptor_json(named)
         index["manifests"] = [*kept, entry]
         index.setdefault("schemaVersion", 2)
-        _atomic_write(self.path / "index.json", _dumps(index))
+        _atomic_write(self.path / "index.json", canonical_json(index))
+
+    def tagged(self, tag: str) -> Descriptor:
+        """The index entry named ``tag`` (a manifest or an index), as index.json describes it."""
+        self.check()
+        for entry in self.index().get("manifests", []):
+            if isinstance(entry, dict) and _name_of(entry) == tag:
+                try:
+                    return parse_descriptor(entry, f"index.json entry {tag!r}")
+                except ManifestError as e:
+                    raise LayoutError(f"{self.path}: {e}") from None
+        raise LayoutError(f"{self.path}: no image tagged {tag!r} (tags: {', '.join(self.tags()) or 'none'})")
+
+
+def image_config(
+    diff_ids: Sequence[str],
+    *,
+    env: Sequence[str],
+    cmd: Sequence[str] | None = None,
+    created_by: str,
+    created: str = REPRODUCIBLE_CREATED,
+    platform: Platform | None = None,
+) -> dict[str, Any]:
+    """The configuration of an image built from scratch out of layers with these ``diff_ids``
+    (one history entry each), for :meth:`OciLayout.write_image`."""
+    platform = platform or Platform()
+    config: dict[str, Any] = {
+        "architecture": platform.architecture,
+        "os": platform.os,
+        "created": created,
+        "config": {"Env": list(env), **({"Cmd": list(cmd)} if cmd is not None else {})},
+        "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
+        "history": [{"created": created, "created_by": created_by}] * len(diff_ids),
+    }
+    if platform.variant:
+        config["variant"] = platform.variant
+    return config
+
+
+def descriptor_json(desc: Descriptor) -> dict[str, Any]:
+    """``desc`` as a manifest or index lists it (empty optional fields left out)."""
+    doc: dict[str, Any] = {"mediaType": desc.media_type, "digest": desc.digest, "size": desc.size}
+    if desc.annotations:
+        doc["annotations"] = dict(desc.annotations)
+    if desc.urls:
+        doc["urls"] = list(desc.urls)
+    if desc.platform is not None:
+        p = desc.platform
+        doc["platform"] = {"architecture": p.architecture, "os": p.os}
+        if p.variant:
+            doc["platform"]["variant"] = p.variant
+    return doc
+
+
+def canonical_json(doc: object) -> bytes:
+    """Sorted keys, no whitespace: equal documents, equal bytes (hence equal digests)."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _name_of(entry: dict[str, Any]) -> str:
@@ -236,20 +343,33 @@ def _name_of(entry: dict[str, Any]) -> str:
     return name if isinstance(name, str) else ""
 
 
-def _dumps(doc: object) -> bytes:
-    return json.dumps(doc, separators=(",", ":")).encode()
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    tmp, _, _ = _stage(path.parent, [data])
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _stage(directory: Path, chunks: Iterable[bytes]) -> tuple[Path, str, int]:
+    """Write ``chunks`` to a new file in ``directory``, synced to disk; returns (its path, the
+    sha256 digest and size of what was written). The caller renames it into place."""
+    fd, name = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    tmp = Path(name)
+    hasher = hashlib.sha256()
+    size = 0
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                hasher.update(chunk)
+                f.write(chunk)
+                size += len(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide blobs from other readers of the layout
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            tmp.unlink()
         raise
+    return tmp, f"sha256:{hasher.hexdigest()}", size

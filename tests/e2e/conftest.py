@@ -1,60 +1,39 @@
-"""Fixtures for end-to-end tests: a loopback registry, the standard test image, private containerds.
+"""Fixtures for end-to-end tests: a loopback registry, the standard test image, private containerds,
+lazysnap under a containerd, byte-counting proxies in front of the registries.
 
-All state lives in short ``/tmp/lz*`` directories (unix sockets are limited to
-108 bytes) that are unmounted and removed at teardown, also when a test fails.
-Set ``LZ_KEEP_TMP=1`` to keep them for debugging.
+All state lives in short ``/tmp/lz*`` directories (``tests.support.scratch``) that are unmounted
+and removed at teardown, also when a test fails. Set ``LZ_KEEP_TMP=1`` to keep them for debugging.
+``workdir`` and ``loop`` come from ``tests/conftest.py``.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
-_REPO_ROOT = str(Path(__file__).resolve().parents[2])
-if _REPO_ROOT not in sys.path:  # allow `from tests.support ...` under any pytest import mode
-    sys.path.insert(0, _REPO_ROOT)
+from tests.support import oci
+from tests.support.daemon import SNAPSHOTTER, LazysnapDaemon, write_config
+from tests.support.oci import PushedImage
+from tests.support.proxy import CountingProxy
 
-from tests.support import mounts, oci  # noqa: E402
-from tests.support.daemon import LazysnapDaemon, write_config  # noqa: E402
-from tests.support.oci import PushedImage  # noqa: E402
-from tests.support.services import Containerd, Registry, require_privileges  # noqa: E402
+# Re-exported: test_registry_faults imports make_tmpdir and remove_tmpdir from here.
+from tests.support.scratch import make_tmpdir as make_tmpdir
+from tests.support.scratch import remove_tmpdir as remove_tmpdir
+from tests.support.scratch import tmpdir
+from tests.support.services import Containerd, Registry, require_privileges
 
 BASE_REPO = "lztest/base"
 BASE_TAG = "1"
-
-
-def make_tmpdir() -> Path:
-    """A short private temp dir (``/tmp/lzXXXXXXXX``)."""
-    return Path(tempfile.mkdtemp(prefix="lz", dir="/tmp"))
-
-
-def remove_tmpdir(path: Path) -> None:
-    """Unmount everything below ``path``, then delete it (never deletes through a mount)."""
-    left = mounts.unmount_all(path)
-    if left:
-        raise RuntimeError(f"could not unmount {[m.target for m in left]}; leaving {path} in place")
-    if os.environ.get("LZ_KEEP_TMP") != "1":
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def registry() -> Iterator[Registry]:
     """A CNCF distribution registry on 127.0.0.1 for the whole session."""
     require_privileges()
-    workdir = make_tmpdir()
-    reg = Registry(workdir)
-    try:
-        reg.start()
+    with tmpdir() as workdir, Registry(workdir) as reg:
         yield reg
-    finally:
-        reg.stop()
-        remove_tmpdir(workdir)
 
 
 # One htpasswd user of the password-protected registry; the password must never show up in
@@ -67,27 +46,32 @@ AUTH_PASSWORD = "Lz-pa55word-7f3a"
 def auth_registry() -> Iterator[Registry]:
     """A second registry on 127.0.0.1 that requires Basic auth (htpasswd) as AUTH_USER."""
     require_privileges(binaries=("containerd", "ctr", "ctr-remote", "docker-registry", "skopeo"))
-    workdir = make_tmpdir()
-    reg = Registry(workdir, users={AUTH_USER: AUTH_PASSWORD})
-    try:
-        reg.start()
+    with tmpdir() as workdir, Registry(workdir, users={AUTH_USER: AUTH_PASSWORD}) as reg:
         yield reg
-    finally:
-        reg.stop()
-        remove_tmpdir(workdir)
+
+
+@pytest.fixture
+def proxy(registry: Registry) -> Iterator[CountingProxy]:
+    """A byte-counting proxy in front of the session's registry: what clients really download."""
+    with CountingProxy.in_front_of(registry.host) as p:
+        yield p
+
+
+@pytest.fixture
+def auth_proxy(auth_registry: Registry) -> Iterator[CountingProxy]:
+    """A byte-counting proxy in front of the password-protected registry."""
+    with CountingProxy.in_front_of(auth_registry.host) as p:
+        yield p
 
 
 @pytest.fixture(scope="session")
 def base_image(registry: Registry) -> Iterator[PushedImage]:
     """The standard three-layer test image, pushed as ``<registry>/lztest/base:1``."""
-    workdir = make_tmpdir()
-    try:
+    with tmpdir() as workdir:
         spec = oci.test_image_layers()
         image = oci.build_layout(workdir / "layout", spec.layers, tag=BASE_TAG, cmd=list(spec.cmd))
         ref = oci.push(image.layout_dir, BASE_TAG, registry.host, BASE_REPO)
         yield PushedImage(ref=ref, image=image, expected=spec.expected)
-    finally:
-        remove_tmpdir(workdir)
 
 
 ContainerdFactory = Callable[..., Containerd]
@@ -123,29 +107,53 @@ def containerd_factory() -> Iterator[ContainerdFactory]:
         pytest.fail("containerd teardown problems:\n" + "\n".join(errors), pytrace=False)
 
 
+LazysnapStack = Callable[..., tuple[LazysnapDaemon, Containerd]]
+
+
 @pytest.fixture
-def lazy_stack(containerd_factory: ContainerdFactory) -> Iterator[tuple[LazysnapDaemon, Containerd]]:
+def lazysnap_stack(containerd_factory: ContainerdFactory) -> Iterator[LazysnapStack]:
+    """Start lazysnap and a private containerd using it: ``daemon, cd = lazysnap_stack(**sections)``
+    with the daemon's config sections as ``write_config`` takes them, in a directory of its own;
+    ``prepare=fn`` runs ``fn(workdir)`` before the daemon starts. At teardown each containerd stops
+    before its daemon (it holds mounts of the daemon's layers), then the directory is removed."""
+    started: list[tuple[LazysnapDaemon, list[Containerd], Path]] = []
+
+    def make(
+        prepare: Callable[[Path], None] | None = None, **sections: Mapping[str, object]
+    ) -> tuple[LazysnapDaemon, Containerd]:
+        require_privileges()
+        workdir = make_tmpdir()
+        config = write_config(workdir / "config.toml", sections)
+        daemon = LazysnapDaemon(workdir, config=config)
+        containerds: list[Containerd] = []
+        started.append((daemon, containerds, workdir))
+        if prepare is not None:
+            prepare(workdir)
+        daemon.start()
+        containerds.append(containerd_factory(proxy_plugins={SNAPSHOTTER: str(daemon.address)}))
+        return daemon, containerds[0]
+
+    yield make
+    for daemon, containerds, workdir in reversed(started):
+        try:
+            for cd in containerds:
+                cd.stop()
+        finally:
+            try:
+                daemon.stop()
+            finally:
+                remove_tmpdir(workdir)
+
+
+@pytest.fixture
+def lazy_stack(lazysnap_stack: LazysnapStack) -> tuple[LazysnapDaemon, Containerd]:
     """lazysnap without background or whole-layer fetch, nor the small-file readahead that
     fetches a file's neighbours (so that what is fetched is what containers read), and a
-    containerd that uses it; containerd stops first."""
-    require_privileges()
-    workdir = make_tmpdir()
-    config = write_config(
-        workdir / "config.toml",
-        {
-            "prefetch": {"background": False, "fetch_whole_below_bytes": 0},
-            "read": {"small_file_readahead_bytes": 0},
-        },
+    containerd that uses it."""
+    return lazysnap_stack(
+        prefetch={"background": False, "fetch_whole_below_bytes": 0},
+        read={"small_file_readahead_bytes": 0},
     )
-    daemon = LazysnapDaemon(workdir, config=config)
-    try:
-        daemon.start()
-        cd = containerd_factory(proxy_plugins={"lazysnap": str(daemon.address)})
-        yield daemon, cd
-        cd.stop()
-    finally:
-        daemon.stop()
-        remove_tmpdir(workdir)
 
 
 @pytest.fixture

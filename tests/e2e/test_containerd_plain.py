@@ -9,36 +9,21 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
 
 import pytest
 
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from tests.e2e.conftest import ContainerdFactory, PushedImage, make_tmpdir, remove_tmpdir
-from tests.support.daemon import LazysnapDaemon
+from tests.e2e.conftest import LazysnapStack
+from tests.support.daemon import SNAPSHOTTER, LazysnapDaemon
 from tests.support.lazy import wait_until
-from tests.support.services import Containerd, require_privileges, run_in_container, verify_container_fs
-
-SNAPSHOTTER = "lazysnap"
-
-
-@pytest.fixture
-def lazysnap() -> Iterator[LazysnapDaemon]:
-    require_privileges()
-    workdir = make_tmpdir()
-    daemon = LazysnapDaemon(workdir)
-    try:
-        daemon.start()
-        yield daemon
-    finally:
-        daemon.stop()
-        remove_tmpdir(workdir)
+from tests.support.oci import PushedImage
+from tests.support.services import Containerd, run_in_container, verify_container_fs
 
 
 @pytest.fixture
-def lz_containerd(lazysnap: LazysnapDaemon, containerd_factory: ContainerdFactory) -> Containerd:
-    """containerd with lazysnap as a proxy plugin (stopped before the daemon at teardown)."""
-    return containerd_factory(proxy_plugins={SNAPSHOTTER: str(lazysnap.address)})
+def plain_stack(lazysnap_stack: LazysnapStack) -> tuple[LazysnapDaemon, Containerd]:
+    """lazysnap with its defaults, and a containerd with it as a proxy plugin."""
+    return lazysnap_stack()
 
 
 def ctr_snapshots(cd: Containerd, *args: str, check: bool = True) -> str:
@@ -56,8 +41,9 @@ def backend_name(daemon: LazysnapDaemon, key: str) -> pb.Info:
 
 
 def test_pull_and_run_on_lazysnap(
-    lazysnap: LazysnapDaemon, lz_containerd: Containerd, base_image: PushedImage
+    plain_stack: tuple[LazysnapDaemon, Containerd], base_image: PushedImage
 ) -> None:
+    lazysnap, lz_containerd = plain_stack
     ref = base_image.ref
     lz_containerd.pull(ref, snapshotter=SNAPSHOTTER)
 
@@ -80,8 +66,9 @@ def test_pull_and_run_on_lazysnap(
 
 
 def test_ctr_snapshots_agree_with_the_daemon(
-    lazysnap: LazysnapDaemon, lz_containerd: Containerd, base_image: PushedImage
+    plain_stack: tuple[LazysnapDaemon, Containerd], base_image: PushedImage
 ) -> None:
+    lazysnap, lz_containerd = plain_stack
     lz_containerd.pull(base_image.ref, snapshotter=SNAPSHOTTER)
     chain = base_image.image.chain_ids
     listed = ctr_snapshots(lz_containerd, "ls").splitlines()[1:]
@@ -115,8 +102,9 @@ def test_ctr_snapshots_agree_with_the_daemon(
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
 def test_daemon_restart_keeps_snapshots_usable(
-    lazysnap: LazysnapDaemon, lz_containerd: Containerd, base_image: PushedImage, sig: int
+    plain_stack: tuple[LazysnapDaemon, Containerd], base_image: PushedImage, sig: int
 ) -> None:
+    lazysnap, lz_containerd = plain_stack
     ref = base_image.ref
     lz_containerd.pull(ref, snapshotter=SNAPSHOTTER)
     before = sorted(

@@ -28,23 +28,23 @@ import pytest
 
 from snapshotter import cli
 from snapshotter.formats import UNCOMPRESSED_SIZE_ANNOTATION
-from tests.e2e.conftest import ContainerdFactory, make_tmpdir, remove_tmpdir
-from tests.e2e.test_formats_ctr_remote import (
+from tests.e2e.conftest import ContainerdFactory
+from tests.support import oci
+from tests.support.converted import (
     PRIORITIZED,
     TUNED_CHUNK_SIZE,
-    _convert,
-    _ctr_bytes,
-    _read_layer,
-    _stream_count,
-    _without_offsets,
+    ctr_bytes,
+    ctr_remote_convert,
+    read_image,
+    read_toc,
+    toc_stream_count,
+    toc_without_offsets,
 )
-from tests.integration.test_convert_registry import read_image
-from tests.support import oci
-from tests.support.daemon import LazysnapDaemon
+from tests.support.daemon import SNAPSHOTTER, LazysnapDaemon
 from tests.support.oci import PushedImage
+from tests.support.scratch import make_tmpdir, remove_tmpdir
 from tests.support.services import Containerd, Registry, require_privileges, verify_container_fs
 
-SNAPSHOTTER = "lazysnap"
 REPO = "lztest/convert"
 XATTRS = {"SCHILY.xattr.user.lazysnap.origin": "converted", "SCHILY.xattr.user.note": "a b=c"}
 FORMATS = ["estargz", "zstdchunked", "nydus"]
@@ -192,7 +192,7 @@ def test_estargz_toc_equals_ctr_remote(
     require_privileges(("containerd", "ctr", "ctr-remote", "docker-registry", "skopeo", "runc"))
     cd = containerd_factory()
     cd.pull(base_image.ref)
-    theirs = _convert(cd, base_image.ref, "estargz", tuned, tmp_path)  # tuned: writes record.json
+    theirs = ctr_remote_convert(cd, base_image.ref, "estargz", tuned, tmp_path)  # tuned: writes record.json
     ours_ref = f"{registry.host}/lztest/base:lazysnap-estargz{'-tuned' if tuned else ''}"
     args = ["convert", base_image.ref, ours_ref, "--format", "estargz", "-q"]
     if tuned:  # the same chunk size, and ctr-remote's own record file as the prefetch list
@@ -203,13 +203,13 @@ def test_estargz_toc_equals_ctr_remote(
     assert len(ours["layers"]) == len(theirs["layers"]) == 3
     for our_desc, their_desc in zip(ours["layers"], theirs["layers"], strict=True):
         assert our_desc["mediaType"] == their_desc["mediaType"]
-        their_blob = _ctr_bytes(cd, "content", "get", their_desc["digest"])
-        _, their_toc = _read_layer(their_blob, their_desc["annotations"])
-        _, our_toc = _read_layer(blobs[our_desc["digest"]], our_desc["annotations"])
+        their_blob = ctr_bytes(cd, "content", "get", their_desc["digest"])
+        _, their_toc = read_toc(their_blob, their_desc["annotations"])
+        _, our_toc = read_toc(blobs[our_desc["digest"]], our_desc["annotations"])
         # Identical but for compressed offsets (Go's deflate is not zlib): same entries, order,
         # attributes, chunking, digests and number of streams.
-        assert _without_offsets(our_toc) == _without_offsets(their_toc)
-        assert _stream_count(our_toc) == _stream_count(their_toc)
+        assert toc_without_offsets(our_toc) == toc_without_offsets(their_toc)
+        assert toc_stream_count(our_toc) == toc_stream_count(their_toc)
         assert set(our_desc["annotations"]) == set(their_desc["annotations"])
         key = UNCOMPRESSED_SIZE_ANNOTATION
         assert our_desc["annotations"][key] == their_desc["annotations"][key]

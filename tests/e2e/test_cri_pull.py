@@ -25,11 +25,12 @@ import pytest
 
 from snapshotter.api.runtime.v1 import api_pb2 as cri
 from snapshotter.api.runtime.v1 import api_pb2_grpc as cri_grpc
-from tests.e2e.conftest import AUTH_PASSWORD, AUTH_USER, make_tmpdir, remove_tmpdir
-from tests.support import mounts
-from tests.support.daemon import LazysnapDaemon, write_config
+from tests.e2e.conftest import AUTH_PASSWORD, AUTH_USER
+from tests.support.daemon import SNAPSHOTTER, LazysnapDaemon, write_config
 from tests.support.lazy import wait_until
+from tests.support.mounts import fuse_mounts_under
 from tests.support.proxy import CountingProxy
+from tests.support.scratch import make_tmpdir, remove_tmpdir, tmpdir
 from tests.support.services import (
     Containerd,
     EstargzImage,
@@ -41,7 +42,6 @@ from tests.support.services import (
     verify_container_fs,
 )
 
-SNAPSHOTTER = "lazysnap"
 K8S_NAMESPACE = "k8s.io"
 LAYERS = 4
 
@@ -54,8 +54,7 @@ class Images:
 
 @pytest.fixture(scope="module")
 def images(registry: Registry, auth_registry: Registry) -> Iterator[Images]:
-    workdir = make_tmpdir()
-    try:
+    with tmpdir() as workdir:
         public = build_estargz_image(workdir / "public", registry, registry.host, "lztest/cri:esgz")
         private = build_estargz_image(
             workdir / "private",
@@ -65,27 +64,6 @@ def images(registry: Registry, auth_registry: Registry) -> Iterator[Images]:
             push_user=f"{AUTH_USER}:{AUTH_PASSWORD}",
         )
         yield Images(public, private)
-    finally:
-        remove_tmpdir(workdir)
-
-
-def counting_proxy(reg: Registry) -> CountingProxy:
-    host, port = reg.host.split(":")
-    return CountingProxy(host, int(port)).start()
-
-
-@pytest.fixture
-def registry_proxy(registry: Registry) -> Iterator[CountingProxy]:
-    p = counting_proxy(registry)
-    yield p
-    p.stop()
-
-
-@pytest.fixture
-def auth_proxy(auth_registry: Registry) -> Iterator[CountingProxy]:
-    p = counting_proxy(auth_registry)
-    yield p
-    p.stop()
 
 
 @dataclass
@@ -126,7 +104,7 @@ class CriStack:
         assert wait_until(prepared), cd.log_tail()
 
     def fuse_mounts(self) -> list[str]:
-        return [m.target for m in mounts.mounts_under(self.daemon.root) if m.fstype.startswith("fuse")]
+        return fuse_mounts_under(self.daemon.root)
 
 
 MakeStack = Callable[..., CriStack]
@@ -215,15 +193,15 @@ def read_range(stack: CriStack, ref: str, image: EstargzImage, mib: int = 2) -> 
 
 
 def test_cri_pull_image_is_lazy_and_the_image_service_works(
-    images: Images, registry_proxy: CountingProxy, cri_stack: MakeStack
+    images: Images, proxy: CountingProxy, cri_stack: MakeStack
 ) -> None:
-    stack = cri_stack([registry_proxy.host])
-    ref = f"{registry_proxy.host}/{images.public.repo_tag}"
+    stack = cri_stack([proxy.host])
+    ref = f"{proxy.host}/{images.public.repo_tag}"
     cri_api = stack.containerd_cri
     started = time.monotonic()
     image_id = pull(cri_api, ref)
     pull_seconds = time.monotonic() - started
-    pulled = registry_proxy.reset()
+    pulled = proxy.reset()
     total = images.public.total_size
     print(f"\nCRI PullImage: {pull_seconds:.2f}s, {pulled} of {total} bytes from the registry")
     assert image_id.startswith("sha256:")

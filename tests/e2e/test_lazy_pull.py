@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import ContainerdFactory, make_tmpdir, remove_tmpdir
-from tests.support import mounts, oci
-from tests.support.daemon import LazysnapDaemon, write_config
+from tests.e2e.conftest import LazysnapStack
+from tests.support import oci
+from tests.support.daemon import SNAPSHOTTER, LazysnapDaemon
 from tests.support.lazy import wait_until
+from tests.support.mounts import fuse_mounts_under
 from tests.support.proxy import CountingProxy
+from tests.support.scratch import tmpdir
 from tests.support.services import (
     Containerd,
     Registry,
@@ -32,7 +34,6 @@ from tests.support.services import (
     verify_container_fs,
 )
 
-SNAPSHOTTER = "lazysnap"
 LARGE_SIZE = 16 << 20
 # What `cat /data/hello.txt /etc/motd` reads at startup, as `ctr-remote image optimize` records it.
 PRIORITIZED = ["bin/busybox", "data/hello.txt", "etc/motd"]
@@ -68,16 +69,13 @@ def lazy_images(registry: Registry) -> Iterator[LazyImages]:
     """The standard image plus a 16 MiB file, as gzip, and converted by ctr-remote to eStargz,
     zstd:chunked, and eStargz with prioritized files (a record file, as `optimize` writes)."""
     require_privileges(binaries=("containerd", "ctr", "ctr-remote", "docker-registry", "skopeo"))
-    workdir = make_tmpdir()
-    cd = Containerd(workdir / "cd")
-    try:
+    with tmpdir() as workdir, Containerd(workdir / "cd") as cd:
         spec = oci.test_image_layers()
         large = oci._pseudo_random(LARGE_SIZE, b"lazysnap-large")  # incompressible
         layers = (*spec.layers, (oci.Dir("/data"), oci.File("/data/large.bin", large)))
         image = oci.build_layout(workdir / "layout", layers, tag="gzip", cmd=list(spec.cmd))
         host = registry.host
         gzip_ref = oci.push(image.layout_dir, "gzip", host, "lztest/lazy")
-        cd.start()
         cd.pull(gzip_ref)
         record = workdir / "record.json"
         record.write_text("".join(json.dumps({"path": p}) + "\n" for p in PRIORITIZED))
@@ -101,21 +99,6 @@ def lazy_images(registry: Registry) -> Iterator[LazyImages]:
             large=large,
             total_size=sizes,
         )
-    finally:
-        cd.stop()
-        remove_tmpdir(workdir)
-
-
-@pytest.fixture
-def proxy(registry: Registry) -> Iterator[CountingProxy]:
-    host, port = registry.host.split(":")
-    p = CountingProxy(host, int(port)).start()
-    yield p
-    p.stop()
-
-
-def fuse_mounts_under(path: Path) -> list[str]:
-    return [m.target for m in mounts.mounts_under(path) if m.fstype.startswith("fuse")]
 
 
 @pytest.mark.parametrize("variant", ["estargz", "zstdchunked"])
@@ -217,64 +200,43 @@ def test_restart_mounts_lazy_layers_again_and_reuses_the_cache(
     assert run_in_container(cd, ref, "/bin/sh", "-c", script, snapshotter=SNAPSHOTTER) == first
 
 
-def lazysnap_with(
-    workdir: Path, containerd_factory: ContainerdFactory, **sections: dict[str, object]
-) -> tuple[LazysnapDaemon, Containerd]:
-    daemon = LazysnapDaemon(workdir, config=write_config(workdir / "config.toml", sections))
-    daemon.start()
-    return daemon, containerd_factory(proxy_plugins={SNAPSHOTTER: str(daemon.address)})
-
-
 LARGE_SHA256 = "/bin/busybox sha256sum /data/large.bin"
 
 
 def test_cache_stays_under_its_limit_while_reads_stay_correct(
-    lazy_images: LazyImages, proxy: CountingProxy, containerd_factory: ContainerdFactory
+    lazy_images: LazyImages, proxy: CountingProxy, lazysnap_stack: LazysnapStack
 ) -> None:
-    require_privileges()
     limit = 6 << 20  # well under the 16 MiB file the container reads, twice
-    workdir = make_tmpdir()
-    try:
-        daemon, cd = lazysnap_with(
-            workdir, containerd_factory, cache={"max_bytes": limit}, prefetch={"background": False}
-        )
-        ref = f"{proxy.host}/{lazy_images.estargz}"
-        cd.rpull(ref)
-        want = hashlib.sha256(lazy_images.large).hexdigest()
-        for _ in range(2):
-            out = run_in_container(cd, ref, "/bin/sh", "-c", LARGE_SHA256, snapshotter=SNAPSHOTTER)
-            assert out.split()[0] == want
-            cache = daemon.stats()["cache"]
-            assert isinstance(cache, dict) and cache["bytes"] <= limit * 1.05 and cache["evictions"] > 0
-        cd.stop()
-        daemon.stop()
-    finally:
-        remove_tmpdir(workdir)
+    daemon, cd = lazysnap_stack(cache={"max_bytes": limit}, prefetch={"background": False})
+    ref = f"{proxy.host}/{lazy_images.estargz}"
+    cd.rpull(ref)
+    want = hashlib.sha256(lazy_images.large).hexdigest()
+    for _ in range(2):
+        out = run_in_container(cd, ref, "/bin/sh", "-c", LARGE_SHA256, snapshotter=SNAPSHOTTER)
+        assert out.split()[0] == want
+        cache = daemon.stats()["cache"]
+        assert isinstance(cache, dict) and cache["bytes"] <= limit * 1.05 and cache["evictions"] > 0
 
 
-def test_full_disk_under_the_cache_degrades_to_uncached_reads(
-    lazy_images: LazyImages, proxy: CountingProxy, containerd_factory: ContainerdFactory
-) -> None:
-    require_privileges()
-    workdir = make_tmpdir()
+def mount_tiny_cache(workdir: Path) -> None:
+    """A 1 MiB tmpfs where the daemon keeps its chunk cache (unmounted with its directory)."""
     cache_dir = workdir / "root" / "cache"
     cache_dir.mkdir(parents=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "lztiny", str(cache_dir)], check=True)
-    try:
-        daemon, cd = lazysnap_with(workdir, containerd_factory, prefetch={"background": False})
-        ref = f"{proxy.host}/{lazy_images.estargz}"
-        cd.rpull(ref)
-        out = run_in_container(cd, ref, "/bin/sh", "-c", LARGE_SHA256, snapshotter=SNAPSHOTTER)
-        assert out.split()[0] == hashlib.sha256(lazy_images.large).hexdigest()
-        layers = daemon.stats()["layers"]
-        assert isinstance(layers, dict)
-        assert sum(layer["cache_write_failures"] for layer in layers.values()) > 0  # the disk was full
-        assert daemon.proc is not None and daemon.proc.poll() is None  # and the daemon lives on
-        cd.stop()
-        daemon.stop()
-    finally:
-        mounts.unmount_all(cache_dir)
-        remove_tmpdir(workdir)
+
+
+def test_full_disk_under_the_cache_degrades_to_uncached_reads(
+    lazy_images: LazyImages, proxy: CountingProxy, lazysnap_stack: LazysnapStack
+) -> None:
+    daemon, cd = lazysnap_stack(prepare=mount_tiny_cache, prefetch={"background": False})
+    ref = f"{proxy.host}/{lazy_images.estargz}"
+    cd.rpull(ref)
+    out = run_in_container(cd, ref, "/bin/sh", "-c", LARGE_SHA256, snapshotter=SNAPSHOTTER)
+    assert out.split()[0] == hashlib.sha256(lazy_images.large).hexdigest()
+    layers = daemon.stats()["layers"]
+    assert isinstance(layers, dict)
+    assert sum(layer["cache_write_failures"] for layer in layers.values()) > 0  # the disk was full
+    assert daemon.proc is not None and daemon.proc.poll() is None  # and the daemon lives on
 
 
 def test_running_container_keeps_reading_across_daemon_restarts(

@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tests.support import faults
-from tests.support.daemon import LazysnapDaemon
+from tests.support.daemon import SNAPSHOTTER, LazysnapDaemon
 from tests.support.faults import FaultImage, parse_sha256sum
 from tests.support.proxy import CountingProxy
 from tests.support.services import Containerd, Registry, require_privileges, run_container
 
-SNAPSHOTTER = "lazysnap"
 CONTAINERS = 20
 
 
@@ -25,14 +23,6 @@ CONTAINERS = 20
 def image(registry: Registry) -> FaultImage:
     require_privileges(binaries=("containerd", "ctr", "ctr-remote", "docker-registry", "skopeo"))
     return faults.fault_image(registry.host)
-
-
-@pytest.fixture
-def proxy(registry: Registry) -> Iterator[CountingProxy]:
-    host, port = registry.host.split(":")
-    p = CountingProxy(host, int(port)).start()
-    yield p
-    p.stop()
 
 
 def test_twenty_containers_read_the_same_files_and_each_chunk_is_fetched_once(

@@ -18,6 +18,7 @@ whose pull plus 1 MiB read fetch ~20% of the image from the mirror.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,10 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import ContainerdFactory, make_tmpdir, remove_tmpdir
-from tests.support import mounts
-from tests.support.daemon import LazysnapDaemon, write_config
+from tests.e2e.conftest import LazysnapStack
+from tests.support.daemon import SNAPSHOTTER
+from tests.support.mounts import fuse_mounts_under
 from tests.support.proxy import CountingProxy
+from tests.support.scratch import tmpdir
 from tests.support.services import (
     EstargzImage,
     Registry,
@@ -38,7 +40,6 @@ from tests.support.services import (
     verify_container_fs,
 )
 
-SNAPSHOTTER = "lazysnap"
 LAYERS = 4
 REPO_TAG = "lztest/mirrored:esgz"
 LARGE_SIZE = 24 << 20
@@ -60,20 +61,15 @@ class MirrorSetup:
 @pytest.fixture(scope="module")
 def setup(registry: Registry) -> Iterator[MirrorSetup]:
     require_privileges(binaries=("containerd", "ctr", "ctr-remote", "docker-registry", "skopeo"))
-    workdir = make_tmpdir()
-    started: list[CountingProxy | Registry] = []
-    try:
+    with contextlib.ExitStack() as stack:
+        workdir = stack.enter_context(tmpdir())
         image = build_estargz_image(
             workdir / "build", registry, registry.host, REPO_TAG, large_size=LARGE_SIZE
         )
-        host, port = registry.host.split(":")
-        origin = CountingProxy(host, int(port)).start()
-        started.append(origin)
+        origin = stack.enter_context(CountingProxy.in_front_of(registry.host))
         mirror_registry = Registry(workdir / "mirror", proxy_remote_url=f"http://{origin.host}")
-        started.append(mirror_registry)
-        mirror_registry.start()
-        mirror = CountingProxy("127.0.0.1", mirror_registry.port).start()
-        started.append(mirror)
+        stack.enter_context(mirror_registry)
+        mirror = stack.enter_context(CountingProxy.in_front_of(mirror_registry.host))
         hosts_dir = workdir / "certs.d"
         (hosts_dir / origin.host).mkdir(parents=True)
         (hosts_dir / origin.host / "hosts.toml").write_text(
@@ -83,14 +79,6 @@ def setup(registry: Registry) -> Iterator[MirrorSetup]:
         )
         origin.reset()
         yield MirrorSetup(image, origin, mirror, hosts_dir)
-    finally:
-        for service in reversed(started):
-            service.stop()
-        remove_tmpdir(workdir)
-
-
-def fuse_mounts_under(path: Path) -> list[str]:
-    return [m.target for m in mounts.mounts_under(path) if m.fstype.startswith("fuse")]
 
 
 @dataclass
@@ -105,29 +93,21 @@ class Phase:
         return sum(self.origin.values())
 
 
-def start_read_and_check(setup: MirrorSetup, containerd_factory: ContainerdFactory, name: str) -> Phase:
+def start_read_and_check(setup: MirrorSetup, lazysnap_stack: LazysnapStack, name: str) -> Phase:
     """One daemon with a fresh root and cache: rpull through the mirror, read 1 MiB of the large
-    file, then the whole tree; count what the origin and the mirror sent at each step."""
-    require_privileges()
-    workdir = make_tmpdir()
-    config = write_config(
-        workdir / "config.toml",
-        {
-            "prefetch": {"background": False, "fetch_whole_below_bytes": 0},
-            "fetch": {"hosts_dir": str(setup.hosts_dir)},
-        },
-    )
-    daemon = LazysnapDaemon(workdir, config=config)
+    file, then the whole tree; count what the origin and the mirror sent at each step. The daemon
+    and its containerd are stopped when it returns."""
     phase = Phase({}, {}, 0)
 
     def step(label: str) -> None:
         phase.origin[label] = setup.origin.reset()
         phase.mirror[label] = setup.mirror.reset()
 
-    cd = None
+    daemon, cd = lazysnap_stack(
+        prefetch={"background": False, "fetch_whole_below_bytes": 0},
+        fetch={"hosts_dir": str(setup.hosts_dir)},
+    )
     try:
-        daemon.start()
-        cd = containerd_factory(proxy_plugins={SNAPSHOTTER: str(daemon.address)})
         cd.rpull(setup.ref, extra_args=["--hosts-dir", str(setup.hosts_dir)])
         step("rpull")
         st = daemon.stats()
@@ -147,19 +127,17 @@ def start_read_and_check(setup: MirrorSetup, containerd_factory: ContainerdFacto
         assert all(layer["verify_failures"] == 0 for layer in layers.values())
         phase.on_demand = sum(int(layer["bytes"]["on_demand"]) for layer in layers.values())
         return phase
-    finally:
-        if cd is not None:
-            cd.stop()
+    finally:  # one daemon after the other (the fixture's teardown would stop both at the end)
+        cd.stop()
         daemon.stop()
-        remove_tmpdir(workdir)
 
 
 def test_two_daemons_read_lazily_through_the_mirror_and_the_origin_serves_blobs_only_for_the_first(
-    setup: MirrorSetup, containerd_factory: ContainerdFactory
+    setup: MirrorSetup, lazysnap_stack: LazysnapStack
 ) -> None:
     total = setup.image.total_size
-    first = start_read_and_check(setup, containerd_factory, "first daemon")
-    second = start_read_and_check(setup, containerd_factory, "second daemon")
+    first = start_read_and_check(setup, lazysnap_stack, "first daemon")
+    second = start_read_and_check(setup, lazysnap_stack, "second daemon")
     print(f"\nimage: {total} B in {LAYERS} layers {setup.image.layer_sizes}")
     for name, phase in (("first", first), ("second", second)):
         print(f"{name} daemon: origin sent {phase.origin}, mirror sent {phase.mirror}")

@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 
 from snapshotter import cli
-from snapshotter.formats import nydus
-from snapshotter.image.ocilayout import OciLayout
-from tests.e2e.conftest import ContainerdFactory, make_tmpdir, remove_tmpdir
+from snapshotter.image import OciLayout, descriptor_json
+from tests.e2e.conftest import LazysnapStack
 from tests.support import oci
-from tests.support.daemon import LazysnapDaemon, run_cli, write_config
+from tests.support.converted import read_index
+from tests.support.daemon import SNAPSHOTTER, LazysnapDaemon, run_cli
 from tests.support.proxy import CountingProxy
-from tests.support.services import Registry, require_privileges, run_in_container
+from tests.support.scratch import tmpdir
+from tests.support.services import Containerd, Registry, require_privileges, run_in_container
 
-SNAPSHOTTER = "lazysnap"
 SHARED_SIZE = 8 << 20  # eight 1 MiB chunks
 SHARED = oci._pseudo_random(SHARED_SIZE, b"lazysnap-shared")
 STARTUP = ("/data/{name}.txt", "/data/shared.bin")  # what each image's command reads, in order
@@ -41,8 +41,7 @@ def busybox_layer() -> tuple[oci.Entry, ...]:
 def images(registry: Registry) -> Iterator[Images]:
     """Two images with the same base layer and, in different top layers, the same 8 MiB file."""
     require_privileges()
-    workdir = make_tmpdir()
-    try:
+    with tmpdir() as workdir:
         sources, converted = {}, {}
         for name in ("first", "second"):
             top = (
@@ -59,56 +58,33 @@ def images(registry: Registry) -> Iterator[Images]:
             args = ["convert", sources[name], f"{registry.host}/{converted[name]}", "--format", "nydus", "-q"]
             assert cli.main(args) == 0
         yield Images(sources, converted)
-    finally:
-        remove_tmpdir(workdir)
 
 
 @pytest.fixture
-def proxy(registry: Registry) -> Iterator[CountingProxy]:
-    host, port = registry.host.split(":")
-    p = CountingProxy(host, int(port)).start()
-    yield p
-    p.stop()
-
-
-@pytest.fixture
-def recording_stack(containerd_factory: ContainerdFactory) -> Iterator[tuple[LazysnapDaemon, object]]:
+def recording_stack(lazysnap_stack: LazysnapStack) -> tuple[LazysnapDaemon, Containerd]:
     """lazysnap fetching only what is read (no prefetch, no background) and recording startup
     profiles, under a private containerd."""
-    workdir = make_tmpdir()
-    config = write_config(
-        workdir / "config.toml",
-        {
-            "prefetch": {"enabled": False, "background": False, "fetch_whole_below_bytes": 0},
-            "profile": {"record": True, "window_seconds": 120},
-        },
+    return lazysnap_stack(
+        prefetch={"enabled": False, "background": False, "fetch_whole_below_bytes": 0},
+        profile={"record": True, "window_seconds": 120},
     )
-    daemon = LazysnapDaemon(workdir, config=config)
-    try:
-        daemon.start()
-        cd = containerd_factory(proxy_plugins={SNAPSHOTTER: str(daemon.address)})
-        yield daemon, cd
-        cd.stop()
-    finally:
-        daemon.stop()
-        remove_tmpdir(workdir)
 
 
 def test_shared_chunks_are_fetched_once_and_startup_is_profiled(
-    images: Images, proxy: CountingProxy, recording_stack: tuple[LazysnapDaemon, object]
+    images: Images, proxy: CountingProxy, recording_stack: tuple[LazysnapDaemon, Containerd], tmp_path: Path
 ) -> None:
     daemon, cd = recording_stack
     want = hashlib.sha256(SHARED).hexdigest()
     first = f"{proxy.host}/{images.nydus['first']}"
-    cd.rpull(first)  # type: ignore[attr-defined]
-    out = run_in_container(cd, first, snapshotter=SNAPSHOTTER)  # type: ignore[arg-type]
+    cd.rpull(first)
+    out = run_in_container(cd, first, snapshotter=SNAPSHOTTER)
     assert out.splitlines() == ["I am the first image", f"{want}  /data/shared.bin"]
     assert proxy.reset() >= SHARED_SIZE  # the first image had to fetch the shared file
 
     second = f"{proxy.host}/{images.nydus['second']}"
-    cd.rpull(second)  # type: ignore[attr-defined]
+    cd.rpull(second)
     proxy.reset()
-    out = run_in_container(cd, second, snapshotter=SNAPSHOTTER)  # type: ignore[arg-type]
+    out = run_in_container(cd, second, snapshotter=SNAPSHOTTER)
     assert out.splitlines() == ["I am the second image", f"{want}  /data/shared.bin"]
     # Its own small file is one chunk; all eight chunks of the shared file come from the cache.
     fetched = proxy.reset()
@@ -137,22 +113,14 @@ def test_shared_chunks_are_fetched_once_and_startup_is_profiled(
     assert missing.returncode == 1 and "no startup profile" in missing.stderr
 
     # Re-convert with the recorded profile: the files become each layer's prefetch table.
-    workdir = make_tmpdir()
-    try:
-        profile = workdir / "startup.txt"
-        profile.write_text(exported.stdout)
-        layout = workdir / "layout"
-        args = ["convert", images.sources["first"], f"oci:{layout}:tuned", "--format", "nydus", "-q"]
-        assert cli.main([*args, "--prefetch-files", str(profile)]) == 0
-        image = OciLayout(layout).resolve("tuned")
-        prefetch = []
-        for desc in image.layers:
-            blob = OciLayout(layout).read_blob(desc.digest, desc.size)
-            location = nydus.locate_bootstrap(blob[-nydus.FOOTER_SIZE :], len(blob))
-            raw = blob[location.offset : location.offset + location.length]
-            expected_digest = desc.annotations[nydus.BOOTSTRAP_DIGEST_ANNOTATION]
-            index = nydus.parse_bootstrap(raw, location, blob_size=len(blob), expected_digest=expected_digest)
-            prefetch.append(index.prefetch)
-        assert prefetch == [["bin/busybox"], ["data/first.txt", "data/shared.bin"]]
-    finally:
-        remove_tmpdir(workdir)
+    profile = tmp_path / "startup.txt"
+    profile.write_text(exported.stdout)
+    layout = tmp_path / "layout"
+    args = ["convert", images.sources["first"], f"oci:{layout}:tuned", "--format", "nydus", "-q"]
+    assert cli.main([*args, "--prefetch-files", str(profile)]) == 0
+    image = OciLayout(layout).resolve("tuned")
+    prefetch = [
+        read_index(OciLayout(layout).read_blob(d.digest, d.size), descriptor_json(d)).prefetch
+        for d in image.layers
+    ]
+    assert prefetch == [["bin/busybox"], ["data/first.txt", "data/shared.bin"]]

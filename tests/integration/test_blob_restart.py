@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,7 @@ from snapshotter.fuse import kernel
 from snapshotter.fuse.holder import start_holder
 from tests.support.blobs import blob_name
 from tests.support.lazy import wait_until
-from tests.support.mounts import unmount_all
-from tests.support.services import require_privileges, terminate_pid
+from tests.support.services import terminate_pid
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -135,16 +133,12 @@ class Reader:
 
 
 @pytest.fixture
-def bench() -> Iterator[Bench]:
-    require_privileges(binaries=())
-    root = Path(tempfile.mkdtemp(prefix="lzrestart"))
-    b = Bench(root)
+def bench(privileged: None, workdir: Path) -> Iterator[Bench]:
+    b = Bench(workdir)
     try:
         yield b
     finally:
         b.close()
-        assert unmount_all(root) == []
-        subprocess.run(["rm", "-rf", str(root)], check=True)
 
 
 def test_a_graceful_handover_under_a_reader(bench: Bench) -> None:

@@ -2,7 +2,7 @@
 
 The standard three-layer test image is built as an OCI layout and pushed with skopeo; each test
 converts it (registry → registry, layout → registry, registry → layout), reads the result back
-with the project's registry client and checks it with ``tests.unit.test_convert.check_converted``:
+with the project's registry client and checks it with ``tests.support.converted.check_converted``:
 media types, TOC digest and uncompressed-size annotations, DiffIDs, and every entry of every
 layer against the source tar, through the project's own parsers.
 """
@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +32,9 @@ from snapshotter.fetcher import (
 )
 from snapshotter.image import OciLayout, parse_location
 from tests.support import oci
-from tests.support.services import Registry
-from tests.unit.test_convert import check_converted, read_layout_image
+from tests.support.converted import check_converted, read_image, read_layout_image
+from tests.support.scratch import tmpdir
+from tests.support.services import Registry, missing_prerequisite
 
 PRIORITIZED = ("/bin/busybox", "/etc/motd", "/data/hello.txt", "/not/in/the/image")
 
@@ -44,12 +43,8 @@ def require_registry_tools() -> None:
     """Skip (with CI=true: fail) unless the registry and skopeo are installed."""
     missing = [b for b in (Registry.binary, "skopeo") if shutil.which(b) is None]
     missing += [] if Path("/bin/busybox").exists() else ["/bin/busybox"]
-    if not missing:
-        return
-    reason = "convert registry tests need " + ", ".join(missing)
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
+    if missing:
+        missing_prerequisite("convert registry tests need " + ", ".join(missing))
 
 
 @dataclass(frozen=True)
@@ -63,30 +58,11 @@ class Source:
 @pytest.fixture(scope="module")
 def source() -> Iterator[Source]:
     require_registry_tools()
-    workdir = Path(tempfile.mkdtemp(prefix="lzconv"))
-    registry = Registry(workdir / "registry")
-    try:
-        registry.start()
+    with tmpdir() as workdir, Registry(workdir / "registry") as registry:
         spec = oci.test_image_layers()
         image = oci.build_layout(workdir / "layout", spec.layers, tag="1", cmd=list(spec.cmd))
         ref = oci.push(image.layout_dir, "1", registry.host, "lztest/src")
         yield Source(registry, ref, image.layout_dir, [oci.layer_tar(layer) for layer in spec.layers])
-    finally:
-        registry.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def read_image(ref: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, bytes]]:
-    """Manifest, config and layer blobs of ``ref``, read with the project's registry client."""
-
-    async def read() -> tuple[dict[str, Any], dict[str, Any], dict[str, bytes]]:
-        async with RegistryClient(HostsConfig(None), CredentialStore()) as client:
-            image = await client.resolve(ref)
-            config = await client.blob(ref, image.config.digest, image.config.size).read_all()
-            blobs = {d.digest: await client.blob(ref, d.digest, d.size).read_all() for d in image.layers}
-            return json.loads(image.manifest), json.loads(config), blobs
-
-    return asyncio.run(read())
 
 
 def prefetch_file(tmp_path: Path) -> Path:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,16 +13,7 @@ import pytest
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from tests.support.daemon import LazysnapDaemon, run_cli, write_config
 from tests.support.lazy import wait_until
-from tests.support.mounts import unmount_all
 from tests.support.services import pid_alive
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="lz", dir="/tmp"))
-    yield path
-    unmount_all(path)
-    subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 def test_a_restarted_daemon_finds_its_manager(workdir: Path) -> None:

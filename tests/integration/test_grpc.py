@@ -8,8 +8,6 @@ import signal
 import socket
 import stat
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -18,24 +16,7 @@ from google.protobuf import field_mask_pb2
 
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from tests.support.daemon import LazysnapDaemon, run_cli
-from tests.support.mounts import unmount_all
 from tests.support.services import require_privileges
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="lz"))  # short: unix socket paths are limited to 108 bytes
-    yield path
-    unmount_all(path)
-    subprocess.run(["rm", "-rf", str(path)], check=False)
-
-
-@pytest.fixture
-def daemon(workdir: Path) -> Iterator[LazysnapDaemon]:
-    d = LazysnapDaemon(workdir)
-    d.start()
-    yield d
-    d.stop()
 
 
 def code_of(call, *args) -> grpc.StatusCode:  # type: ignore[no-untyped-def]

@@ -14,9 +14,7 @@ import contextlib
 import io
 import os
 import struct
-import subprocess
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,10 +30,9 @@ from snapshotter.layertree import LayerTree
 from snapshotter.reader import LayerReader, ReaderConfig
 from tests.support.erofs import Image, assert_fsck_accepts, mounted, write_blob
 from tests.support.layercheck import tar_mismatches
-from tests.support.lazy import MemoryBlob, running_loop
-from tests.support.mounts import unmount_all
-from tests.support.services import require_privileges
+from tests.support.lazy import MemoryBlob
 
+pytestmark = pytest.mark.usefixtures("privileged")
 MTIME = 1_650_000_000
 # struct vfs_cap_data, revision 2, effective, CAP_NET_BIND_SERVICE permitted (the kernel checks it)
 NET_BIND_SERVICE = struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0).decode("utf-8", "surrogateescape")
@@ -84,21 +81,6 @@ def source_tar() -> bytes:
         add("var/.wh..wh..opq", tarfile.REGTYPE)
         add("var/fresh", tarfile.REGTYPE, b"only this\n")
     return buf.getvalue()
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    require_privileges(binaries=())
-    path = Path(tempfile.mkdtemp(prefix="lzlm"))
-    yield path
-    assert unmount_all(path) == []
-    subprocess.run(["rm", "-rf", str(path)], check=True)
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    with running_loop() as loop:
-        yield loop
 
 
 @contextlib.contextmanager

@@ -6,16 +6,12 @@ from __future__ import annotations
 import os
 import random
 import sqlite3
-import subprocess
-import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import pytest
 
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
@@ -30,16 +26,6 @@ DOCUMENTED = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.INVALID_ARGUMENT,
 }
-
-
-@pytest.fixture
-def daemon() -> Iterator[LazysnapDaemon]:
-    workdir = Path(tempfile.mkdtemp(prefix="lzload"))
-    d = LazysnapDaemon(workdir)
-    d.start()
-    yield d
-    d.stop()
-    subprocess.run(["rm", "-rf", str(workdir)], check=False)
 
 
 def client_loop(address: Path, seed: int, deadline: float, errors: Counter[str], calls: Counter[str]) -> None:

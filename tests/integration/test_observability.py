@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import tempfile
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -14,17 +11,8 @@ import pytest
 from snapshotter.admin import AdminError, fetch_metrics, set_log_level
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from tests.support.daemon import LazysnapDaemon, write_config
-from tests.support.mounts import unmount_all
 from tests.support.promtext import sample
 from tests.support.services import free_port
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="lz", dir="/tmp"))
-    yield path
-    unmount_all(path)
-    subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 def test_metrics_count_grpc_calls_and_errors(workdir: Path) -> None:

@@ -1,4 +1,4 @@
-"""Find and remove mounts below a directory (used by e2e teardown)."""
+"""Find and remove mounts below a directory (teardown of tests and benchmarks)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,11 @@ def mounts_under(root: str | os.PathLike[str]) -> list[Mount]:
     """Mounts whose mount point is ``root`` or below it."""
     r = os.path.realpath(root)
     return [m for m in list_mounts() if _is_under(m.target, r)]
+
+
+def fuse_mounts_under(root: str | os.PathLike[str]) -> list[str]:
+    """Mount points of FUSE filesystems (lazysnap's lazy layers) at or below ``root``."""
+    return [m.target for m in mounts_under(root) if m.fstype.startswith("fuse")]
 
 
 def unmount_all(root: str | os.PathLike[str], *, attempts: int = 5) -> list[Mount]:

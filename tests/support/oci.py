@@ -1,10 +1,11 @@
-"""Build deterministic OCI image layouts in pure Python and push them with skopeo.
+"""Build deterministic test images in pure Python and push them with skopeo.
 
 Layers are described declaratively with :class:`File`, :class:`Dir`,
 :class:`Symlink`, :class:`Hardlink`, :class:`Whiteout` and :class:`Opaque`
-entries. :func:`build_layout` writes an OCI image layout directory,
-:func:`push` copies it to a registry unchanged, and :func:`apply_layers`
-computes the filesystem a correct snapshotter must present.
+entries. :func:`build_layout` turns them into tars and an image in an OCI image
+layout (written by ``snapshotter.image.OciLayout``), :func:`push` copies it to a
+registry unchanged, and :func:`apply_layers` computes the filesystem a correct
+snapshotter must present.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import os
 import stat
 import subprocess
@@ -21,13 +21,10 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
 
-MEDIA_TYPE_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_TYPE_INDEX = "application/vnd.oci.image.index.v1+json"
-MEDIA_TYPE_CONFIG = "application/vnd.oci.image.config.v1+json"
-MEDIA_TYPE_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
+from snapshotter.fetcher import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Descriptor
+from snapshotter.formats.build import MEDIA_TYPE_GZIP as MEDIA_TYPE_LAYER_GZIP
+from snapshotter.image import OciLayout, image_config
 
 #: mtime written into every tar header (2020-01-01T00:00:00Z).
 FIXED_MTIME = 1577836800
@@ -234,21 +231,7 @@ class Image:
 
     def blob_path(self, digest: str) -> Path:
         """Path of a blob inside the layout."""
-        algo, hexd = digest.split(":", 1)
-        return self.layout_dir / "blobs" / algo / hexd
-
-
-def _write_blob(layout: Path, data: bytes) -> tuple[str, int]:
-    digest = sha256_digest(data)
-    p = layout / "blobs" / "sha256" / digest.split(":", 1)[1]
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if not p.exists():
-        p.write_bytes(data)
-    return digest, len(data)
-
-
-def _dumps(obj: object) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+        return OciLayout(self.layout_dir).blob_path(digest)
 
 
 def build_layout(
@@ -262,66 +245,28 @@ def build_layout(
 ) -> Image:
     """Write (or add ``tag`` to) an OCI image layout containing one image built from ``layers``;
     ``encode`` turns each layer's tar into its blob (gzip by default; tests craft eStargz)."""
-    layout = Path(layout_dir)
-    layout.mkdir(parents=True, exist_ok=True)
-    (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-
+    layout = OciLayout(layout_dir)
+    layout.create()
     blobs: list[LayerBlob] = []
     for layer in layers:
         raw = layer_tar(layer)
         encoded = encode(raw)
-        digest, size = _write_blob(layout, encoded.blob)
+        digest = layout.write_blob(encoded.blob)
         annotations = tuple(sorted(encoded.annotations.items()))
         diff_id = encoded.diff_id or sha256_digest(raw)
-        blobs.append(LayerBlob(digest, size, diff_id, len(raw), encoded.media_type, annotations))
-
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "created": "2020-01-01T00:00:00Z",
-        "config": {
-            "Env": list(env) if env is not None else ["PATH=/bin"],
-            **({"Cmd": list(cmd)} if cmd is not None else {}),
-        },
-        "rootfs": {"type": "layers", "diff_ids": [b.diff_id for b in blobs]},
-        "history": [{"created": "2020-01-01T00:00:00Z", "created_by": "lazysnap tests"}] * len(blobs),
-    }
-    config_digest, config_size = _write_blob(layout, _dumps(config))
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": MEDIA_TYPE_MANIFEST,
-        "config": {"mediaType": MEDIA_TYPE_CONFIG, "digest": config_digest, "size": config_size},
-        "layers": [
-            {
-                "mediaType": b.media_type,
-                "digest": b.digest,
-                "size": b.size,
-                **({"annotations": dict(b.annotations)} if b.annotations else {}),
-            }
-            for b in blobs
-        ],
-    }
-    manifest_digest, manifest_size = _write_blob(layout, _dumps(manifest))
-
-    index_path = layout / "index.json"
-    index: dict[str, Any] = {"schemaVersion": 2, "mediaType": MEDIA_TYPE_INDEX, "manifests": []}
-    if index_path.exists():
-        index = json.loads(index_path.read_text())
-    kept: list[dict[str, Any]] = [
-        m for m in index.get("manifests", []) if m.get("annotations", {}).get(ANNOTATION_REF_NAME) != tag
-    ]
-    kept.append(
-        {
-            "mediaType": MEDIA_TYPE_MANIFEST,
-            "digest": manifest_digest,
-            "size": manifest_size,
-            "annotations": {ANNOTATION_REF_NAME: tag},
-            "platform": {"architecture": "amd64", "os": "linux"},
-        }
+        blobs.append(LayerBlob(digest, len(encoded.blob), diff_id, len(raw), encoded.media_type, annotations))
+    config = image_config(
+        [b.diff_id for b in blobs],
+        env=env if env is not None else ["PATH=/bin"],
+        cmd=cmd,
+        created_by="lazysnap tests",
     )
-    index["manifests"] = kept
-    index_path.write_bytes(_dumps(index))
-    return Image(layout, tag, manifest_digest, manifest_size, config_digest, config_size, tuple(blobs))
+    descriptors = [Descriptor(b.media_type, b.digest, b.size, dict(b.annotations)) for b in blobs]
+    written = layout.write_image(config, descriptors, tag=tag)
+    manifest_size, config_desc = len(written.manifest), written.config
+    return Image(
+        layout.path, tag, written.digest, manifest_size, config_desc.digest, config_desc.size, tuple(blobs)
+    )
 
 
 # --------------------------------------------------------------------------
@@ -343,15 +288,7 @@ def registry_manifest_digest(registry_host: str, repo: str, ref: str) -> str:
     req = urllib.request.Request(
         f"http://{registry_host}/v2/{repo}/manifests/{ref}",
         method="HEAD",
-        headers={
-            "Accept": ", ".join(
-                [
-                    MEDIA_TYPE_MANIFEST,
-                    MEDIA_TYPE_INDEX,
-                    "application/vnd.docker.distribution.manifest.v2+json",
-                ]
-            )
-        },
+        headers={"Accept": ", ".join([OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST])},
     )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return str(resp.headers["Docker-Content-Digest"])
@@ -375,12 +312,7 @@ def push(
     """
     layout = Path(layout_dir)
     if expected_manifest_digest is None:
-        index = json.loads((layout / "index.json").read_text())
-        for m in index["manifests"]:
-            if m.get("annotations", {}).get(ANNOTATION_REF_NAME) == tag:
-                expected_manifest_digest = m["digest"]
-        if expected_manifest_digest is None:
-            raise PushError(f"tag {tag!r} not in {layout}/index.json")
+        expected_manifest_digest = OciLayout(layout).tagged(tag).digest
     args = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false"]
     if _skopeo_supports_preserve_digests():
         args.append("--preserve-digests")

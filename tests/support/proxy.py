@@ -21,9 +21,21 @@ class CountingProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, name="counting-proxy", daemon=True)
         self._lock = threading.Lock()
 
+    @classmethod
+    def in_front_of(cls, host: str) -> CountingProxy:
+        """A started proxy to ``host`` (``address:port``, as ``Registry.host`` gives it)."""
+        address, _, port = host.rpartition(":")
+        return cls(address, int(port)).start()
+
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> CountingProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def start(self) -> CountingProxy:
         self._thread.start()

@@ -3,7 +3,8 @@
 Covers the option parsers, the OCI layout reader/writer (round trip, digest and size checks,
 index selection), and whole conversions whose output is read back with the project's own
 parsers and compared entry by entry (attributes, xattrs, links, bytes) with the source tars.
-``check_converted`` is shared with the registry and end-to-end tests.
+The checks of converted images are ``tests.support.converted``, shared with the registry and
+end-to-end tests.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +31,16 @@ from snapshotter.convert import (
     parse_prefetch_file,
     parse_size,
 )
-from snapshotter.fetcher import Descriptor, InvalidReferenceError, Platform, parse_reference
-from snapshotter.formats import (
-    MAX_FOOTER_SIZE,
-    TOC_DIGEST_ANNOTATION,
-    UNCOMPRESSED_SIZE_ANNOTATION,
-    EntryType,
-    LayerIndex,
-    decompress_chunk,
-    locate_toc,
-    nydus,
-    parse_toc,
-    read_toc_json,
+from snapshotter.fetcher import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Descriptor,
+    InvalidReferenceError,
+    Platform,
+    parse_reference,
 )
 from snapshotter.image import (
+    OCI_CONFIG,
     LayoutDigestError,
     LayoutError,
     LayoutLocation,
@@ -52,29 +49,20 @@ from snapshotter.image import (
     OciLayout,
     PlainProgress,
     RegistryLocation,
+    descriptor_json,
     parse_location,
     summary_text,
 )
 from snapshotter.image.progress import BarProgress, Phase
+from tests.support.converted import check_converted, read_layout_image, sha256
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPES = {
     "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
     "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
     "none": "application/vnd.oci.image.layer.v1.tar",
 }
-FORMAT_MEDIA_TYPES = {
-    "estargz": "application/vnd.oci.image.layer.v1.tar+gzip",
-    "zstdchunked": "application/vnd.oci.image.layer.v1.tar+zstd",
-    "nydus": nydus.MEDIA_TYPE,
-}
 MTIME = 1_600_000_000
 SMALL_CHUNKS = 64 << 10
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 # -- source images ---------------------------------------------------------------------------------
@@ -171,7 +159,7 @@ def write_image(
         how = compressions[i % len(compressions)]
         blob = compress(tar, how)
         media_type = layer_types[i] if layer_types else LAYER_TYPES[how]
-        layers.append({"mediaType": media_type, "digest": layout.write_blob(blob), "size": len(blob)})
+        layers.append(Descriptor(media_type, layout.write_blob(blob), len(blob)))
     config = {
         "architecture": "amd64",
         "os": "linux",
@@ -179,123 +167,15 @@ def write_image(
         "rootfs": {"type": "layers", "diff_ids": list(diff_ids or [sha256(t) for t in tars])},
         "history": [{"created_by": f"step {i}"} for i in range(len(tars))],
     }
-    config_bytes = json.dumps(config).encode()
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": manifest_type,
-        "config": {
-            "mediaType": config_type,
-            "digest": layout.write_blob(config_bytes),
-            "size": len(config_bytes),
-        },
-        "layers": layers,
-        "annotations": {"org.example.source": "unit test"},
-    }
-    body = json.dumps(manifest).encode()
-    digest = layout.write_blob(body)
-    layout.tag(Descriptor(manifest_type, digest, len(body), platform=Platform()), tag)
+    layout.write_image(
+        config,
+        layers,
+        tag=tag,
+        media_type=manifest_type,
+        config_media_type=config_type,
+        annotations={"org.example.source": "unit test"},
+    )
     return layout
-
-
-# -- reading a converted image back ----------------------------------------------------------------
-
-
-def read_index(blob: bytes, desc: Mapping[str, Any]) -> LayerIndex:
-    """Parse a converted layer blob the way the snapshotter does, verifying its TOC/bootstrap."""
-    annotations: dict[str, str] = desc.get("annotations", {})
-    if nydus.is_nydus_layer(desc["mediaType"], annotations):
-        loc = nydus.locate_bootstrap(blob[-nydus.FOOTER_SIZE :], len(blob))
-        expected = nydus.bootstrap_digest(annotations)
-        assert expected is not None, "nydus layer without a bootstrap digest annotation"
-        raw = blob[loc.offset : loc.offset + loc.length]
-        return nydus.parse_bootstrap(raw, loc, blob_size=len(blob), expected_digest=expected)
-    loc = locate_toc(blob[-MAX_FOOTER_SIZE:], len(blob), annotations)
-    raw = blob[loc.offset : loc.offset + loc.length]
-    # The TOC digest annotation is the sha256 of the TOC JSON itself.
-    assert sha256(read_toc_json(raw, loc)) == annotations[TOC_DIGEST_ANNOTATION]
-    return parse_toc(raw, loc, blob_size=len(blob), expected_digest=annotations[TOC_DIGEST_ANNOTATION])
-
-
-def check_layer_against_tar(index: LayerIndex, blob: bytes, blobs: Mapping[str, bytes], tar: bytes) -> None:
-    """Every entry of the source tar is in the index with the same attributes and bytes."""
-    with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as tf:
-        for ti in tf:
-            name = ti.name.rstrip("/")
-            entry = index.entries[name]
-            assert (entry.mode, entry.uid, entry.gid) == (ti.mode & 0o7777, ti.uid, ti.gid), name
-            assert entry.mtime_ns == int(ti.mtime) * 10**9, name
-            xattrs = {
-                k.removeprefix("SCHILY.xattr."): v.encode()
-                for k, v in ti.pax_headers.items()
-                if k.startswith("SCHILY.xattr.")
-            }
-            assert entry.xattrs == xattrs, name
-            if ti.issym():
-                assert (entry.type, entry.link_name) == (EntryType.SYMLINK, ti.linkname), name
-            elif ti.islnk():
-                assert (entry.type, entry.link_name) == (EntryType.HARDLINK, ti.linkname), name
-            elif ti.isdir():
-                assert entry.type is EntryType.DIR, name
-            else:
-                f = tf.extractfile(ti)
-                want = f.read() if f else b""
-                got = b"".join(
-                    decompress_chunk(
-                        index.compression,
-                        (blobs[c.blob] if c.blob else blob)[
-                            c.compressed_offset : c.compressed_offset + c.compressed_size
-                        ],
-                        c,
-                    )
-                    for c in entry.chunks
-                )
-                assert (entry.type, entry.size, got) == (EntryType.REG, len(want), want), name
-
-
-def check_converted(
-    manifest: Mapping[str, Any],
-    config: Mapping[str, Any],
-    blobs: Mapping[str, bytes],
-    tars: Sequence[bytes],
-    fmt: str,
-    *,
-    prioritized: Sequence[str] = (),
-) -> list[LayerIndex]:
-    """Check a converted image (manifest, config and every layer blob) against its source tars."""
-    assert manifest["mediaType"] == OCI_MANIFEST and manifest["schemaVersion"] == 2
-    assert manifest["config"]["mediaType"] == OCI_CONFIG
-    assert len(manifest["layers"]) == len(tars) == len(config["rootfs"]["diff_ids"])
-    if fmt == "nydus":
-        assert manifest["annotations"].items() >= nydus.manifest_annotations().items()
-    indexes = []
-    for desc, tar, diff_id in zip(manifest["layers"], tars, config["rootfs"]["diff_ids"], strict=True):
-        blob = blobs[desc["digest"]]
-        assert (sha256(blob), len(blob)) == (desc["digest"], desc["size"])
-        assert desc["mediaType"] == FORMAT_MEDIA_TYPES[fmt]
-        if fmt == "nydus":
-            assert diff_id == sha256(tar)  # nydus keeps the source DiffIDs
-        else:
-            stream = decompress(blob, "gzip" if fmt == "estargz" else "zstd")
-            assert diff_id == sha256(stream)
-            assert desc["annotations"][UNCOMPRESSED_SIZE_ANNOTATION] == str(len(stream))
-        index = read_index(blob, desc)
-        assert index.format == fmt
-        check_layer_against_tar(index, blob, blobs, tar)
-        if prioritized:
-            names = {e.rstrip("/") for e in index.entries}
-            wanted = [p.strip("/") for p in prioritized if p.strip("/") in names]
-            # In access order among what is prefetched (with their parent directories).
-            assert [p for p in index.prefetch if p in wanted] == wanted
-        indexes.append(index)
-    return indexes
-
-
-def read_layout_image(layout: OciLayout, tag: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, bytes]]:
-    image = layout.resolve(tag)
-    manifest = json.loads(image.manifest)
-    config = json.loads(layout.read_blob(image.config.digest))
-    blobs = {d.digest: layout.read_blob(d.digest, d.size) for d in image.layers}
-    return manifest, config, blobs
 
 
 # -- option parsing --------------------------------------------------------------------------------
@@ -422,21 +302,8 @@ def test_layout_selection(tmp_path: Path) -> None:
     tars = source_tars()
     layout = write_image(tmp_path / "img", tars[:1], tag="amd")
     amd = layout.resolve("amd")
-    arm_config = json.dumps({"architecture": "arm64", "os": "linux", "rootfs": {"diff_ids": []}}).encode()
-    arm_manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": OCI_CONFIG,
-                "digest": layout.write_blob(arm_config),
-                "size": len(arm_config),
-            },
-            "layers": [],
-        }
-    ).encode()
-    arm = layout.write_blob(arm_manifest)
-    layout.tag(Descriptor(OCI_MANIFEST, arm, len(arm_manifest), platform=Platform("linux", "arm64")), "arm")
+    arm_config = {"architecture": "arm64", "os": "linux", "rootfs": {"diff_ids": []}}
+    arm = layout.write_image(arm_config, [], tag="arm", platform=Platform("linux", "arm64")).digest
     # Two images, no tag: the linux/amd64 one (or the one asked for).
     assert layout.resolve().digest == amd.digest
     assert layout.resolve(platform=Platform("linux", "arm64")).digest == arm
@@ -445,30 +312,51 @@ def test_layout_selection(tmp_path: Path) -> None:
     with pytest.raises(LayoutError, match=r"holds 2 images; name one as oci:.*:TAG \(tags: amd, arm\)"):
         layout.resolve(platform=Platform("linux", "s390x"))
     # A multi-platform index under one tag is narrowed to the platform.
-    index = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "manifests": [
-                {
-                    "mediaType": OCI_MANIFEST,
-                    "digest": arm,
-                    "size": len(arm_manifest),
-                    "platform": {"os": "linux", "architecture": "arm64"},
-                },
-                {
-                    "mediaType": OCI_MANIFEST,
-                    "digest": amd.digest,
-                    "size": len(amd.manifest),
-                    "platform": {"os": "linux", "architecture": "amd64"},
-                },
-            ],
-        }
-    ).encode()
-    multi = layout.write_blob(index)
-    layout.tag(Descriptor("application/vnd.oci.image.index.v1+json", multi, len(index)), "multi")
+    entries = [
+        Descriptor(OCI_MANIFEST, image.digest, len(image.manifest), platform=platform)
+        for image, platform in ((layout.resolve("arm"), Platform("linux", "arm64")), (amd, Platform()))
+    ]
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [descriptor_json(e) for e in entries]}
+    layout.tag(layout.write_json(index, OCI_INDEX), "multi")
     assert layout.resolve("multi").digest == amd.digest
     assert layout.resolve("multi", Platform("linux", "arm64")).digest == arm
+
+
+def test_layout_writes_streams_and_canonical_images(tmp_path: Path) -> None:
+    layout = OciLayout(tmp_path / "img")
+    layout.create()
+    chunks = [b"a" * 1000, b"", b"b" * 3000]
+    digest, size = layout.write_blob_stream(iter(chunks))
+    assert (digest, size) == (sha256(b"".join(chunks)), 4000)
+    assert layout.read_blob(digest, size) == b"".join(chunks)
+
+    def broken() -> Iterator[bytes]:
+        yield b"half a blob"
+        raise OSError("source went away")
+
+    with pytest.raises(OSError, match="source went away"):
+        layout.write_blob_stream(broken())
+    blob_dir = tmp_path / "img" / "blobs" / "sha256"
+    assert [p.name for p in blob_dir.iterdir()] == [digest.partition(":")[2]]  # no temp file, no blob
+
+    layer = Descriptor(LAYER_TYPES["none"], digest, size, {"b": "2", "a": "1"})
+    config = {"rootfs": {"type": "layers", "diff_ids": [digest]}, "os": "linux", "architecture": "amd64"}
+    first = layout.write_image(config, [layer], tag="v1")
+    again = layout.write_image(dict(reversed(config.items())), [layer], tag="v1")
+    assert again.digest == first.digest  # key order does not change the bytes
+    doc = json.loads(first.manifest)
+    assert first.manifest == json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()  # canonical
+    assert layout.resolve("v1") == first
+    assert layout.tagged("v1") == Descriptor(
+        OCI_MANIFEST, first.digest, len(first.manifest), {"org.opencontainers.image.ref.name": "v1"},
+        platform=Platform(),
+    )  # fmt: skip
+    with pytest.raises(LayoutError, match=r"no image tagged 'v2' \(tags: v1\)"):
+        layout.tagged("v2")
+    missing = Descriptor(LAYER_TYPES["none"], sha256(b"never written"), 13)
+    with pytest.raises(LayoutError, match="is not written"):
+        layout.write_image(config, [missing], tag="v2")
+    assert layout.tags() == ["v1"]
 
 
 def test_layout_refuses_what_is_not_one(tmp_path: Path) -> None:

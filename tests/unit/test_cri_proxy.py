@@ -11,13 +11,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import re
 import shutil
 import stat
-import tempfile
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from snapshotter.api.runtime.v1 import api_pb2_grpc as cri_grpc
 from snapshotter.config import ConfigError, CriConfig, load
 from snapshotter.cri import ImageServiceProxy, PullSecrets, credentials_from_auth
 from snapshotter.fetcher import Credentials, CredentialStore
+from tests.support.services import missing_prerequisite
 
 SECRET = "pa55-w0rd-never-logged"
 REGISTRY = "registry.example:5000"
@@ -104,23 +103,16 @@ class Rig:
 
 
 @pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="lz", dir="/tmp"))  # unix sockets: at most 108 bytes
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-async def rig(short_tmp: Path) -> AsyncIterator[Rig]:
+async def rig(workdir: Path) -> AsyncIterator[Rig]:
     upstream = FakeUpstream()
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((upstream.handler(),))
-    server.add_insecure_port(f"unix:{short_tmp / 'containerd.sock'}")
+    server.add_insecure_port(f"unix:{workdir / 'containerd.sock'}")
     await server.start()
     secrets = PullSecrets()
     upstream.secrets = secrets
-    proxy = ImageServiceProxy(short_tmp / "containerd.sock", secrets)
-    listen = short_tmp / "cri.sock"
+    proxy = ImageServiceProxy(workdir / "containerd.sock", secrets)
+    listen = workdir / "cri.sock"
     proxy.bind(listen)
     await proxy.start()
     channel = grpc.aio.insecure_channel(f"unix:{listen}")
@@ -234,11 +226,11 @@ async def test_other_services_are_unimplemented(rig: Rig) -> None:
     assert rig.upstream.seen == []
 
 
-async def test_containerd_down_is_unavailable(short_tmp: Path) -> None:
-    proxy = ImageServiceProxy(short_tmp / "absent.sock", PullSecrets())
-    proxy.bind(short_tmp / "cri.sock")
+async def test_containerd_down_is_unavailable(workdir: Path) -> None:
+    proxy = ImageServiceProxy(workdir / "absent.sock", PullSecrets())
+    proxy.bind(workdir / "cri.sock")
     await proxy.start()
-    channel = grpc.aio.insecure_channel(f"unix:{short_tmp / 'cri.sock'}")
+    channel = grpc.aio.insecure_channel(f"unix:{workdir / 'cri.sock'}")
     try:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await cri_grpc.ImageServiceStub(channel).ImageFsInfo(cri.ImageFsInfoRequest(), timeout=10)
@@ -246,7 +238,7 @@ async def test_containerd_down_is_unavailable(short_tmp: Path) -> None:
     finally:
         await channel.close(None)
         await proxy.stop(1)
-    assert not (short_tmp / "cri.sock").exists()  # stop removes its socket
+    assert not (workdir / "cri.sock").exists()  # stop removes its socket
 
 
 # --- credential capture -----------------------------------------------------------------------------
@@ -339,8 +331,8 @@ def test_host_fallback_is_opt_in() -> None:
     assert secrets.lookup("other.example:5000", "c/unknown") is None
 
 
-def test_persisted_secrets_are_root_only_and_survive_a_restart(short_tmp: Path) -> None:
-    path = short_tmp / "root" / "cri" / "credentials.json"
+def test_persisted_secrets_are_root_only_and_survive_a_restart(workdir: Path) -> None:
+    path = workdir / "root" / "cri" / "credentials.json"
     secrets = PullSecrets(path)
     secrets.remember(IMAGE, cri.AuthConfig(username="alice", password=SECRET))
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -352,8 +344,8 @@ def test_persisted_secrets_are_root_only_and_survive_a_restart(short_tmp: Path) 
 @pytest.mark.parametrize(
     "content", ["not json", "[]", '{"version": 99}', '{"version": 1, "entries": [1, {}]}']
 )
-def test_unreadable_persisted_secrets_are_ignored(short_tmp: Path, content: str) -> None:
-    path = short_tmp / "credentials.json"
+def test_unreadable_persisted_secrets_are_ignored(workdir: Path, content: str) -> None:
+    path = workdir / "credentials.json"
     path.write_text(content)
     assert len(PullSecrets(path)) == 0
 
@@ -420,10 +412,7 @@ def containerd_cri_descriptor() -> descriptor_pb2.FileDescriptorProto | None:
 def test_proto_matches_the_cri_compiled_into_containerd() -> None:
     theirs = containerd_cri_descriptor()
     if theirs is None:
-        reason = "containerd binary (with its embedded CRI descriptor) not found"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        missing_prerequisite("containerd binary (with its embedded CRI descriptor) not found")
     ours = descriptor_pb2.FileDescriptorProto()
     cri.DESCRIPTOR.CopyToProto(ours)
     assert ours.package == theirs.package == "runtime.v1"

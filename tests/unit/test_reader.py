@@ -8,7 +8,6 @@ import hashlib
 import os
 import random
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from snapshotter.formats import build_estargz, build_zstdchunked, locate_toc, pa
 from snapshotter.formats.index import Chunk, Compression, Entry, EntryType, LayerIndex
 from snapshotter.reader import LayerReader, ReaderConfig, ReadError
 from tests.support import oci
-from tests.support.lazy import MemoryBlob, running_loop, wait_until
+from tests.support.lazy import MemoryBlob, wait_until
 
 FILES = {
     "app/big.bin": os.urandom(700_000),
@@ -59,12 +58,6 @@ class Layer:
     def read_file(self, reader: LayerReader, name: str, step: int = 65536) -> bytes:
         entry = self.index.entries[name]
         return b"".join(reader.read(entry, off, step) for off in range(0, entry.size, step))
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    with running_loop() as loop:
-        yield loop
 
 
 def make_layer(tmp_path: Path, loop: asyncio.AbstractEventLoop, compression: Compression) -> Layer:

@@ -10,7 +10,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,20 +20,11 @@ from snapshotter.fuse import kernel
 from snapshotter.fuse.blobserver import BlobServer
 from tests.support.blobs import PatternSource, blob_name, pattern
 from tests.support.lazy import wait_until
-from tests.support.mounts import unmount_all
-from tests.support.services import pid_alive, require_privileges, terminate_pid
+from tests.support.services import pid_alive, terminate_pid
 
+pytestmark = pytest.mark.usefixtures("privileged")  # every test mounts
 MiB = 1 << 20
 Serve = Callable[..., BlobServer]
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    require_privileges(binaries=())
-    path = Path(tempfile.mkdtemp(prefix="lzblob"))
-    yield path
-    assert unmount_all(path) == []
-    subprocess.run(["rm", "-rf", str(path)], check=True)
 
 
 @pytest.fixture

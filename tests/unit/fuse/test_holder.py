@@ -7,7 +7,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,15 +18,13 @@ from tests.support.services import pid_alive, terminate_pid
 
 
 @pytest.fixture
-def holder() -> Iterator[HolderClient]:
-    workdir = Path(tempfile.mkdtemp(prefix="lzhold"))
+def holder(workdir: Path) -> Iterator[HolderClient]:
     sock = workdir / "holder.sock"
     pid = start_holder(sock, log_path=workdir / "holder.log")
     try:
         yield HolderClient(sock)
     finally:
         terminate_pid(pid)
-        subprocess.run(["rm", "-rf", str(workdir)], check=True)
 
 
 def same_pipe(read_fd: int, write_fd: int) -> bool:

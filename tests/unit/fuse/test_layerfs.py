@@ -6,8 +6,6 @@ import errno
 import os
 import stat
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,9 +13,8 @@ import pytest
 from snapshotter.formats.index import Compression, Entry, EntryType, LayerIndex
 from snapshotter.fuse.layerfs import LayerFS, MountedLayer, is_fuse_mountpoint
 from snapshotter.layertree import LayerTree
-from tests.support.mounts import unmount_all
-from tests.support.services import require_privileges
 
+pytestmark = pytest.mark.usefixtures("privileged")  # every test mounts
 MTIME_NS = 1_600_000_000_123_456_789
 
 
@@ -44,15 +41,6 @@ def index_of(*entries: Entry) -> LayerIndex:
 
 def reg(name: str, data: bytes, mode: int = 0o644, **kw: object) -> tuple[Entry, bytes]:
     return Entry(name, EntryType.REG, mode, size=len(data), mtime_ns=MTIME_NS, **kw), data  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    require_privileges(binaries=())
-    path = Path(tempfile.mkdtemp(prefix="lzfs"))
-    yield path
-    assert unmount_all(path) == []
-    subprocess.run(["rm", "-rf", str(path)], check=True)
 
 
 def mount(workdir: Path, name: str, index: LayerIndex, reader: DictReader) -> MountedLayer:
