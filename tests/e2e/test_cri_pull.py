@@ -28,7 +28,7 @@ from snapshotter.api.runtime.v1 import api_pb2_grpc as cri_grpc
 from tests.e2e.conftest import AUTH_PASSWORD, AUTH_USER
 from tests.support.daemon import SNAPSHOTTER, LazysnapDaemon, write_config
 from tests.support.lazy import wait_until
-from tests.support.mounts import fuse_mounts_under
+from tests.support.mounts import lazy_layer_mounts
 from tests.support.proxy import CountingProxy
 from tests.support.scratch import make_tmpdir, remove_tmpdir, tmpdir
 from tests.support.services import (
@@ -103,8 +103,8 @@ class CriStack:
 
         assert wait_until(prepared), cd.log_tail()
 
-    def fuse_mounts(self) -> list[str]:
-        return fuse_mounts_under(self.daemon.root)
+    def lazy_mounts(self) -> list[str]:
+        return lazy_layer_mounts(self.daemon.root)
 
 
 MakeStack = Callable[..., CriStack]
@@ -208,7 +208,7 @@ def test_cri_pull_image_is_lazy_and_the_image_service_works(
     assert pulled < total * 0.1, f"PullImage fetched {pulled} of {total} bytes"
     st = stack.daemon.stats()
     assert st["lazy_mounts"] == LAYERS and not st["not_lazy"], st
-    assert len(stack.fuse_mounts()) == LAYERS
+    assert len(stack.lazy_mounts()) == LAYERS
 
     status = cri_api.ImageStatus(cri.ImageStatusRequest(image=cri.ImageSpec(image=ref)), timeout=30)
     assert status.HasField("image"), status
@@ -229,7 +229,7 @@ def test_cri_pull_image_is_lazy_and_the_image_service_works(
     assert not gone.HasField("image")
     assert image_id not in [i.id for i in cri_api.ListImages(cri.ListImagesRequest(), timeout=30).images]
     # containerd's garbage collector removes the snapshots; lazysnap unmounts their layers.
-    assert wait_until(lambda: stack.fuse_mounts() == [], timeout=30), stack.fuse_mounts()
+    assert wait_until(lambda: stack.lazy_mounts() == [], timeout=30), stack.lazy_mounts()
 
 
 def test_pull_secret_through_the_cri_proxy_makes_private_layers_lazy(
@@ -245,7 +245,7 @@ def test_pull_secret_through_the_cri_proxy_makes_private_layers_lazy(
     pulled = auth_proxy.reset()
     st = stack.daemon.stats()
     assert st["lazy_mounts"] == LAYERS and not st["not_lazy"], st
-    assert len(stack.fuse_mounts()) == LAYERS
+    assert len(stack.lazy_mounts()) == LAYERS
     assert pulled < images.private.total_size * 0.1
     # Everything else goes through the proxy unchanged.
     status = api.ImageStatus(cri.ImageStatusRequest(image=cri.ImageSpec(image=ref)), timeout=30)
@@ -274,7 +274,7 @@ def test_pull_secret_straight_to_containerd_is_not_seen_by_lazysnap(
     pull(stack.containerd_cri, ref, cri.AuthConfig(username=AUTH_USER, password=AUTH_PASSWORD))
     st = stack.daemon.stats()
     assert st["lazy_mounts"] == 0 and st["not_lazy"] == {"auth-failed": LAYERS}, st
-    assert stack.fuse_mounts() == []
+    assert stack.lazy_mounts() == []
     assert auth_proxy.reset() >= images.private.total_size  # containerd downloaded every layer
     read_range(stack, ref, images.private)
 

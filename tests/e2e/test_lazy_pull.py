@@ -20,7 +20,7 @@ from tests.e2e.conftest import LazysnapStack
 from tests.support import oci
 from tests.support.daemon import SNAPSHOTTER, LazysnapDaemon
 from tests.support.lazy import wait_until
-from tests.support.mounts import fuse_mounts_under
+from tests.support.mounts import lazy_layer_mounts
 from tests.support.proxy import CountingProxy
 from tests.support.scratch import tmpdir
 from tests.support.services import (
@@ -111,7 +111,7 @@ def test_rpull_is_lazy_and_the_container_reads_right_bytes(
     pulled = proxy.reset()
     st = daemon.stats()
     assert st["lazy_mounts"] == 4, st
-    assert len(fuse_mounts_under(daemon.root)) == 4
+    assert len(lazy_layer_mounts(daemon.root)) == 4
     total = lazy_images.total_size[variant]
     # Manifests, configs, footers and TOCs only: a few percent of the image.
     assert pulled < total * 0.05, f"rpull downloaded {pulled} of {total} bytes"
@@ -144,7 +144,7 @@ def test_gzip_image_falls_back_to_a_normal_pull(
     st = daemon.stats()
     assert st["lazy_mounts"] == 0 and st["not_lazy"] == {"no-toc-digest": 4}, st
     assert proxy.reset() >= lazy_images.total_size["gzip"]  # containerd downloaded every layer
-    assert fuse_mounts_under(daemon.root) == []
+    assert lazy_layer_mounts(daemon.root) == []
     assert verify_container_fs(cd, ref, lazy_images.expected, snapshotter=SNAPSHOTTER) == []
 
 
@@ -183,15 +183,15 @@ def test_restart_mounts_lazy_layers_again_and_reuses_the_cache(
     cd.rpull(ref)
     script = "/bin/busybox sha256sum /data/big.bin /data/hello.txt"
     first = run_in_container(cd, ref, "/bin/sh", "-c", script, snapshotter=SNAPSHOTTER)
-    targets = sorted(fuse_mounts_under(daemon.root))
+    targets = sorted(lazy_layer_mounts(daemon.root))
     assert len(targets) == 4
 
     daemon.stop(sig)
     if sig == signal.SIGTERM:
-        assert fuse_mounts_under(daemon.root) == []  # a clean stop unmounts what it served
+        assert lazy_layer_mounts(daemon.root) == []  # a clean stop unmounts what it served
     proxy.stop()  # the registry is gone while the daemon restarts
     daemon.start()  # mounts every lazy layer again, from its stored TOCs, before it serves
-    assert sorted(fuse_mounts_under(daemon.root)) == targets
+    assert sorted(lazy_layer_mounts(daemon.root)) == targets
     assert daemon.stats()["lazy_mounts"] == 4
     assert wait_until(
         lambda: cd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls", check=False).returncode == 0
@@ -267,13 +267,13 @@ def test_running_container_keeps_reading_across_daemon_restarts(
     # Backwards through the file (4 MiB chunks): readahead only goes forward, so every read below
     # needs a chunk that no earlier read brought.
     assert read_mib(13) == want(13)
-    targets = sorted(fuse_mounts_under(daemon.root))
+    targets = sorted(lazy_layer_mounts(daemon.root))
     assert len(targets) == 4
     manager = daemon.manager_pid()
     assert manager is not None
 
     daemon.stop(keep_manager=True)  # SIGTERM: as systemd restarts or upgrades the daemon
-    assert sorted(fuse_mounts_under(daemon.root)) == targets
+    assert sorted(lazy_layer_mounts(daemon.root)) == targets
     proxy.reset()
     assert read_mib(9) == want(9)  # a chunk never fetched before, while the daemon is down
     assert proxy.reset() > 1 << 20
@@ -288,7 +288,7 @@ def test_running_container_keeps_reading_across_daemon_restarts(
     assert proxy.reset() > 1 << 20
     daemon.start()
     assert daemon.manager_pid() == manager
-    assert sorted(fuse_mounts_under(daemon.root)) == targets
+    assert sorted(lazy_layer_mounts(daemon.root)) == targets
 
     def new_container_runs() -> bool:  # containerd's channel may back off after the kill
         proc = run_container(cd, ref, "/bin/sh", "-c", LARGE_SHA256, snapshotter=SNAPSHOTTER)
@@ -309,11 +309,11 @@ def test_containerd_restart_while_lazysnap_runs(
     cd.rpull(ref)
     script = "/bin/busybox sha256sum /data/big.bin /data/hello.txt"
     first = run_in_container(cd, ref, "/bin/sh", "-c", script, snapshotter=SNAPSHOTTER)
-    targets = sorted(fuse_mounts_under(daemon.root))
+    targets = sorted(lazy_layer_mounts(daemon.root))
     mounts_before = daemon.stats()["lazy_mounts"]
 
     assert cd.stop() == []  # tasks gone, containerd's own mounts gone; lazysnap's stay
-    assert sorted(fuse_mounts_under(daemon.root)) == targets
+    assert sorted(lazy_layer_mounts(daemon.root)) == targets
     cd.start()
     proxy.reset()
     assert run_in_container(cd, ref, "/bin/sh", "-c", script, snapshotter=SNAPSHOTTER) == first

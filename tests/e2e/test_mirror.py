@@ -28,7 +28,7 @@ import pytest
 
 from tests.e2e.conftest import LazysnapStack
 from tests.support.daemon import SNAPSHOTTER
-from tests.support.mounts import fuse_mounts_under
+from tests.support.mounts import lazy_layer_mounts
 from tests.support.proxy import CountingProxy
 from tests.support.scratch import tmpdir
 from tests.support.services import (
@@ -112,7 +112,7 @@ def start_read_and_check(setup: MirrorSetup, lazysnap_stack: LazysnapStack, name
         step("rpull")
         st = daemon.stats()
         assert st["lazy_mounts"] == LAYERS and not st["not_lazy"], st
-        assert len(fuse_mounts_under(daemon.root)) == LAYERS
+        assert len(lazy_layer_mounts(daemon.root)) == LAYERS
         skip, count = READ_OFFSET // 65536, READ_SIZE // 65536
         script = f"/bin/busybox dd if=/data/large.bin bs=65536 skip={skip} count={count} 2>/dev/null"
         out = run_in_container(

@@ -19,7 +19,7 @@ import pytest
 
 from tests.e2e.conftest import AUTH_PASSWORD, AUTH_USER, LazysnapStack
 from tests.support.daemon import SNAPSHOTTER, LazysnapDaemon
-from tests.support.mounts import fuse_mounts_under
+from tests.support.mounts import lazy_layer_mounts
 from tests.support.proxy import CountingProxy
 from tests.support.scratch import tmpdir
 from tests.support.services import (
@@ -86,7 +86,7 @@ def test_lazy_pull_with_credentials_from_docker_config(
     pulled = auth_proxy.reset()
     st = daemon.stats()
     assert st["lazy_mounts"] == LAYERS and not st["not_lazy"], st
-    assert len(fuse_mounts_under(daemon.root)) == LAYERS
+    assert len(lazy_layer_mounts(daemon.root)) == LAYERS
     assert pulled < private_image.total_size * 0.1, f"rpull fetched {pulled} of {private_image.total_size}"
 
     # A range of the large file, read through FUSE with lazysnap's own credentials.
@@ -113,7 +113,7 @@ def test_without_valid_credentials_layers_are_pulled_normally(
     cd.rpull(ref, extra_args=["--user", f"{AUTH_USER}:{AUTH_PASSWORD}"])  # containerd itself has them
     st = daemon.stats()
     assert st["lazy_mounts"] == 0 and st["not_lazy"] == {"auth-failed": LAYERS}, st
-    assert fuse_mounts_under(daemon.root) == []
+    assert lazy_layer_mounts(daemon.root) == []
     assert auth_proxy.reset() >= private_image.total_size  # containerd downloaded every layer
     assert verify_container_fs(cd, ref, private_image.expected, snapshotter=SNAPSHOTTER) == []
     assert "auth-failed" in daemon.log_path.read_text(errors="replace")

@@ -47,9 +47,12 @@ def mounts_under(root: str | os.PathLike[str]) -> list[Mount]:
     return [m for m in list_mounts() if _is_under(m.target, r)]
 
 
-def fuse_mounts_under(root: str | os.PathLike[str]) -> list[str]:
-    """Mount points of FUSE filesystems (lazysnap's lazy layers) at or below ``root``."""
-    return [m.target for m in mounts_under(root) if m.fstype.startswith("fuse")]
+def lazy_layer_mounts(root: str | os.PathLike[str]) -> list[str]:
+    """Mount points of the lazy layers a lazysnap daemon with this ``root`` serves: its snapshot
+    directories with a FUSE (per-file backend) or EROFS (kernel backend) file system mounted; the
+    blob server's own mount (``ROOT/blobs``) is not a layer."""
+    snapshots = os.path.join(os.path.realpath(root), "snapshots")
+    return [m.target for m in mounts_under(snapshots) if m.fstype == "erofs" or m.fstype.startswith("fuse")]
 
 
 def unmount_all(root: str | os.PathLike[str], *, attempts: int = 5) -> list[Mount]:
