@@ -4,6 +4,7 @@ Pure functions on bytes; no sockets, no files. The contract every parser produce
 ``snapshotter.formats.index``; this package re-exports the public API.
 """
 
+from snapshotter.formats.bounds import DEFAULT_MAX_CHUNK_BYTES, compressed_bound
 from snapshotter.formats.build import (
     DEFAULT_CHUNK_SIZE,
     UNCOMPRESSED_SIZE_ANNOTATION,
@@ -20,6 +21,7 @@ from snapshotter.formats.detect import (
     ChunkDigestError,
     TocLocation,
     chunk_digest_ok,
+    decode_stream,
     decompress_chunk,
     locate_toc,
     parse_toc,
@@ -50,6 +52,7 @@ from snapshotter.formats.toc import (
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_MAX_CHUNK_BYTES",
     "DEFAULT_MAX_TOC_BYTES",
     "LANDMARK_NAMES",
     "MAX_FOOTER_SIZE",
@@ -75,6 +78,8 @@ __all__ = [
     "build_nydus_image",
     "build_zstdchunked",
     "chunk_digest_ok",
+    "compressed_bound",
+    "decode_stream",
     "decompress_chunk",
     "is_nydus_layer",
     "locate_bootstrap",

@@ -109,20 +109,24 @@ def gunzip_prefix(data: bytes, want: int) -> bytes:
     Returns fewer bytes only if the members end cleanly before that; a member cut short or a
     corrupt one raises FormatError.
     """
-    out = bytearray()
+    pieces: list[bytes] = []
+    got = 0
     rest = data
-    while len(out) < want and rest:
+    while got < want and rest:
         d = zlib.decompressobj(_GZIP_WBITS)
         try:
-            out += d.decompress(rest, want - len(out))
+            piece = d.decompress(rest, want - got)
         except zlib.error as exc:
             raise FormatError(f"corrupt gzip stream: {exc}") from exc
-        if len(out) >= want:
+        pieces.append(piece)
+        got += len(piece)
+        if got >= want:
             break
         if not d.eof:
             raise FormatError("gzip stream is truncated")
         rest = d.unused_data
-    return bytes(out)
+    # One member is the usual case: return its output as is rather than copy it.
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 def decompress_toc(raw: bytes, max_toc_bytes: int) -> bytes:

@@ -33,7 +33,8 @@ class Compression(Enum):
     NONE = "none"
 
 
-@dataclass(frozen=True)
+# slots: an index holds up to millions of these (a ~100-byte Chunk instead of ~250 with a __dict__).
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """A piece of a regular file's content and where its compressed bytes are in the blob.
 
@@ -53,7 +54,7 @@ class Chunk:
     blob: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """One path of the layer, with tar-like attributes. ``name`` is normalized: no leading "./" or
     "/", no trailing "/", no "." or ".." components; the root directory is ""."""

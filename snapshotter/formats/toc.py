@@ -1,7 +1,8 @@
 """The stargz-family TOC JSON (eStargz and zstd:chunked share it) → a validated ``LayerIndex``.
 
-Owns: TOC entry validation (names, types, sizes, digests, hardlinks, chunk tiling), the
-landmark names, and the computation of each chunk's compressed range. No I/O.
+Owns: TOC entry validation (names, types, sizes, digests, hardlinks, chunk tiling, chunks
+within the chunk limit and not overlapping in their stream), the landmark names, and the
+computation of each chunk's compressed range (bounded by ``bounds.compressed_bound``). No I/O.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 
+from snapshotter.formats.bounds import DEFAULT_MAX_CHUNK_BYTES, compressed_bound
 from snapshotter.formats.index import (
     Chunk,
     Compression,
@@ -129,7 +131,7 @@ def _xattrs(raw: Mapping[str, object], name: str) -> dict[str, bytes]:
     return out
 
 
-@dataclass
+@dataclass(slots=True)
 class _RawChunk:
     """A reg/chunk TOC record before its compressed size is known."""
 
@@ -153,8 +155,10 @@ class _OpenFile:
 class _TocBuilder:
     """Walks the TOC entries once, validating as it goes."""
 
-    def __init__(self, data_end: int) -> None:
+    def __init__(self, data_end: int, max_chunk_bytes: int) -> None:
         self.data_end = data_end  # chunks must lie in [0, data_end)
+        # innerOffset + size of every chunk: the most of its stream a decode may inflate.
+        self.max_chunk_bytes = max_chunk_bytes
         self.entries: dict[str, Entry] = {}
         self.order: list[str] = []
         self.raw_chunks: list[_RawChunk] = []
@@ -270,6 +274,14 @@ class _TocBuilder:
                 f"entry {name!r}: chunk offset {chunk.offset} is beyond the data region "
                 f"(ends at {self.data_end})"
             )
+        if chunk.inner_offset + size > self.max_chunk_bytes:
+            # Decoding inflates the stream up to the chunk's end: a chunk far inside a stream of
+            # zeros would otherwise cost ~1000 times its compressed bytes in memory.
+            raise FormatError(
+                f"entry {name!r}: chunk at file offset {file_offset} ends at innerOffset "
+                f"{chunk.inner_offset} + size {size} of its stream, beyond the "
+                f"{self.max_chunk_bytes}-byte chunk limit"
+            )
         cur.chunks.append(chunk)
 
     @staticmethod
@@ -314,10 +326,20 @@ class _TocBuilder:
         self.attach_chunks()
 
     def attach_chunks(self) -> None:
-        """Give every chunk its compressed range: up to the next distinct stream start."""
-        starts = sorted({c.offset for c in self.raw_chunks} | {self.data_end})
-        next_start = dict(itertools.pairwise(starts))
+        """Give every chunk its compressed range: from its stream's start up to the next stream
+        start (or the frame end containers/storage records), but never more than what the
+        stream's chunks can need. The stream may go on legitimately (SGZ writes the tar headers
+        of the entries that follow into it), and a chunk followed by nothing would otherwise
+        make the reader fetch everything up to the TOC, however far that is."""
+        streams: dict[int, list[_RawChunk]] = {}
         for c in self.raw_chunks:
+            streams.setdefault(c.offset, []).append(c)
+        starts = sorted([*streams, self.data_end])
+        next_start = dict(itertools.pairwise(starts))
+        cap = {
+            offset: offset + compressed_bound(_stream_extent(offset, cs)) for offset, cs in streams.items()
+        }
+        for c in self.raw_chunks:  # in file order: each file's chunks stay sorted
             end = next_start[c.offset]
             if c.end_offset is not None:
                 # containers/storage records where the frame ends; trust it only inside the range.
@@ -326,6 +348,7 @@ class _TocBuilder:
                         f"entry {c.name!r}: endOffset {c.end_offset} outside ({c.offset}, {end}]"
                     )
                 end = c.end_offset
+            end = min(end, cap[c.offset])
             self.entries[c.name].chunks.append(
                 Chunk(
                     file_offset=c.file_offset,
@@ -385,6 +408,25 @@ class _TocBuilder:
         return names, end
 
 
+def _stream_extent(offset: int, chunks: list[_RawChunk]) -> int:
+    """How far into the stream at ``offset`` its chunks reach; FormatError when two of them
+    overlap. Honest writers put each chunk's bytes in a stream once; overlapping chunks would let
+    N records over one stream decode to N different chunks, each up to the chunk limit."""
+    ordered = sorted(chunks, key=lambda c: (c.inner_offset, c.size))
+    prev = ordered[0]
+    for c in ordered[1:]:
+        if c.inner_offset < prev.inner_offset + prev.size:
+            if (c.inner_offset, c.size, c.digest) == (prev.inner_offset, prev.size, prev.digest):
+                continue  # the same chunk listed twice (equal files): one chunk, not an overlap
+            raise FormatError(
+                f"entry {c.name!r}: chunk at innerOffset {c.inner_offset} (+{c.size}) overlaps the "
+                f"chunk of {prev.name!r} at innerOffset {prev.inner_offset} (+{prev.size}) in the "
+                f"stream at blob offset {offset}"
+            )
+        prev = c
+    return prev.inner_offset + prev.size
+
+
 def index_from_toc(
     toc: object,
     *,
@@ -392,11 +434,13 @@ def index_from_toc(
     compression: Compression,
     toc_offset: int,
     blob_size: int,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
 ) -> LayerIndex:
     """Validate a decoded TOC JSON document and build the layer index.
 
     ``toc_offset`` is where the format's metadata starts in the blob (the TOC gzip member, or
     the skippable frame holding the zstd:chunked TOC); every chunk must lie before it.
+    ``max_chunk_bytes`` bounds innerOffset + size of every chunk (see ``bounds``).
     """
     if not 0 <= toc_offset <= blob_size:
         raise FormatError(f"TOC offset {toc_offset} is outside the blob (size {blob_size})")
@@ -408,7 +452,7 @@ def index_from_toc(
     raw_entries = toc.get("entries")
     if not isinstance(raw_entries, list):
         raise FormatError("TOC has no entries list")
-    builder = _TocBuilder(data_end=toc_offset)
+    builder = _TocBuilder(data_end=toc_offset, max_chunk_bytes=max_chunk_bytes)
     for i, raw in enumerate(raw_entries):
         builder.add(i, raw)
     builder.finish()
