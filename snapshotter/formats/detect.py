@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from snapshotter.formats import estargz, zstdchunked
 from snapshotter.formats.bounds import DEFAULT_MAX_CHUNK_BYTES
 from snapshotter.formats.index import Chunk, Compression, FormatError, LayerIndex
-from snapshotter.formats.toc import check_digest, index_from_toc
+from snapshotter.formats.toc import check_digest, index_from_toc_text
 
 # The 64-byte containers/storage footer plus its skippable-frame header is the largest footer;
 # it also covers the 51/47-byte gzip ones and ctr-remote's 40 + 8.
@@ -140,6 +140,10 @@ def locate_toc(
 
 def read_toc_json(raw: bytes, location: TocLocation, *, max_toc_bytes: int = DEFAULT_MAX_TOC_BYTES) -> bytes:
     """The uncompressed TOC JSON bytes (unverified); ``raw`` as for ``parse_toc``."""
+    return bytes(_toc_json(raw, location, max_toc_bytes))
+
+
+def _toc_json(raw: bytes, location: TocLocation, max_toc_bytes: int) -> bytes | bytearray:
     if len(raw) != location.length:
         raise FormatError(f"TOC: got {len(raw)} bytes, the footer says {location.length}")
     if location.length > max_toc_bytes:
@@ -151,7 +155,7 @@ def read_toc_json(raw: bytes, location: TocLocation, *, max_toc_bytes: int = DEF
     return estargz.decompress_toc(raw, max_toc_bytes)
 
 
-def _verify_toc(raw: bytes, toc_json: bytes, location: TocLocation, expected: str) -> None:
+def _verify_toc(raw: bytes, toc_json: bytes | bytearray, location: TocLocation, expected: str) -> None:
     check_digest(expected, "expected TOC digest")
     got = "sha256:" + hashlib.sha256(toc_json).hexdigest()
     if got == expected:
@@ -181,16 +185,17 @@ def parse_toc(
     """
     if expected_digest is None and verify:
         raise FormatError("no TOC digest to verify against (pass verify=False to skip verification)")
-    toc_json = read_toc_json(raw, location, max_toc_bytes=max_toc_bytes)
+    toc_json = _toc_json(raw, location, max_toc_bytes)
     if expected_digest is not None:
         _verify_toc(raw, toc_json, location, expected_digest)
-    try:
-        toc = json.loads(toc_json)
-    except (ValueError, RecursionError) as exc:
+    try:  # as json.loads decodes bytes
+        text = toc_json.decode(json.detect_encoding(toc_json), "surrogatepass")
+    except UnicodeDecodeError as exc:
         raise FormatError(f"TOC is not valid JSON: {exc}") from exc
-    del toc_json  # up to max_toc_bytes that the index no longer needs while it is built
-    return index_from_toc(
-        toc,
+    del toc_json  # up to max_toc_bytes that the index does not need while it is built
+    # Entry by entry: the whole document as Python objects would cost several times the JSON.
+    return index_from_toc_text(
+        text,
         format=location.format,
         compression=location.compression,
         toc_offset=location.metadata_start,
