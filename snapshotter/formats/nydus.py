@@ -18,7 +18,15 @@ from typing import Any
 
 import zstandard
 
-from snapshotter.formats.index import Chunk, Compression, Entry, EntryType, FormatError, LayerIndex
+from snapshotter.formats.index import (
+    NO_XATTRS,
+    Chunk,
+    Compression,
+    Entry,
+    EntryType,
+    FormatError,
+    LayerIndex,
+)
 from snapshotter.formats.toc import INT64_MAX, check_digest, parent_name
 from snapshotter.formats.zstdchunked import ZSTD_FRAME_MAGIC
 
@@ -542,9 +550,11 @@ class _Decoder:
     @staticmethod
     def _entry_xattrs(
         name: str, first: int, count: int, table: list[tuple[bytes, bytes]]
-    ) -> dict[str, bytes]:
+    ) -> Mapping[str, bytes]:
         if first + count > len(table):
             raise FormatError(f"entry {name!r}: xattrs {first}..{first + count} are outside the xattr table")
+        if not count:
+            return NO_XATTRS
         out: dict[str, bytes] = {}
         for raw_key, value in table[first : first + count]:
             try:

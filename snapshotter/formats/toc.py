@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 from snapshotter.formats.bounds import DEFAULT_MAX_CHUNK_BYTES, compressed_bound
 from snapshotter.formats.index import (
+    NO_XATTRS,
     Chunk,
     Compression,
     Entry,
@@ -129,10 +130,10 @@ def parse_mtime_ns(value: str) -> int:
     return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + frac
 
 
-def _xattrs(raw: Mapping[str, object], name: str) -> dict[str, bytes]:
+def _xattrs(raw: Mapping[str, object], name: str) -> Mapping[str, bytes]:
     value = raw.get("xattrs")
-    if value is None:
-        return {}
+    if value is None or value == {}:
+        return NO_XATTRS
     if not isinstance(value, dict):
         raise FormatError(f"entry {name!r}: xattrs is not an object")
     out: dict[str, bytes] = {}
@@ -185,6 +186,7 @@ class _TocBuilder:
         self.prefetch_landmark_at: int | None = None
         self.no_prefetch = False
         self._mtimes: dict[str, int] = {}
+        self._modes: dict[int, int] = {}  # one int object per distinct mode, not one per entry
 
     # -- entries ---------------------------------------------------------------------------
 
@@ -215,10 +217,11 @@ class _TocBuilder:
     def _entry(self, raw: Mapping[str, object], name: str, typ: EntryType) -> Entry:
         if name == "" and typ is not EntryType.DIR:
             raise FormatError(f"entry {raw.get('name')!r}: the layer root must be a directory")
+        mode = _int_field(raw, "mode", name) & 0o7777
         entry = Entry(
             name=name,
             type=typ,
-            mode=_int_field(raw, "mode", name) & 0o7777,
+            mode=self._modes.setdefault(mode, mode),
             uid=_int_field(raw, "uid", name, limit=_ID_MAX),
             gid=_int_field(raw, "gid", name, limit=_ID_MAX),
             mtime_ns=self._mtime_ns(_str_field(raw, "modtime", name)),
