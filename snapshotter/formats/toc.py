@@ -157,7 +157,8 @@ class _RawChunk:
     offset: int
     inner_offset: int
     digest: str
-    end_offset: int | None
+    end_offset: int | None  # as recorded (containers/storage), else None
+    range_end: int = 0  # where the compressed range to fetch ends, once known
 
     @property
     def name(self) -> str:
@@ -363,27 +364,21 @@ class _TocBuilder:
         stream's chunks can need. The stream may go on legitimately (SGZ writes the tar headers
         of the entries that follow into it), and a chunk followed by nothing would otherwise
         make the reader fetch everything up to the TOC, however far that is."""
-        streams: dict[int, list[_RawChunk]] = {}
+        # Stream by stream (one small list alive at a time) to find where each range ends, then
+        # the Chunks in file order, so that each file's stay sorted.
+        ordered = sorted(self.raw_chunks, key=lambda c: (c.offset, c.inner_offset, c.size))
+        stream: list[_RawChunk] = []
+        for offset, group in itertools.groupby(ordered, key=lambda c: c.offset):
+            if stream:
+                _close_stream(stream, next_start=offset)
+            stream = list(group)
+        if stream:
+            _close_stream(stream, next_start=self.data_end)
+        del ordered, stream
         for c in self.raw_chunks:
-            streams.setdefault(c.offset, []).append(c)
-        starts = sorted([*streams, self.data_end])
-        next_start = dict(itertools.pairwise(starts))
-        cap = {
-            offset: offset + compressed_bound(_stream_extent(offset, cs)) for offset, cs in streams.items()
-        }
-        for c in self.raw_chunks:  # in file order: each file's chunks stay sorted
-            end = next_start[c.offset]
-            if c.end_offset is not None:
-                # containers/storage records where the frame ends; trust it only inside the range.
-                if not c.offset < c.end_offset <= end:
-                    raise FormatError(
-                        f"entry {c.name!r}: endOffset {c.end_offset} outside ({c.offset}, {end}]"
-                    )
-                end = c.end_offset
-            end = min(end, cap[c.offset])
             # Positional: a few hundred thousand of these in a big layer.
             c.entry.chunks.append(
-                Chunk(c.file_offset, c.size, c.offset, end - c.offset, c.inner_offset, c.digest)
+                Chunk(c.file_offset, c.size, c.offset, c.range_end - c.offset, c.inner_offset, c.digest)
             )
 
     def ordered_with_parents(self) -> dict[str, Entry]:
@@ -434,15 +429,14 @@ class _TocBuilder:
         return names, end
 
 
-def _stream_extent(offset: int, chunks: list[_RawChunk]) -> int:
-    """How far into the stream at ``offset`` its chunks reach; FormatError when two of them
-    overlap. Honest writers put each chunk's bytes in a stream once; overlapping chunks would let
-    N records over one stream decode to N different chunks, each up to the chunk limit."""
-    if len(chunks) == 1:  # the usual stream: one chunk
-        return chunks[0].inner_offset + chunks[0].size
-    ordered = sorted(chunks, key=lambda c: (c.inner_offset, c.size))
-    prev = ordered[0]
-    for c in ordered[1:]:
+def _close_stream(chunks: list[_RawChunk], *, next_start: int) -> None:
+    """Set ``range_end`` of the chunks of one stream (sorted by inner offset), the next stream
+    starting at ``next_start``; FormatError when two of them overlap (honest writers put each
+    chunk's bytes in a stream once: overlapping chunks would let N records over one stream
+    decode to N different chunks, each up to the chunk limit)."""
+    offset = chunks[0].offset
+    prev = chunks[0]
+    for c in chunks[1:]:
         if c.inner_offset < prev.inner_offset + prev.size:
             if (c.inner_offset, c.size, c.digest) == (prev.inner_offset, prev.size, prev.digest):
                 continue  # the same chunk listed twice (equal files): one chunk, not an overlap
@@ -452,7 +446,15 @@ def _stream_extent(offset: int, chunks: list[_RawChunk]) -> int:
                 f"stream at blob offset {offset}"
             )
         prev = c
-    return prev.inner_offset + prev.size
+    cap = offset + compressed_bound(prev.inner_offset + prev.size)
+    for c in chunks:
+        end = next_start
+        if c.end_offset is not None:
+            # containers/storage records where the frame ends; trust it only inside the range.
+            if not offset < c.end_offset <= end:
+                raise FormatError(f"entry {c.name!r}: endOffset {c.end_offset} outside ({offset}, {end}]")
+            end = c.end_offset
+        c.range_end = min(end, cap)
 
 
 def _check_toc_offset(toc_offset: int, blob_size: int) -> None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import tracemalloc
+from pathlib import Path
 
 import pytest
 
+from benchmarks import toc_cost
 from snapshotter.formats import (
     DEFAULT_MAX_CHUNK_BYTES,
     Chunk,
@@ -205,3 +207,21 @@ def test_decode_stream_names_the_chunk_that_fails(compression: Compression) -> N
     wrong = dataclasses.replace(b, digest=sha256(b"nope"))
     with pytest.raises(ChunkDigestError, match=rf"inner offset {b.inner_offset}.*digest mismatch"):
         decode_stream(compression, raw, [a, wrong])
+
+
+# -- what a TOC costs (issue 14.5) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "peak_per_entry", "kept_per_entry"),
+    [("realistic-20000", 2048, 900), ("dirs-2", 640, 350)],
+)
+def test_toc_parse_memory_per_entry(
+    tmp_path: Path, case: str, peak_per_entry: int, kept_per_entry: int
+) -> None:
+    """Parsing held the whole JSON document as Python objects beside the index, and the JSON
+    twice: 2.5 KB per entry at peak and 1 KB kept for a realistic TOC (820 and 400 for the
+    cheapest entries). ``benchmarks.toc_cost`` measures it in subprocesses."""
+    (row,) = toc_cost.measure([case], tmp_path)
+    assert row["peak_bytes_per_entry"] < peak_per_entry, row
+    assert row["retained_bytes_per_entry"] < kept_per_entry, row
