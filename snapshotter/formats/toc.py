@@ -52,6 +52,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # An empty, "." or ".." component (a leading, trailing or doubled "/" included), or a NUL.
 _NOT_NORMAL_RE = re.compile(r"(?:^|/)\.{0,2}(?:/|$)|\x00")
 _JSON_SPACE_RE = re.compile(r"[ \t\n\r]*")
+_JSON_NEXT_RE = re.compile(r"[ \t\n\r]*([,\]])[ \t\n\r]*")  # between two array elements, or the end
 _JSON = json.JSONDecoder()
 _MTIME_CACHE_SIZE = 4096  # distinct modtime strings remembered per TOC (layers share a few)
 
@@ -605,7 +606,9 @@ def _read_entries(text: str, pos: int, builder: _TocBuilder) -> int:
         raw, pos = _JSON.raw_decode(text, pos)
         builder.add(index, raw)
         index += 1
-        pos = _skip_space(text, pos)
-        if _expect(text, pos, ",]") == "]":
-            return pos + 1
-        pos = _skip_space(text, pos + 1)
+        separator = _JSON_NEXT_RE.match(text, pos)  # one match per entry: ",", spaces, or "]"
+        if separator is None:
+            raise json.JSONDecodeError("expected ',' or ']' after an entry", text, _skip_space(text, pos))
+        if separator.group(1) == "]":
+            return separator.end(1)
+        pos = separator.end()
