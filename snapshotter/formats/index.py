@@ -53,8 +53,12 @@ class Chunk:
     file_offset: int  # where this chunk starts within the file's uncompressed content
     size: int  # uncompressed bytes of this chunk
     compressed_offset: int  # blob offset of the compressed stream that holds the chunk
-    compressed_size: int  # bytes of blob to fetch from compressed_offset to decode the chunk
-    inner_offset: int  # uncompressed offset of the chunk inside that stream (eStargz innerOffset)
+    # Bytes of blob to fetch from compressed_offset to decode the chunk: the stream, or the prefix
+    # of it that its chunks need (never more than bounds.compressed_bound of that).
+    compressed_size: int
+    # Uncompressed offset of the chunk inside that stream (eStargz innerOffset); inner_offset +
+    # size is within the chunk limit (bounds.DEFAULT_MAX_CHUNK_BYTES unless the parser got another).
+    inner_offset: int
     digest: str  # "sha256:<hex>" of the chunk's uncompressed bytes
     # The blob holding the compressed bytes: "" for the layer's own blob, else the digest of
     # another layer blob of the same image (the Nydus-like format stores a chunk once per image).
