@@ -47,7 +47,7 @@ class RemoteConfig:
     # Longest a Prepare waits to resolve, fetch the TOC of and mount one lazy layer.
     mount_timeout_seconds: float = 60.0
     # Refuse a layer whose TOC decompresses to more than this (a bomb guard).
-    max_toc_bytes: int = 64 << 20
+    max_toc_bytes: int = 32 << 20
     # A FUSE manager with no lazy layer mounted and no daemon running exits after this long.
     manager_idle_exit_seconds: float = 60.0
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from snapshotter.cache import ChunkCache
-from snapshotter.formats import decompress_chunk
+from snapshotter.formats import decode_stream
 from snapshotter.formats.index import Chunk, Entry, FormatError, LayerIndex
 
 log = logging.getLogger(__name__)
@@ -499,17 +499,17 @@ class LayerReader:
                 self._resolve(c.digest, decoded[c.digest])
 
     def _decode_stream(self, stream: _Stream, raw: bytes) -> dict[str, bytes]:
-        out: dict[str, bytes] = {}
-        for c in stream.chunks:
-            try:
-                out[c.digest] = decompress_chunk(self.index.compression, raw, c)
-            except FormatError as exc:
-                log.error(
-                    "chunk failed verification; not served, not cached",
-                    extra={"layer": self.layer, "digest": c.digest, "error": str(exc)},
-                )
-                raise
-        return out
+        """Every chunk of the stream, verified, from one pass over it (not one per chunk: many
+        small files may share a stream, and each decode starts at the stream's beginning)."""
+        try:
+            pieces = decode_stream(self.index.compression, raw, stream.chunks)
+        except FormatError as exc:
+            log.error(
+                "chunk failed verification; not served, not cached",
+                extra={"layer": self.layer, "blob": stream.blob, "offset": stream.offset, "error": str(exc)},
+            )
+            raise
+        return {c.digest: piece for c, piece in zip(stream.chunks, pieces, strict=True)}
 
     def _store(self, decoded: dict[str, bytes]) -> int:
         """Cache verified chunks; returns how many could not be written."""

@@ -61,6 +61,13 @@ from snapshotter.tocstore import StoredToc, TocStore
 log = logging.getLogger(__name__)
 
 MAX_NEIGHBOURS = 32
+# Indexes fetched ahead for layers not mounted yet are held at most this long, and cost at most
+# this much memory at once: an image's layers that never get mounted (a failed pull, a layer
+# another snapshotter takes) must not hold memory forever. A parsed index costs about 2 KiB per
+# entry (benchmarks/results/2026-12-06-toc-cost.md).
+SPECULATIVE_TTL_SECONDS = 120.0
+SPECULATIVE_BUDGET_BYTES = 256 << 20
+INDEX_BYTES_PER_ENTRY = 2048
 RESOLVE_TTL_SECONDS = 60.0
 TAIL_FETCH_BYTES = 256 << 10  # footer + TOC of a layer of up to a few thousand files
 
@@ -126,7 +133,7 @@ class RemoteLayers:
         tocs: TocStore,
         *,
         reader_config: ReaderConfig | None = None,
-        max_toc_bytes: int = 64 << 20,
+        max_toc_bytes: int = 32 << 20,
         max_chunk_bytes: int = 64 << 20,
         mount_timeout: float = 60.0,
         recorder: StartupRecorder | None = None,
@@ -155,6 +162,8 @@ class RemoteLayers:
         # containerd prepares an image's layers one after another: resolve its manifest once.
         self._resolved: dict[str, tuple[float, asyncio.Task[ResolvedImage]]] = {}
         self._indexes: dict[str, asyncio.Task[Indexed]] = {}  # TOCs being fetched, by layer digest
+        # Of those, the ones fetched ahead for a neighbour: digest -> when the fetch started.
+        self._speculative: dict[str, float] = {}
         self.not_lazy = collections.Counter[str]()  # reason -> layers pulled normally
         self._closed = False
         self.lazy_mounts = 0
@@ -423,15 +432,44 @@ class RemoteLayers:
     async def _parse(
         self, fmt: LayerFormat, raw: bytes, location: Location, blob_size: int, expected: str
     ) -> LayerIndex:
-        parse = functools.partial(fmt.parse, raw, location, blob_size, expected, self.max_toc_bytes)
+        parse = functools.partial(
+            fmt.parse, raw, location, blob_size, expected, self.max_toc_bytes, self.max_chunk_bytes
+        )
         return await self.loop.run_in_executor(self.mount_executor, parse)
 
     def _fetch_neighbours(self, ref: LayerRef, labels: Mapping[str, str]) -> None:
         """containerd prepares an image's layers one after another, each costing round trips to
-        fetch its TOC; start fetching the TOCs of the layers above this one now, in parallel."""
+        fetch its TOC; start fetching the TOCs of the layers above this one now, in parallel,
+        within the budget for indexes of layers not mounted yet."""
+        self._expire_speculative()
         for digest in neighbour_digests(labels, MAX_NEIGHBOURS):
+            if (
+                len(self._speculative) >= MAX_NEIGHBOURS
+                or self._speculative_bytes() > SPECULATIVE_BUDGET_BYTES
+            ):
+                break
             if digest != ref.digest and digest not in self._indexes and not self.tocs.has(digest):
                 self._start_index(dataclasses.replace(ref, digest=digest), {})
+                self._speculative[digest] = self.loop.time()
+
+    def _speculative_bytes(self) -> int:
+        """What the parsed indexes fetched ahead cost, estimated from their metadata's size."""
+        total = 0
+        for digest in self._speculative:
+            task = self._indexes.get(digest)
+            if task is not None and task.done() and not task.cancelled() and task.exception() is None:
+                total += len(task.result().layer_index.entries) * INDEX_BYTES_PER_ENTRY
+        return total
+
+    def _expire_speculative(self) -> None:
+        now = self.loop.time()
+        for digest, started in list(self._speculative.items()):
+            task = self._indexes.get(digest)
+            if task is None:  # mounted (consumed) meanwhile
+                del self._speculative[digest]
+            elif now - started > SPECULATIVE_TTL_SECONDS and task.done():
+                del self._speculative[digest]
+                del self._indexes[digest]  # its metadata stays stored; a mount parses it again
 
     def _start_index(self, ref: LayerRef, labels: Mapping[str, str]) -> asyncio.Task[Indexed]:
         task = self.loop.create_task(self._fetch_index(ref, labels))
@@ -454,6 +492,7 @@ class RemoteLayers:
         finally:
             if task.done():
                 self._indexes.pop(ref.digest, None)
+                self._speculative.pop(ref.digest, None)
 
     async def _stored_index(self, ref: LayerRef) -> Indexed | None:
         """The index from the metadata verified at first mount, if we kept it (restart, remount)."""

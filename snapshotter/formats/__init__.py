@@ -9,6 +9,7 @@ only parses (the daemon, the FUSE manager) never imports them.
 
 from typing import TYPE_CHECKING, Any
 
+from snapshotter.formats.bounds import DEFAULT_MAX_CHUNK_BYTES, compressed_bound
 from snapshotter.formats.detect import (
     DEFAULT_MAX_TOC_BYTES,
     MAX_FOOTER_SIZE,
@@ -16,6 +17,7 @@ from snapshotter.formats.detect import (
     ChunkDigestError,
     TocLocation,
     chunk_digest_ok,
+    decode_stream,
     decompress_chunk,
     locate_toc,
     parse_toc,
@@ -46,6 +48,7 @@ from snapshotter.formats.toc import (
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_MAX_CHUNK_BYTES",
     "DEFAULT_MAX_TOC_BYTES",
     "LANDMARK_NAMES",
     "MAX_FOOTER_SIZE",
@@ -71,6 +74,8 @@ __all__ = [
     "build_nydus_image",
     "build_zstdchunked",
     "chunk_digest_ok",
+    "compressed_bound",
+    "decode_stream",
     "decompress_chunk",
     "is_nydus_layer",
     "locate_bootstrap",

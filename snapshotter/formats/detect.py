@@ -3,19 +3,21 @@ and decompress and verify one chunk.
 
 Callers fetch ``MAX_FOOTER_SIZE`` bytes from the blob's end, call ``locate_toc``, fetch
 ``[location.offset, location.offset + location.length)``, call ``parse_toc``, and later use
-``decompress_chunk`` on each chunk's compressed range. Nothing here does I/O.
+``decode_stream`` on the compressed range of the chunks that share a stream (or
+``decompress_chunk`` on one chunk's). Nothing here does I/O.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from snapshotter.formats import estargz, zstdchunked
+from snapshotter.formats.bounds import DEFAULT_MAX_CHUNK_BYTES
 from snapshotter.formats.index import Chunk, Compression, FormatError, LayerIndex
-from snapshotter.formats.toc import check_digest, index_from_toc
+from snapshotter.formats.toc import check_digest, index_from_toc_text
 
 # The 64-byte containers/storage footer plus its skippable-frame header is the largest footer;
 # it also covers the 51/47-byte gzip ones and ctr-remote's 40 + 8.
@@ -138,6 +140,10 @@ def locate_toc(
 
 def read_toc_json(raw: bytes, location: TocLocation, *, max_toc_bytes: int = DEFAULT_MAX_TOC_BYTES) -> bytes:
     """The uncompressed TOC JSON bytes (unverified); ``raw`` as for ``parse_toc``."""
+    return bytes(_toc_json(raw, location, max_toc_bytes))
+
+
+def _toc_json(raw: bytes, location: TocLocation, max_toc_bytes: int) -> bytes | bytearray:
     if len(raw) != location.length:
         raise FormatError(f"TOC: got {len(raw)} bytes, the footer says {location.length}")
     if location.length > max_toc_bytes:
@@ -149,7 +155,7 @@ def read_toc_json(raw: bytes, location: TocLocation, *, max_toc_bytes: int = DEF
     return estargz.decompress_toc(raw, max_toc_bytes)
 
 
-def _verify_toc(raw: bytes, toc_json: bytes, location: TocLocation, expected: str) -> None:
+def _verify_toc(raw: bytes, toc_json: bytes | bytearray, location: TocLocation, expected: str) -> None:
     check_digest(expected, "expected TOC digest")
     got = "sha256:" + hashlib.sha256(toc_json).hexdigest()
     if got == expected:
@@ -167,6 +173,7 @@ def parse_toc(
     blob_size: int,
     expected_digest: str | None,
     max_toc_bytes: int = DEFAULT_MAX_TOC_BYTES,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     verify: bool = True,
 ) -> LayerIndex:
     """Decompress, verify and validate the TOC; ``raw`` = blob[offset : offset + length].
@@ -174,22 +181,26 @@ def parse_toc(
     ``expected_digest`` is the manifest's toc.digest annotation (for zstd:chunked the
     manifest-checksum of the compressed TOC is accepted too). Without one, FormatError unless
     ``verify=False`` is passed explicitly (an unverified TOC lets a registry serve anything).
+    ``max_chunk_bytes`` bounds how far into its stream any chunk may end (innerOffset + size).
     """
     if expected_digest is None and verify:
         raise FormatError("no TOC digest to verify against (pass verify=False to skip verification)")
-    toc_json = read_toc_json(raw, location, max_toc_bytes=max_toc_bytes)
+    toc_json = _toc_json(raw, location, max_toc_bytes)
     if expected_digest is not None:
         _verify_toc(raw, toc_json, location, expected_digest)
-    try:
-        toc = json.loads(toc_json)
-    except (ValueError, RecursionError) as exc:
+    try:  # as json.loads decodes bytes
+        text = toc_json.decode(json.detect_encoding(toc_json), "surrogatepass")
+    except UnicodeDecodeError as exc:
         raise FormatError(f"TOC is not valid JSON: {exc}") from exc
-    return index_from_toc(
-        toc,
+    del toc_json  # up to max_toc_bytes that the index does not need while it is built
+    # Entry by entry: the whole document as Python objects would cost several times the JSON.
+    return index_from_toc_text(
+        text,
         format=location.format,
         compression=location.compression,
         toc_offset=location.metadata_start,
         blob_size=blob_size,
+        max_chunk_bytes=max_chunk_bytes,
     )
 
 
@@ -198,27 +209,65 @@ def chunk_digest_ok(data: bytes, digest: str) -> bool:
     return digest == "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def decompress_chunk(compression: Compression, data: bytes, chunk: Chunk) -> bytes:
-    """Exactly ``chunk.size`` verified bytes of a chunk from its compressed range ``data``.
-
-    Decompresses no more than ``inner_offset + size`` bytes. FormatError when the stream is
-    corrupt or too short; ChunkDigestError when the bytes do not match ``chunk.digest``.
-    """
-    want = chunk.inner_offset + chunk.size
+def inflate_prefix(compression: Compression, data: bytes, want: int) -> bytes:
+    """At most ``want`` uncompressed bytes from the start of the stream ``data`` (fewer only if
+    it ends cleanly before); the output bound holds whatever the stream claims."""
     if compression is Compression.GZIP:
-        out = estargz.gunzip_prefix(data, want)
-    elif compression is Compression.ZSTD:
-        out = zstdchunked.unzstd_prefix(data, want)
-    else:
-        out = bytes(data[:want])
-    if len(out) < want:
+        return estargz.gunzip_prefix(data, want)
+    if compression is Compression.ZSTD:
+        return zstdchunked.unzstd_prefix(data, want)
+    return bytes(data[:want])
+
+
+def _where(chunk: Chunk) -> str:
+    return (
+        f"chunk at blob offset {chunk.compressed_offset}, inner offset {chunk.inner_offset} "
+        f"(file offset {chunk.file_offset})"
+    )
+
+
+def decode_stream(
+    compression: Compression,
+    data: bytes,
+    chunks: Sequence[Chunk],
+    *,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+) -> list[bytes]:
+    """The verified bytes of each of ``chunks``, in order; they all lie in the one stream that
+    ``data`` (their shared compressed range) starts with.
+
+    The stream is inflated once, up to the end of the furthest chunk, however many chunks share
+    it (ctr-remote's --estargz-min-chunk-size packs many small files into one stream), and never
+    beyond ``max_chunk_bytes``. FormatError when the stream is corrupt or too short or a chunk
+    ends beyond the limit; ChunkDigestError when a chunk's bytes do not match its digest.
+    """
+    if not chunks:
+        return []
+    furthest = max(chunks, key=lambda c: c.inner_offset + c.size)
+    want = furthest.inner_offset + furthest.size
+    if want > max_chunk_bytes:
         raise FormatError(
-            f"chunk at blob offset {chunk.compressed_offset}: stream holds {len(out)} bytes, need {want}"
+            f"{_where(furthest)}: ends {want} bytes into its stream, beyond the "
+            f"{max_chunk_bytes}-byte chunk limit"
         )
-    piece = out[chunk.inner_offset :]
-    if not chunk_digest_ok(piece, chunk.digest):
-        raise ChunkDigestError(
-            f"chunk at blob offset {chunk.compressed_offset} (file offset {chunk.file_offset}): "
-            f"digest mismatch, want {chunk.digest}"
-        )
-    return piece
+    out = inflate_prefix(compression, data, want)
+    view = memoryview(out)
+    pieces: list[bytes] = []
+    for c in chunks:
+        end = c.inner_offset + c.size
+        if len(out) < end:
+            raise FormatError(f"{_where(c)}: stream holds {len(out)} bytes, need {end}")
+        # The one chunk of a stream is the whole output: no copy.
+        piece = out if c.inner_offset == 0 and end == len(out) else bytes(view[c.inner_offset : end])
+        if not chunk_digest_ok(piece, c.digest):
+            raise ChunkDigestError(f"{_where(c)}: digest mismatch, want {c.digest}")
+        pieces.append(piece)
+    return pieces
+
+
+def decompress_chunk(
+    compression: Compression, data: bytes, chunk: Chunk, *, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
+) -> bytes:
+    """Exactly ``chunk.size`` verified bytes of a chunk from its compressed range ``data``;
+    ``decode_stream`` for one chunk (its errors too)."""
+    return decode_stream(compression, data, [chunk], max_chunk_bytes=max_chunk_bytes)[0]

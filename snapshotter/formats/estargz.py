@@ -29,6 +29,7 @@ _EMPTY_BODY = b"\x01\x00\x00\xff\xff" + b"\x00" * 8
 # end-of-archive blocks on top of the JSON; allow that much beyond the JSON limit.
 _TOC_TAR_OVERHEAD = 64 << 10
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
+_TOC_PIECE = 1 << 20  # inflate the TOC JSON this much at a time
 
 
 def _footer(extra: bytes) -> bytes:
@@ -109,47 +110,69 @@ def gunzip_prefix(data: bytes, want: int) -> bytes:
     Returns fewer bytes only if the members end cleanly before that; a member cut short or a
     corrupt one raises FormatError.
     """
-    out = bytearray()
+    pieces: list[bytes] = []
+    got = 0
     rest = data
-    while len(out) < want and rest:
+    while got < want and rest:
         d = zlib.decompressobj(_GZIP_WBITS)
         try:
-            out += d.decompress(rest, want - len(out))
+            piece = d.decompress(rest, want - got)
         except zlib.error as exc:
             raise FormatError(f"corrupt gzip stream: {exc}") from exc
-        if len(out) >= want:
+        pieces.append(piece)
+        got += len(piece)
+        if got >= want:
             break
         if not d.eof:
             raise FormatError("gzip stream is truncated")
         rest = d.unused_data
-    return bytes(out)
+    # One member is the usual case: return its output as is rather than copy it.
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
-def decompress_toc(raw: bytes, max_toc_bytes: int) -> bytes:
-    """The ``stargz.index.json`` bytes from the TOC gzip member (only the first member is read)."""
-    limit = max_toc_bytes + _TOC_TAR_OVERHEAD
+def decompress_toc(raw: bytes, max_toc_bytes: int) -> bytearray:
+    """The ``stargz.index.json`` bytes from the TOC gzip member (only the first member is read).
+
+    Only the tar header is inflated before the entry's size is checked; the JSON is then
+    inflated straight into the result, in pieces, so that it exists in memory once.
+    """
     d = zlib.decompressobj(_GZIP_WBITS)
     try:
-        tar_bytes = d.decompress(raw, limit + 1)
+        head = d.decompress(raw, _TOC_TAR_OVERHEAD)
     except zlib.error as exc:
         raise FormatError(f"TOC: corrupt gzip member: {exc}") from exc
-    if len(tar_bytes) > limit:
-        raise FormatError(f"TOC is larger than the {max_toc_bytes}-byte limit")
-    if not d.eof:
-        raise FormatError("TOC: gzip member is truncated")
     try:
-        with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tf:
+        with tarfile.open(fileobj=io.BytesIO(head), mode="r:") as tf:
             member = tf.next()
-            if member is None:
-                raise FormatError("TOC: gzip member holds no tar entry")
-            if normalize_name(member.name) != TOC_TAR_NAME or not member.isreg():
-                raise FormatError(f"TOC: tar entry is {member.name!r}, want {TOC_TAR_NAME!r}")
-            if member.size > max_toc_bytes:
-                raise FormatError(f"TOC is {member.size} bytes, larger than the {max_toc_bytes}-byte limit")
-            f = tf.extractfile(member)
-            data = f.read() if f is not None else b""
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise FormatError(f"TOC: malformed tar entry: {exc}") from exc
+    if member is None:
+        raise FormatError("TOC: gzip member holds no tar entry")
+    if normalize_name(member.name) != TOC_TAR_NAME or not member.isreg():
+        raise FormatError(f"TOC: tar entry is {member.name!r}, want {TOC_TAR_NAME!r}")
+    if member.size > max_toc_bytes:
+        raise FormatError(f"TOC is {member.size} bytes, larger than the {max_toc_bytes}-byte limit")
+    data = bytearray(head[member.offset_data : member.offset_data + member.size])
+    del head
+    while len(data) < member.size and not d.eof:
+        try:
+            piece = d.decompress(d.unconsumed_tail, min(_TOC_PIECE, member.size - len(data)))
+        except zlib.error as exc:
+            raise FormatError(f"TOC: corrupt gzip member: {exc}") from exc
+        if not piece:
+            break
+        data += piece
     if len(data) != member.size:
         raise FormatError(f"TOC: tar entry is truncated ({len(data)} of {member.size} bytes)")
+    # The rest of the member (tar padding and end blocks) to its end, where the CRC is checked.
+    try:
+        d.decompress(d.unconsumed_tail, _TOC_TAR_OVERHEAD)
+    except zlib.error as exc:
+        raise FormatError(f"TOC: corrupt gzip member: {exc}") from exc
+    if not d.eof:
+        raise FormatError(
+            "TOC: gzip member is truncated"
+            if not d.unconsumed_tail
+            else f"TOC: more than {_TOC_TAR_OVERHEAD} bytes follow the TOC in its gzip member"
+        )
     return data

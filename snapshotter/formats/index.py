@@ -7,14 +7,21 @@ The index is the source of truth for a lazily mounted layer; nothing else about 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from types import MappingProxyType
 
 
 class FormatError(ValueError):
     """A layer's metadata (footer, TOC, bootstrap) is malformed, inconsistent or fails verification.
 
     The message names the problem; callers add the layer digest and registry host."""
+
+
+# The xattrs of every entry that has none (most): one shared, read-only empty mapping instead of
+# an empty dict per entry (64 bytes each, in indexes of up to millions of entries).
+NO_XATTRS: Mapping[str, bytes] = MappingProxyType({})
 
 
 class EntryType(Enum):
@@ -33,7 +40,8 @@ class Compression(Enum):
     NONE = "none"
 
 
-@dataclass(frozen=True)
+# slots: an index holds up to millions of these (a ~100-byte Chunk instead of ~250 with a __dict__).
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """A piece of a regular file's content and where its compressed bytes are in the blob.
 
@@ -45,15 +53,19 @@ class Chunk:
     file_offset: int  # where this chunk starts within the file's uncompressed content
     size: int  # uncompressed bytes of this chunk
     compressed_offset: int  # blob offset of the compressed stream that holds the chunk
-    compressed_size: int  # bytes of blob to fetch from compressed_offset to decode the chunk
-    inner_offset: int  # uncompressed offset of the chunk inside that stream (eStargz innerOffset)
+    # Bytes of blob to fetch from compressed_offset to decode the chunk: the stream, or the prefix
+    # of it that its chunks need (never more than bounds.compressed_bound of that).
+    compressed_size: int
+    # Uncompressed offset of the chunk inside that stream (eStargz innerOffset); inner_offset +
+    # size is within the chunk limit (bounds.DEFAULT_MAX_CHUNK_BYTES unless the parser got another).
+    inner_offset: int
     digest: str  # "sha256:<hex>" of the chunk's uncompressed bytes
     # The blob holding the compressed bytes: "" for the layer's own blob, else the digest of
     # another layer blob of the same image (the Nydus-like format stores a chunk once per image).
     blob: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """One path of the layer, with tar-like attributes. ``name`` is normalized: no leading "./" or
     "/", no trailing "/", no "." or ".." components; the root directory is ""."""
@@ -68,7 +80,7 @@ class Entry:
     link_name: str = ""  # symlink target, or (hardlink) the normalized name of the target entry
     dev_major: int = 0
     dev_minor: int = 0
-    xattrs: dict[str, bytes] = field(default_factory=dict)
+    xattrs: Mapping[str, bytes] = field(default_factory=lambda: NO_XATTRS)
     digest: str = ""  # "sha256:<hex>" of the whole content, when the format records it
     chunks: list[Chunk] = field(default_factory=list)  # regular files, sorted by file_offset
 

@@ -18,7 +18,15 @@ from typing import Any
 
 import zstandard
 
-from snapshotter.formats.index import Chunk, Compression, Entry, EntryType, FormatError, LayerIndex
+from snapshotter.formats.index import (
+    NO_XATTRS,
+    Chunk,
+    Compression,
+    Entry,
+    EntryType,
+    FormatError,
+    LayerIndex,
+)
 from snapshotter.formats.toc import INT64_MAX, check_digest, parent_name
 from snapshotter.formats.zstdchunked import ZSTD_FRAME_MAGIC
 
@@ -46,6 +54,10 @@ MAX_BLOBS = 256  # other blobs one layer may refer to; images have at most ~128 
 # a ~200-byte Chunk object, so the byte limit alone would let a 64 MiB bootstrap cost gigabytes.
 # 2^20 chunk refs is 1 TiB of files at the default chunk size.
 MAX_RECORDS = 1 << 20
+# Chunk refs (and xattrs) of all entries together: runs may overlap (docs/FORMAT.md 5.5), so E
+# entries naming one run of N refs would otherwise build E x N Chunk objects from a bootstrap of
+# a few KB. With this total a layer costs at most what one without overlaps can.
+MAX_RUN_RECORDS = MAX_RECORDS
 COMPRESSION_ZSTD = 1
 INT64_MIN = -(1 << 63)
 
@@ -289,6 +301,20 @@ class _ChunkRecord:
     compressed_size: int
 
 
+_E_REF_COUNT, _E_XATTR_COUNT = 15, 17  # fields of an ENTRY record
+
+
+def _check_run_totals(records: list[tuple[Any, ...]]) -> None:
+    """FormatError when the entries' chunk-ref or xattr runs add up to more than
+    ``MAX_RUN_RECORDS``: checked before a single entry is built."""
+    for field_at, what in ((_E_REF_COUNT, "chunk refs"), (_E_XATTR_COUNT, "xattrs")):
+        total = sum(rec[field_at] for rec in records)
+        if total > MAX_RUN_RECORDS:
+            raise FormatError(
+                f"bootstrap: the entries name {total} {what} in all, more than {MAX_RUN_RECORDS}"
+            )
+
+
 class _Decoder:
     """Decodes one uncompressed bootstrap, validating every field it reads."""
 
@@ -426,6 +452,7 @@ class _Decoder:
         records = self._records(_T_ENTRIES, ENTRY)
         if not records:
             raise FormatError("bootstrap: no entries (the root directory must be entry 0)")
+        _check_run_totals(records)
         for i, rec in enumerate(records):
             self._entry(i, rec, chunks, refs, xattrs)
 
@@ -523,9 +550,11 @@ class _Decoder:
     @staticmethod
     def _entry_xattrs(
         name: str, first: int, count: int, table: list[tuple[bytes, bytes]]
-    ) -> dict[str, bytes]:
+    ) -> Mapping[str, bytes]:
         if first + count > len(table):
             raise FormatError(f"entry {name!r}: xattrs {first}..{first + count} are outside the xattr table")
+        if not count:
+            return NO_XATTRS
         out: dict[str, bytes] = {}
         for raw_key, value in table[first : first + count]:
             try:

@@ -44,8 +44,9 @@ class LayerFormat:
     expected_digest: Callable[[Mapping[str, str]], str | None]
     # (blob tail, blob size, annotations, max metadata bytes) -> where the metadata is.
     locate: Callable[[bytes, int, Mapping[str, str], int], Location]
-    # (raw metadata, location, blob size, expected digest, max metadata bytes) -> index.
-    parse: Callable[[bytes, Any, int, str, int], LayerIndex]
+    # (raw metadata, location, blob size, expected digest, max metadata bytes, max chunk bytes)
+    # -> index.
+    parse: Callable[[bytes, Any, int, str, int, int], LayerIndex]
     location_to_json: Callable[[Any], dict[str, Any]]
     location_from_json: Callable[[Mapping[str, Any]], Location]
     # The longest footer: the tail fetched first must hold at least this much.
@@ -72,8 +73,13 @@ STARGZ = LayerFormat(
     locate=lambda tail, size, annotations, _max: detect.locate_toc(
         tail[-detect.MAX_FOOTER_SIZE :], size, annotations
     ),
-    parse=lambda raw, location, size, expected, max_bytes: detect.parse_toc(
-        raw, location, blob_size=size, expected_digest=expected, max_toc_bytes=max_bytes
+    parse=lambda raw, location, size, expected, max_bytes, max_chunk: detect.parse_toc(
+        raw,
+        location,
+        blob_size=size,
+        expected_digest=expected,
+        max_toc_bytes=max_bytes,
+        max_chunk_bytes=max_chunk,
     ),
     location_to_json=_stargz_location_to_json,
     location_from_json=_stargz_location_from_json,
@@ -88,7 +94,8 @@ NYDUS = LayerFormat(
     locate=lambda tail, size, _annotations, max_bytes: nydus.locate_bootstrap(
         tail, size, max_bytes=max_bytes
     ),
-    parse=lambda raw, location, size, expected, max_bytes: nydus.parse_bootstrap(
+    # Nydus-like chunks are bounded by the format itself (nydus.MAX_CHUNK_SIZE).
+    parse=lambda raw, location, size, expected, max_bytes, _max_chunk: nydus.parse_bootstrap(
         raw, location, blob_size=size, expected_digest=expected, max_bytes=max_bytes
     ),
     location_to_json=dataclasses.asdict,

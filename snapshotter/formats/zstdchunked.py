@@ -129,17 +129,20 @@ def unzstd_prefix(data: bytes, want: int) -> bytes:
     frame raises FormatError. Output never exceeds ``want`` bytes (bomb-safe).
     """
     dctx = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW)
-    out = bytearray()
+    pieces: list[bytes] = []
+    got = 0
     try:
         with dctx.stream_reader(data, read_across_frames=True, closefd=False) as reader:
-            while len(out) < want:
-                piece = reader.read(want - len(out))
+            while got < want:
+                piece = reader.read(want - got)
                 if not piece:
                     break
-                out += piece
+                pieces.append(piece)
+                got += len(piece)
     except zstandard.ZstdError as exc:
         raise FormatError(f"corrupt zstd stream: {exc}") from exc
-    return bytes(out)
+    # Usually one read returns everything: return it as is rather than copy it.
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 def decompress_toc(raw: bytes, uncompressed_length: int | None, max_toc_bytes: int) -> bytes:

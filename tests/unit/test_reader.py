@@ -17,11 +17,12 @@ import zstandard
 
 from snapshotter.cache import ChunkCache
 from snapshotter.fetcher import UnreachableError
-from snapshotter.formats import build_estargz, build_zstdchunked, locate_toc, parse_toc
+from snapshotter.formats import build_estargz, build_zstdchunked, detect, locate_toc, parse_toc
 from snapshotter.formats.index import Chunk, Compression, Entry, EntryType, LayerIndex
 from snapshotter.reader import LayerReader, ReaderConfig, ReadError
 from tests.support import oci
 from tests.support.lazy import MemoryBlob, wait_until
+from tests.unit.formats.hostile import packed_layer
 
 FILES = {
     "app/big.bin": os.urandom(700_000),
@@ -423,3 +424,33 @@ def test_a_slow_link_that_keeps_delivering_is_waited_for(
     with pytest.raises(ReadError, match="no byte arrived"):
         layer.reader(read_timeout=timeout, readahead_bytes=0).read(entry, 70_000, 100)
     dead.stall.set()
+
+
+@pytest.mark.parametrize("compression", [Compression.GZIP, Compression.ZSTD], ids=["estargz", "zstdchunked"])
+def test_a_stream_shared_by_many_chunks_is_inflated_once_per_fetch(
+    tmp_path: Path, loop: asyncio.AbstractEventLoop, compression: Compression, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ctr-remote --estargz-min-chunk-size packs many small files into one stream; decoding each
+    chunk from the stream's start would inflate it once per chunk (quadratic)."""
+    files = {f"pkg/f{i:03d}.py": b"# module %d\n" % i * (i + 1) for i in range(200)}
+    blob, digest, annotations = packed_layer(compression, files)
+    location = locate_toc(blob[-4096:], len(blob), annotations)
+    raw = blob[location.offset : location.offset + location.length]
+    index = parse_toc(raw, location, blob_size=len(blob), expected_digest=digest)
+    inflated: list[int] = []
+    real = detect.inflate_prefix
+
+    def counting(compression: Compression, data: bytes, want: int) -> bytes:
+        inflated.append(want)
+        return real(compression, data, want)
+
+    monkeypatch.setattr(detect, "inflate_prefix", counting)
+    layer = Layer(index, MemoryBlob(blob), ChunkCache(tmp_path / "cache", 1 << 30), loop)
+    reader = layer.reader(fetch_whole_below_bytes=16 << 20)
+    asyncio.run_coroutine_threadsafe(reader._prefetch(), loop).result(30)
+    assert len(layer.blob.requests) == 1
+    stream_end = max(c.inner_offset + c.size for e in index.entries.values() for c in e.chunks)
+    assert inflated == [stream_end]  # one pass over the stream for all 200 chunks
+    for name, data in files.items():
+        assert layer.read_file(reader, name) == data
+    assert len(layer.blob.requests) == 1

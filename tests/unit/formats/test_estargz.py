@@ -142,13 +142,29 @@ def _with_toc_member(built: BuiltBlob, member: bytes) -> bytes:
     return head + member + gzip_footer(len(head))
 
 
-def test_gzip_bomb_toc_is_refused_without_allocating() -> None:
+def _tar_header_then_zeros(size: int) -> bytes:
+    import tarfile
+
+    info = tarfile.TarInfo("stargz.index.json")
+    info.size = size
+    return info.tobuf() + bytes(size)
+
+
+@pytest.mark.parametrize(
+    ("tar", "message"),
+    [
+        (bytes(64 << 20), "no tar entry"),  # zeros: refused at the tar header
+        (_tar_header_then_zeros(64 << 20), "larger than the 1048576-byte limit"),
+    ],
+    ids=["zeros", "toc-of-zeros"],
+)
+def test_gzip_bomb_toc_is_refused_without_allocating(tar: bytes, message: str) -> None:
     small = build_estargz(b"")
-    bomb = _with_toc_member(small, _gzip(bytes(64 << 20), 9))
+    bomb = _with_toc_member(small, _gzip(tar, 9))
     loc, raw = _loc_raw(bomb)
     tracemalloc.start()
     try:
-        with pytest.raises(FormatError, match=r"limit"):
+        with pytest.raises(FormatError, match=message):
             parse_toc(
                 raw, loc, blob_size=len(bomb), expected_digest=None, verify=False, max_toc_bytes=1 << 20
             )
@@ -170,7 +186,8 @@ def test_toc_member_with_wrong_tar_entry(built: BuiltBlob) -> None:
     blob = _with_toc_member(built, _gzip(buf.getvalue()))
     with pytest.raises(FormatError, match=r"want 'stargz.index.json'"):
         parse_blob(blob, None, verify=False)
-    blob = _with_toc_member(built, _gzip(buf.getvalue())[:-10])
+    _, raw = _loc_raw(built.blob)
+    blob = _with_toc_member(built, raw[:-10])  # the JSON is whole, the member's trailer is not
     with pytest.raises(FormatError, match=r"truncated|corrupt"):
         parse_blob(blob, None, verify=False)
 

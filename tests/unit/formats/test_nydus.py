@@ -17,7 +17,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapshotter.formats import FormatError, LayerIndex
+from snapshotter.formats import FormatError, LayerIndex, nydus
 from snapshotter.formats.build import BuiltBlob
 from snapshotter.formats.build_nydus import build_nydus, build_nydus_image
 from snapshotter.formats.nydus import (
@@ -39,7 +39,9 @@ from snapshotter.formats.nydus import (
     pack_footer,
     parse_bootstrap,
 )
+from tests.support.memory import peak_growth
 from tests.unit.formats import BIG, sample_tar
+from tests.unit.formats.hostile import nydus_bootstrap
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SMALL_CHUNK = 4 << 10
@@ -608,3 +610,44 @@ def test_20000_file_layer_parses_quickly() -> None:
         f"\n20k-file layer: bootstrap {len(built.toc_json)} B ({stored} B stored); "
         f"build {t1 - t0:.2f}s, locate+parse {t2 - t1:.3f}s"
     )
+
+
+# -- amplification ------------------------------------------------------------------------------------
+
+_HOSTILE = """
+from tests.unit.formats.hostile import nydus_bootstrap
+from snapshotter.formats.nydus import locate_bootstrap, parse_bootstrap
+blob, digest = nydus_bootstrap({args})
+"""
+_PARSE = """
+loc = locate_bootstrap(blob[-64:], len(blob))
+raw = blob[loc.offset : loc.offset + loc.length]
+index = parse_bootstrap(raw, loc, blob_size=len(blob), expected_digest=digest)
+result = sum(len(e.chunks) + len(e.xattrs) for e in index.entries.values())
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    ["files=3000, refs_per_file=1024", "files=3000, refs_per_file=1, xattrs=1000, xattrs_per_file=1000"],
+    ids=["chunk-refs", "xattrs"],
+)
+def test_overlapping_runs_cannot_amplify_memory(args: str) -> None:
+    """3000 files sharing one run of 1024 chunk refs (or 1000 xattrs) would be 3 M objects
+    (~0.5 GiB) from a bootstrap of a few KB; the totals are checked before anything is built."""
+    measured = peak_growth(_HOSTILE.format(args=args), _PARSE)
+    assert measured.error is not None, f"parsed into {measured.result} objects"
+    assert measured.error[0] == "FormatError"
+    assert "more than 1048576" in measured.error[1]
+    assert measured.growth < 32 << 20, f"{measured.growth_mib:.0f} MiB"
+
+
+def test_overlapping_runs_are_allowed_within_the_total(monkeypatch: pytest.MonkeyPatch) -> None:
+    # docs/FORMAT.md 5.5: runs may overlap; only their total is bounded.
+    monkeypatch.setattr(nydus, "MAX_RUN_RECORDS", 12)
+    index = parse_nydus(*nydus_bootstrap(files=3, refs_per_file=4, xattrs=2, xattrs_per_file=2))
+    assert [len(e.chunks) for e in index.entries.values()] == [0, 4, 4, 4]
+    with pytest.raises(FormatError, match=r"16 chunk refs in all, more than 12"):
+        parse_nydus(*nydus_bootstrap(files=4, refs_per_file=4))
+    with pytest.raises(FormatError, match=r"14 xattrs in all, more than 12"):
+        parse_nydus(*nydus_bootstrap(files=7, refs_per_file=1, xattrs=2, xattrs_per_file=2))
