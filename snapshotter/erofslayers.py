@@ -41,6 +41,13 @@ from snapshotter.reader import LayerReader
 
 log = logging.getLogger(__name__)
 
+# The kernel's readahead on data blobs. A startup reading many small files walks the blob
+# sequentially, and every byte the kernel reads ahead is fetched from the registry: with 1 MiB,
+# a python start fetched 24 MB (more than the whole image) for 10 MB read; with 128 KiB, 23 MB
+# with background fetch and 19.7 MB without. Long sequential reads are read ahead by the chunk
+# reader instead, which knows which file a stream belongs to.
+BLOB_READAHEAD_BYTES = 128 << 10
+
 # Told, after every blob read, the operation's name, its duration in seconds and the errno name it
 # failed with ("" on success): the FUSE operation metrics.
 Observer = Callable[[str, float, str], None]
@@ -128,7 +135,9 @@ class ErofsMount:
 class ErofsLayers:
     """The EROFS backend of one FUSE manager: metadata images, the blob server, the mount record."""
 
-    def __init__(self, root: Path, *, loop_devices: bool = False, workers: int = 64) -> None:
+    def __init__(
+        self, root: Path, *, loop_devices: bool = False, workers: int = 64, readahead: int = 1048576
+    ) -> None:
         self.root = root
         self.images = root / "layers"
         self.images.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -143,6 +152,7 @@ class ErofsLayers:
             keeper=HolderClient(self.holder_socket),
             keeper_name="blobs",
             workers=workers,
+            readahead=readahead,
         )
         self._lock = threading.Lock()
         self._users: dict[str, int] = {}  # blob name -> mounts using it

@@ -82,11 +82,15 @@ def test_bench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert len(warm["warm_s"]) == 3 and min(warm["bytes_read"]) > 0
     assert warm["exact"], warm["note"]  # measured on a file system without readahead
     assert full["bytes_fetched"] >= doc["images"]["python"]["sizes_mb"]["gzip"] * 1e6 * 0.99
+    estargz_bytes = doc["images"]["python"]["sizes_mb"]["estargz"] * 1e6
     for lazy in ("lazysnap-estargz", "nopf"):
         # Both layers mounted lazily, by lazysnap and by the peer (a lazysnap too: its stats count).
         assert runs[lazy]["lazy_stats"]["lazy_mounts"] == 2, runs[lazy]["lazy_stats"]
-        assert runs[lazy]["bytes_fetched_ready"] < full["bytes_fetched_ready"]
-        assert runs[lazy]["bytes_fetched"] < full["bytes_fetched"]
+        # Never more than the image (rounding of sizes_mb: 0.1 MB); with background fetch on, the
+        # rest of the image may arrive before the container is ready: that is the policy.
+        assert runs[lazy]["bytes_fetched"] <= estargz_bytes + 0.1e6
+    # Without prefetch and background fetch only what the start reads (plus readahead) is fetched.
+    assert runs["nopf"]["bytes_fetched_ready"] < full["bytes_fetched_ready"]
 
     table = stem.with_suffix(".md").read_text()
     for mode in rows:
