@@ -60,8 +60,11 @@ format: setup-venv
 unit: setup-venv
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
+# The whole suite runs on the default file-system backend (EROFS, where the kernel can), then the
+# end-to-end tests once more on the per-file FUSE backend.
 test: setup proto-check lint
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	LAZYSNAP_TEST_BACKEND=fuse $(PY) -m pytest -q -rs tests/e2e $(PYTEST_ARGS)
 
 # Both need root: they run containerd, mount FUSE and overlayfs, and drop the page cache.
 demo: setup

@@ -136,7 +136,12 @@ class ErofsLayers:
     """The EROFS backend of one FUSE manager: metadata images, the blob server, the mount record."""
 
     def __init__(
-        self, root: Path, *, loop_devices: bool = False, workers: int = 64, readahead: int = 1048576
+        self,
+        root: Path,
+        *,
+        loop_devices: bool = False,
+        workers: int = 64,
+        readahead: int = BLOB_READAHEAD_BYTES,
     ) -> None:
         self.root = root
         self.images = root / "layers"

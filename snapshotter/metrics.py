@@ -124,6 +124,9 @@ def _layer_metrics(layers: dict[str, dict[str, Any]]) -> Iterator[Metric]:
     chunks = CounterMetricFamily(
         "lazysnap_layer_chunks_fetched", "Chunks fetched and verified", labels=["layer"]
     )
+    refetches = CounterMetricFamily(
+        "lazysnap_chunk_refetches", "Chunks fetched again after an earlier fetch", labels=["layer"]
+    )
     verify = CounterMetricFamily(
         "lazysnap_layer_verify_failures", "Fetched chunks that failed their digest", labels=["layer"]
     )
@@ -143,8 +146,9 @@ def _layer_metrics(layers: dict[str, dict[str, Any]]) -> Iterator[Metric]:
             requests.add_metric([digest, reason], count)
         size.add_metric([digest, layer["format"]], layer["blob_size"])
         chunks.add_metric([digest], layer["chunks_fetched"])
+        refetches.add_metric([digest], layer.get("chunk_refetches", 0))
         verify.add_metric([digest], layer["verify_failures"])
         read_errors.add_metric([digest], layer["read_errors"])
         prefetch.add_metric([digest], 1 if layer["prefetch_done"] else 0)
         background.add_metric([digest], 1 if layer["background_done"] else 0)
-    yield from (fetched, requests, size, chunks, verify, read_errors, prefetch, background)
+    yield from (fetched, requests, size, chunks, refetches, verify, read_errors, prefetch, background)

@@ -99,6 +99,9 @@ class FetchStats:
     bytes: dict[str, int] = field(default_factory=lambda: {ON_DEMAND: 0, PREFETCH: 0, BACKGROUND: 0})
     requests: dict[str, int] = field(default_factory=lambda: {ON_DEMAND: 0, PREFETCH: 0, BACKGROUND: 0})
     chunks_fetched: int = 0
+    # Chunks fetched again after an earlier fetch of them (evicted from the cache meanwhile, or
+    # fetched twice by mistake): a cache too small for what is read shows up here.
+    chunk_refetches: int = 0
     verify_failures: int = 0
     cache_write_failures: int = 0
     prefetch_done: bool = False
@@ -109,6 +112,7 @@ class FetchStats:
             "bytes": dict(self.bytes),
             "requests": dict(self.requests),
             "chunks_fetched": self.chunks_fetched,
+            "chunk_refetches": self.chunk_refetches,
             "verify_failures": self.verify_failures,
             "cache_write_failures": self.cache_write_failures,
             "prefetch_done": self.prefetch_done,
@@ -192,6 +196,7 @@ class LayerReader:
         # gRPC calls or mounts that are themselves waiting for chunks.
         self.executor = executor
         self.stats = FetchStats()
+        self._fetched: set[str] = set()  # digests of the chunks this layer has fetched
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
         self._offsets: dict[str, list[int]] = {}  # per file: its chunks' file offsets, for bisect
         self.activity = activity or OnDemandActivity()
@@ -486,6 +491,9 @@ class LayerReader:
             self._fail(stream.chunks, exc)
             return
         self.stats.chunks_fetched += len(decoded)
+        refetched = self._fetched.intersection(decoded)
+        self.stats.chunk_refetches += len(refetched)
+        self._fetched.update(decoded)
         for c in stream.chunks:  # readers go on now, not after the cache write
             fut = self._inflight.get(c.digest)
             if fut is not None and not fut.done():

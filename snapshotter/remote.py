@@ -36,7 +36,7 @@ from snapshotter.contract import (
 from snapshotter.digest import file_stem
 from snapshotter.erofs.layout import plan_layout
 from snapshotter.erofs.writer import ImageError
-from snapshotter.erofslayers import ErofsLayers, LayerBlob
+from snapshotter.erofslayers import BLOB_READAHEAD_BYTES, ErofsLayers, LayerBlob
 from snapshotter.fetcher import (
     AuthError,
     BlobNotFoundError,
@@ -302,6 +302,18 @@ class RemoteLayers:
         self.loop.call_later(self.recorder.window + 1, self._flush_profiles)
         return self.recorder.layer_mounted(ref.reference)
 
+    def _layer_blob(
+        self,
+        tree: LayerTree,
+        index: LayerIndex,
+        reader: LayerReader,
+        on_first_read: Callable[[str], None] | None,
+    ) -> LayerBlob:
+        """The layer's data blob: prioritized files first, in access order, and a readahead's
+        worth of hole before the rest (the same layout on every mount: EROFS images point into it)."""
+        layout = plan_layout(tree, index.prefetch, separation=BLOB_READAHEAD_BYTES)
+        return LayerBlob(layout, reader, on_first_read=on_first_read, observer=self.fs_observer)
+
     async def _mount_index(
         self, ref: LayerRef, index: LayerIndex, mountpoint: Path, labels: Mapping[str, str]
     ) -> None:
@@ -311,12 +323,7 @@ class RemoteLayers:
         mount: LayerMount
         if self.erofs is not None:
             erofs = self.erofs
-            blob = LayerBlob(
-                plan_layout(tree, index.prefetch),
-                reader,
-                on_first_read=on_first_read,
-                observer=self.fs_observer,
-            )
+            blob = self._layer_blob(tree, index, reader, on_first_read)
             mounting = self.loop.run_in_executor(
                 self.mount_executor, erofs.mount, ref.digest, tree, blob, mountpoint, labels
             )
@@ -377,7 +384,7 @@ class RemoteLayers:
                 index = stored.layer_index
                 reader = self._reader(ref, index)
                 tree = await self.loop.run_in_executor(self.mount_executor, LayerTree, index)
-                blob = LayerBlob(plan_layout(tree, index.prefetch), reader, observer=self.fs_observer)
+                blob = self._layer_blob(tree, index, reader, None)
             except NotLazyError as exc:
                 log.warning(
                     "cannot serve a lazy layer left mounted; dropping it",

@@ -160,10 +160,16 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def plan_layout(tree: LayerTree, order: Iterable[str] = (), block_size: int = 4096) -> BlobLayout:
+def plan_layout(
+    tree: LayerTree, order: Iterable[str] = (), block_size: int = 4096, *, separation: int = 0
+) -> BlobLayout:
     """Lay out ``tree``'s regular files: those named in ``order`` first (access order; unknown
     names are ignored), then the rest in index order, each on a block boundary, each hardlinked
-    file once. The blob's size is a whole number of blocks."""
+    file once. The blob's size is a whole number of blocks.
+
+    ``separation``: a hole of at least this many bytes between the ordered files and the rest, so
+    that the kernel's readahead past the last file of a startup reads zeros (free) rather than
+    files nobody asked for (fetched from the registry)."""
     check_block_size(block_size)
     files: list[PlacedFile] = []
     placed: set[Node] = set()
@@ -180,6 +186,8 @@ def plan_layout(tree: LayerTree, order: Iterable[str] = (), block_size: int = 40
     for name in order:
         place(tree.by_name.get(name.strip("/")))
     prefetch_end = position
+    if position and separation:
+        position = _round_up(position + separation, block_size)
     for node in tree.by_name.values():
         place(node)
     return BlobLayout(files, blob_size=position, block_size=block_size, prefetch_end=prefetch_end)

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.support import faults
-from tests.support.daemon import SNAPSHOTTER, LazysnapDaemon
+from tests.support.daemon import SNAPSHOTTER, TEST_BACKEND, LazysnapDaemon
 from tests.support.faults import FaultImage, parse_sha256sum
 from tests.support.proxy import CountingProxy
 from tests.support.services import Containerd, Registry, require_privileges, run_container
@@ -58,7 +58,9 @@ def test_twenty_containers_read_the_same_files_and_each_chunk_is_fetched_once(
     fetched = proxy.reset()
 
     # What must be fetched: the streams of the files read, plus at most all of busybox (the
-    # kernel maps only the pages it executes). Each once, whatever the number of containers.
+    # kernel maps only the pages it executes), plus what the kernel reads ahead of them (the EROFS
+    # backend reads a data blob ahead, across file boundaries). Each once, whatever the number
+    # of containers.
     needed = image.chunk_extents(files)
     busybox = image.chunk_extents(["/bin/busybox"])
     low, high = sum(needed.values()), sum(needed.values()) + sum(busybox.values())
@@ -73,8 +75,12 @@ def test_twenty_containers_read_the_same_files_and_each_chunk_is_fetched_once(
         f"the proxy, {on_demand} B / {chunks} chunks / {requests} requests by the daemon's count; "
         f"chunks read: {len(needed)} ({low} B) + busybox up to {len(busybox)} ({high - low} B)"
     )
-    assert len(needed) <= chunks <= len(needed) + len(busybox), (chunks, len(needed), len(busybox))
-    assert low <= on_demand <= high, (low, on_demand, high)
+    refetched = sum(layer["chunk_refetches"] for layer in layers.values())
+    assert refetched == 0 and chunks >= len(needed), (refetched, chunks, len(needed))
+    if TEST_BACKEND == "fuse":  # reads only what is read: the exact bound
+        assert chunks <= len(needed) + len(busybox), (chunks, len(needed), len(busybox))
+        assert on_demand <= high, (low, on_demand, high)
+    assert low <= on_demand <= sum(image.blob_sizes.values()), (low, on_demand)
     # The registry served those bytes once (+ HTTP headers), not once per container.
-    assert low <= fetched <= high + 1024 * requests + (64 << 10), (low, fetched, high)
+    assert low <= fetched <= on_demand + 1024 * requests + (64 << 10), (low, fetched, on_demand)
     assert all(layer["read_errors"] == 0 for layer in layers.values())

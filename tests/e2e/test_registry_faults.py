@@ -21,6 +21,7 @@ import errno
 import hashlib
 import itertools
 import os
+import random
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -177,14 +178,18 @@ def test_reads_under_ten_percent_faults_return_the_original_bytes(
         before_pull=lambda p: p.mix(0.10), fetch={"timeout_seconds": 2.0}, read={"timeout_seconds": 60.0}
     )
     l1, l2, l3 = (list(files) for files in image.layers[1:])
-    # Phase 1: the registry serves blobs itself. 401s are expired tokens.
+    # Phase 1: the registry serves blobs itself. 401s are expired tokens. Files are read in a
+    # fixed shuffled order: read in blob order, the kernel's readahead of a data blob (EROFS
+    # backend) would bring a file's neighbours along and leave too few requests for every kind.
     phase1 = [f for f in l1 + l2 if "/s" in f] + [l1[-1]]
+    random.Random(1).shuffle(phase1)
     assert stack.hashes(phase1) == expected(image, phase1)
     faulted1 = stack.proxy.counts()["faults"]
     # Phase 2: blob GETs are redirected to presigned-like URLs on the proxy (lazysnap re-resolves
     # its cached registry URL when it gets a redirect); 403s there are expired URLs.
     stack.proxy.redirect = True
     phase2 = [l2[-1], *l3]
+    random.Random(2).shuffle(phase2)
     assert stack.hashes(phase2) == expected(image, phase2)
     counts = stack.proxy.counts()
     faulted = counts["faults"]
@@ -203,7 +208,10 @@ def test_reads_under_ten_percent_faults_return_the_original_bytes(
     retried = total - sum(
         faulted.get(k, 0) for k in (faults.UNAUTHORIZED, faults.FORBIDDEN, faults.IGNORE_RANGE)
     )
-    assert stack.log().count("retrying request") >= retried
+    # (A wrong range answering a multi-range request is not retried: the server is taken for one
+    # that cannot do multi-range, and the ranges are asked again one by one.)
+    log = stack.log()
+    assert log.count("retrying request") + log.count("server range support downgraded") >= retried
     layers = stack.layer_stats()
     assert all(layer["read_errors"] == 0 and layer["verify_failures"] == 0 for layer in layers), layers
     on_demand = sum(layer["bytes"]["on_demand"] for layer in layers)  # type: ignore[index]
@@ -235,7 +243,7 @@ def test_stalled_registry_read_fails_with_eio_within_the_read_timeout(fault_stac
     print(f"stalled reads: EIO after {elapsed:.2f}s (container), {host_elapsed:.2f}s (host)")
 
     log = stack.log()
-    assert f"timed out after {read_timeout}s" in log, stack.daemon.log_tail(20)
+    assert f"no byte arrived for {read_timeout}s" in log, stack.daemon.log_tail(20)
     assert stack.proxy.counts()["faults"][faults.STALL] >= 1
 
     # The registry answers again: the daemon, never restarted, serves the same files.
@@ -342,10 +350,12 @@ def test_wrong_ranges_are_retried_or_eio_and_a_whole_blob_is_sliced(fault_stack:
     image, proxy = stack.image, stack.proxy
     l1, l2, l3 = (list(files) for files in image.layers[1:])
     assert stack.hashes([l1[0]]) == expected(image, [l1[0]])  # busybox cached
+    # Files far from l1[0] in the layer: the kernel may have read l1[0]'s neighbours ahead.
+    first = 50
 
     # Every answer has the wrong range: retried, then EIO; nothing is served.
     proxy.fail_all(faults.WRONG_RANGE)
-    rc, out, err = stack.run(f"/bin/busybox sha256sum {l1[1]}")
+    rc, out, err = stack.run(f"/bin/busybox sha256sum {l1[first]}")
     assert rc != 0 and "Input/output error" in err and parse_sha256sum(out) == {}, (out, err)
     wrong = proxy.counts()["faults"][faults.WRONG_RANGE]
     assert wrong >= 1 + max_retries and wrong % (1 + max_retries) == 0, wrong
@@ -353,7 +363,7 @@ def test_wrong_ranges_are_retried_or_eio_and_a_whole_blob_is_sliced(fault_stack:
 
     # Every other answer has the wrong range: the retries get the right bytes.
     proxy.configure({faults.WRONG_RANGE: 0.5})
-    files = [l1[1], *l1[2:12]]
+    files = l1[first : first + 11]
     assert stack.hashes(files) == expected(image, files)
     assert proxy.counts()["faults"][faults.WRONG_RANGE] > wrong
 
