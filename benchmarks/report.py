@@ -231,7 +231,7 @@ def chart(rows: Sequence[Mapping[str, Any]], profile: str, reps: int, path: Path
         for fam, group in members.items()
         for i, mode in enumerate(group)
     }
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(images) * max(1, len(modes)) / 2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.4 * len(images) * max(1, len(modes)) + 2), 5.0))
     for j, mode in enumerate(modes):
         xs, pulls, runs, lo, hi = [], [], [], [], []
         for i, image in enumerate(images):
@@ -260,7 +260,8 @@ def chart(rows: Sequence[Mapping[str, Any]], profile: str, reps: int, path: Path
         "hatched: pull; whiskers: min to max; dashes: T_ideal",
         fontsize=10,
     )
-    ax.legend(fontsize="small", ncols=min(4, len(modes)))
+    # Below the axes: over the bars it would hide the tallest ones.
+    ax.legend(fontsize="small", ncols=min(4, len(modes)), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -111,9 +111,9 @@ def top_snapshot(cd: Containerd, snapshotter: str) -> str:
     """The committed snapshot no other snapshot has as its parent: the image's top layer."""
     lines = cd.ctr("snapshots", "--snapshotter", snapshotter, "ls").stdout.splitlines()[1:]
     rows = [ln.split() for ln in lines if ln.strip()]
-    committed = [r[0] for r in rows if r[-1] == "Committed"]
-    parents = {r[1] for r in rows if len(r) == 3}
-    tops = [k for k in committed if k not in parents]
+    committed = [r for r in rows if r[-1] == "Committed"]
+    parents = {r[1] for r in committed if len(r) == 3}
+    tops = [r[0] for r in committed if r[0] not in parents]
     if len(tops) != 1:
         raise RuntimeError(f"expected one top snapshot in {snapshotter}, found {tops}: {lines}")
     return tops[0]
