@@ -74,6 +74,8 @@ def ensure(images: ImageSet, workload: Workload, variants: Sequence[str]) -> Non
     """Make sure the profiled ``variants`` of ``workload``'s image are cached and in the registry
     (``images`` was built with the ``estargz`` tag when ``PROFILED`` is wanted)."""
     layout = images.layout
+    if not variants:
+        return
     if layout is None:
         raise RuntimeError("ImageSet.build() first")
     with locked(images.cache):

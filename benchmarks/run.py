@@ -201,6 +201,7 @@ def stargz_binary(cache: Path, notes: list[str]) -> Path | None:
 def build_modes(args: argparse.Namespace, notes: list[str]) -> list[Mode]:
     modes: list[Mode] = []
     peer_binary: Path | None = None
+    peer_tried = False
     lazysnap_overrides = {"fs": {"backend": args.fs_backend}} if args.fs_backend else {}
     for name in args.modes.split(",") if args.modes else []:
         if name not in MODES:
@@ -209,8 +210,8 @@ def build_modes(args: argparse.Namespace, notes: list[str]) -> list[Mode]:
             modes.append(OVERLAYFS)
             continue
         if name in STARGZ_MODES:
-            if peer_binary is None and not any(n.startswith("stargz peer skipped") for n in notes):
-                peer_binary = stargz_binary(args.cache, notes)
+            if not peer_tried:
+                peer_binary, peer_tried = stargz_binary(args.cache, notes), True
             if peer_binary is not None:
                 modes.append(stargz_peer.mode(peer_binary, name, STARGZ_MODES[name]))
             continue
@@ -373,8 +374,14 @@ def main(argv: list[str] | None = None) -> int:
                     image_set = ImageSet(w.source, registry, workdir / slug, args.cache)
                     image_sets[slug] = image_set.build(variants)
                 wanted = [v for v in PER_WORKLOAD_VARIANTS if v in {m.variant for m in modes_for(w, modes)}]
-                if wanted:
+                try:
                     profiled.ensure(image_sets[slug], w, wanted)
+                except Exception as exc:  # its runs fail too (no such tag); the other modes go on
+                    traceback.print_exc()
+                    print(f"[images] {w.name}: profiled variants FAILED: {exc}", flush=True)
+                    failures.append(
+                        {"profile": "", "image": w.name, "mode": "profiled images", "error": str(exc)[-2000:]}
+                    )
                 sizes = ", ".join(f"{v} {_mb(n)}" for v, n in image_sizes(image_sets[slug], w).items())
                 print(f"[images] {w.name}: {sizes} ({time.monotonic() - started:.0f}s)", flush=True)
             warm: dict[str, WarmResult] = {}
@@ -448,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         remove_workdir(workdir)
     if args.micro:
         print("[micro] FUSE metadata, throughput and the small-file walk ...", flush=True)
-        peer = next((m for m in modes if m.name == stargz_peer.NAME), None)
+        peer = next((m for m in modes if m.name in STARGZ_MODES), None)
         data = micro.run_all(
             args.micro_files, args.micro_mib, walk_files=args.walk_files, backend=args.fs_backend, stargz=peer
         )

@@ -19,6 +19,7 @@ binary and ctr-remote, like ``make bench``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import statistics
@@ -191,7 +192,7 @@ def run(
     lazysnap = lazysnap_mode("estargz", **overrides)
     modes = {"overlayfs": OVERLAYFS, "lazysnap": lazysnap}
     if stargz is not None:
-        modes["stargz"] = stargz
+        modes["stargz"] = dataclasses.replace(stargz, variant="estargz")
     workdir = make_workdir("lzwi")
     try:
         with serve_registry() as registry:
