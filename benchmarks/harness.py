@@ -57,6 +57,12 @@ CTR_REMOTE_FORMATS = {"estargz": ["--estargz"], "zstdchunked": ["--zstdchunked"]
 NYDUS_MODULE = "snapshotter.formats.build_nydus"
 NYDUS_CHUNK = 1 << 20
 OVERLAY_SNAPSHOTS = Path("io.containerd.snapshotter.v1.overlayfs") / "snapshots"
+# eStargz converted with the workload's startup profile: by lazysnap (profile recorded by
+# lazysnap, `lazysnap convert --prefetch-files`) and by ctr-remote (`image optimize`); see
+# benchmarks.profiled.
+PROFILED = "estargz-profiled"
+OPTIMIZED = "estargz-optimized"
+PER_WORKLOAD_VARIANTS = (PROFILED, OPTIMIZED)
 
 
 # --- workloads --------------------------------------------------------------------------------
@@ -186,7 +192,7 @@ def _nydus_stamp() -> str:
     return "nydus-" + digest.hexdigest()[:16]
 
 
-def _ctr_remote_stamp() -> str:
+def ctr_remote_stamp() -> str:
     proc = subprocess.run(["ctr-remote", "--version"], capture_output=True, text=True, check=False)
     return "ctr-remote " + (proc.stdout.strip().split()[-1] if proc.stdout.strip() else "?")
 
@@ -236,7 +242,7 @@ class ImageSet:
 
     @staticmethod
     def _stamp(variant: str) -> str:
-        return _nydus_stamp() if variant == "nydus" else _ctr_remote_stamp()
+        return _nydus_stamp() if variant == "nydus" else ctr_remote_stamp()
 
     def _push(self, layout: Path, variant: str) -> None:
         oci.push(layout, variant, self.registry.host, self.repo, timeout=3600)
@@ -261,20 +267,7 @@ class ImageSet:
                 )
                 converter.ctr("image", "push", "--plain-http", target, timeout=3600)
                 # Keep the converted image: later runs push it from the cache.
-                subprocess.run(
-                    [
-                        "skopeo",
-                        "copy",
-                        "--quiet",
-                        "--preserve-digests",
-                        "--src-tls-verify=false",
-                        f"docker://{target}",
-                        f"oci:{layout}:{variant}",
-                    ],
-                    check=True,
-                    capture_output=True,
-                    timeout=3600,
-                )
+                copy_to_layout(target, layout, variant)
                 set_variant_stamp(layout, variant, self._stamp(variant))
         finally:
             converter.stop()
@@ -301,6 +294,30 @@ class ImageSet:
         set_variant_stamp(layout, "nydus", self._stamp("nydus"))
 
 
+def copy_to_layout(ref: str, layout: Path, tag: str) -> None:
+    """Copy the image ``ref`` from a plain-HTTP registry into ``layout`` as ``tag``, bytes kept."""
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--quiet",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            f"docker://{ref}",
+            f"oci:{layout}:{tag}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=3600,
+    )
+
+
+def image_tag(variant: str, workload: Workload) -> str:
+    """The tag a run of ``workload`` pulls for ``variant``: variants converted with a workload's
+    startup profile exist per workload (model and model-full share an image, not a profile)."""
+    return f"{variant}.{workload.name}" if variant in PER_WORKLOAD_VARIANTS else variant
+
+
 # --- modes and snapshotter processes ----------------------------------------------------------
 
 
@@ -315,6 +332,7 @@ class Mode:
     command: str = ""  # peer: command template with {address} {root} {config}
     config: str = ""  # peer: text of the file at {config}; lazysnap: unused
     lazysnap_overrides: dict[str, dict[str, object]] = field(default_factory=dict)
+    stop_signal: str = "SIGTERM"  # peer: how it is asked to stop (SIGKILL 20 s later)
 
     @property
     def snapshotter(self) -> str | None:
@@ -344,9 +362,12 @@ class PeerSnapshotter:
     ``{address}`` (unix socket to serve), ``{root}`` (an empty state directory) and
     ``{config}`` (a file holding ``config_text``, in which the same placeholders are filled in)
     are substituted in every argument of ``template`` (split like a shell would, not run by
-    one). Stopped with SIGTERM (SIGKILL after 20 s) by PID."""
+    one). Stopped with ``stop_signal`` (SIGKILL after 20 s) by PID; FUSE or other mounts it left
+    under its root are unmounted then."""
 
-    def __init__(self, name: str, template: str, config_text: str, workdir: Path) -> None:
+    def __init__(
+        self, name: str, template: str, config_text: str, workdir: Path, stop_signal: str = "SIGTERM"
+    ) -> None:
         self.name = name
         self.workdir = workdir
         self.root = workdir / "root"
@@ -355,6 +376,7 @@ class PeerSnapshotter:
         self.log_path = workdir / "peer.log"
         self.template = template
         self.config_text = config_text
+        self.stop_signal = signal.Signals[stop_signal]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _fill(self, text: str) -> str:
@@ -397,7 +419,7 @@ class PeerSnapshotter:
     def stop(self) -> int | None:
         code = self.proc.returncode if self.proc else None
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(self.stop_signal)
             try:
                 code = self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -407,6 +429,10 @@ class PeerSnapshotter:
         # each run must start cold, so stop it too.
         with contextlib.suppress(FileNotFoundError, ValueError):
             terminate_pid(int((self.root / "fuse.pid").read_text()))
+        left = mounts.unmount_all(self.root)
+        if left:
+            targets = [m.target for m in left]
+            raise RuntimeError(f"peer {self.name} left mounts that would not unmount: {targets}")
         return code
 
     def stats(self) -> dict[str, Any]:
@@ -423,7 +449,7 @@ class PeerSnapshotter:
             return "(no log)"
 
 
-def _start_snapshotter(mode: Mode, workdir: Path) -> SnapshotterProcess:
+def start_snapshotter(mode: Mode, workdir: Path) -> SnapshotterProcess:
     workdir.mkdir()
     process: SnapshotterProcess
     if mode.kind == "lazysnap":
@@ -431,7 +457,7 @@ def _start_snapshotter(mode: Mode, workdir: Path) -> SnapshotterProcess:
         # info, not the harness's default debug: a log line per read would be measured too.
         process = LazysnapDaemon(workdir, config=config, extra_args=["--log-level", "info"])
     else:
-        process = PeerSnapshotter(mode.name, mode.command, mode.config, workdir)
+        process = PeerSnapshotter(mode.name, mode.command, mode.config, workdir, mode.stop_signal)
     process.start()
     return process
 
@@ -615,11 +641,11 @@ def cold_run(
         proxy_plugins: dict[str, str] = {}
         snapshotter = mode.snapshotter
         if snapshotter is not None:
-            process = _start_snapshotter(mode, workdir / "s")
+            process = start_snapshotter(mode, workdir / "s")
             proxy_plugins[snapshotter] = str(process.address)
         cd = Containerd(workdir / "cd", proxy_plugins)
         cd.start()
-        ref = images.ref(proxy.host, mode.variant)
+        ref = images.ref(proxy.host, image_tag(mode.variant, workload))
         drop_page_cache()
         proxy.reset_counters()
         started = time.monotonic()

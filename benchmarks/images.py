@@ -23,10 +23,10 @@ import json
 import os
 import shutil
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from benchmarks import debian
 from benchmarks.layout import LayerDesc, gzip_layer, tags, write_image
@@ -101,6 +101,26 @@ class _Reader:
         return b"".join(parts)
 
 
+class LayerBuilder:
+    """Gzip layers of ``layout`` written from functions that fill a tar (entries with fixed
+    owners, modes and times: see ``add_dir`` and ``add_bytes``); ``layers`` in order."""
+
+    add_dir = staticmethod(_add_dir)
+    add_bytes = staticmethod(_add_bytes)
+
+    def __init__(self, layout: Path, scratch: Path) -> None:
+        self.layout = layout
+        self.scratch = scratch
+        self.layers: list[LayerDesc] = []
+
+    def layer(self, name: str, fill: Callable[[tarfile.TarFile], None], level: int = 6) -> None:
+        path = self.scratch / f"{name}.tar"
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+            fill(tar)
+        self.layers.append(gzip_layer(self.layout, path, level))
+        path.unlink()
+
+
 def pseudo_random_blocks(size: int, seed: bytes, block: int = MIB) -> Iterator[bytes]:
     """Deterministic incompressible bytes (SHAKE-128 per MiB, ~0.5 GB/s), in blocks."""
     for i in range(0, size, block):
@@ -126,14 +146,8 @@ class ModelImage:
         return self.shards * self.shard_mib * MIB
 
     def build(self, layout: Path, scratch: Path, cache: Path) -> None:
-        layers: list[LayerDesc] = []
-
-        def layer(name: str, fill: Any, level: int = 6) -> None:
-            path = scratch / f"{name}.tar"
-            with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-                fill(tar)
-            layers.append(gzip_layer(layout, path, level))
-            path.unlink()
+        builder = LayerBuilder(layout, scratch)
+        layer = builder.layer
 
         def base(tar: tarfile.TarFile) -> None:
             _add_dir(tar, "bin")
@@ -164,7 +178,7 @@ class ModelImage:
 
             # Incompressible: gzip's level changes nothing but the time it takes.
             layer(f"shard-{i}", shard, level=1)
-        write_image(layout, "gzip", layers)
+        write_image(layout, "gzip", builder.layers)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""FUSE micro-benchmarks of a lazy layer, in-process (no containerd, no registry). Needs root.
+"""Micro-benchmarks of a lazy layer. Needs root.
 
 * metadata: ``stat``, ``open``+``close`` and small reads of many small files (default 10,000)
   in a lazily mounted eStargz layer whose chunks are all in lazysnap's chunk cache, against the
@@ -8,8 +8,15 @@
 * throughput: sequential reads of one large file, each after dropping the page cache: local
   file; through FUSE with chunks fetched from an in-memory "registry" (decompress + verify);
   through FUSE with every chunk in the chunk cache. MB/s and the ratios to local.
+* walk (``benchmarks.walk``): ``find | sort | xargs cat`` over 5,000 files of 0.2-4 KiB, page
+  cache dropped, through containerd's overlayfs, a lazysnap daemon with every chunk cached (its
+  ``[fs] backend`` set with ``--fs-backend``) and the stargz peer (``--stargz``); seconds and
+  the ratio to overlayfs, plus stat and open+close per second on the same mounts.
 
-    sudo .venv/bin/python -m benchmarks.micro --out /tmp/micro.json
+The first two run in-process on lazysnap's FUSE file system classes (no containerd, no
+registry, no daemon: no backend choice); the walk drives containerd, a registry and daemons.
+
+    sudo .venv/bin/python -m benchmarks.micro --out /tmp/micro.json [--fs-backend erofs] [--stargz]
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import drop_page_cache
+from benchmarks import stargz_peer, walk
+from benchmarks.harness import Mode, drop_page_cache
 from benchmarks.images import pseudo_random_blocks
 from snapshotter.cache import ChunkCache
 from snapshotter.formats import build_estargz, locate_toc, parse_toc
@@ -205,8 +213,25 @@ def machine() -> dict[str, object]:
     return {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()}
 
 
-def run_all(files: int = 10_000, size_mib: int = 256) -> dict[str, Any]:
-    return {"metadata": metadata(files), "throughput": throughput(size_mib), "machine": machine()}
+def run_all(
+    files: int = 10_000,
+    size_mib: int = 256,
+    *,
+    walk_files: int = 5_000,
+    backend: str | None = None,
+    stargz: Mode | None = None,
+) -> dict[str, Any]:
+    """Every micro-benchmark; the walk with ``walk_files`` files (0: none) through lazysnap with
+    ``[fs] backend = backend`` (unset if None) and, if given, the ``stargz`` peer mode."""
+    data: dict[str, Any] = {"metadata": metadata(files), "throughput": throughput(size_mib)}
+    if walk_files:
+        data["walk"] = walk.run(walk_files, backend=backend, stargz=stargz, passes=_walk_passes)
+    return {**data, "machine": machine()}
+
+
+def _walk_passes(root: Path, names: list[str]) -> dict[str, float]:
+    ops = _passes(root, names)
+    return {op: ops[op] for op in ("stat", "open+close")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,9 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--files", type=int, default=10_000, help="small files for the metadata test")
     parser.add_argument("--size-mib", type=int, default=256, help="file size for the throughput test")
+    parser.add_argument("--walk-files", type=int, default=5_000, help="files in the walk (0: skip it)")
+    parser.add_argument("--fs-backend", metavar="NAME", help="lazysnap's [fs] backend in the walk")
+    parser.add_argument("--stargz", action="store_true", help="build the stargz peer, walk through it too")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
-    report = run_all(args.files, args.size_mib)
+    peer = stargz_peer.mode(stargz_peer.build()) if args.stargz else None
+    report = run_all(
+        args.files, args.size_mib, walk_files=args.walk_files, backend=args.fs_backend, stargz=peer
+    )
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

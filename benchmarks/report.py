@@ -116,8 +116,42 @@ def markdown(
             sizes = info.get("sizes_mb", {})
             cells = " | ".join(_cell(sizes.get(v), " MB") for v in _variants(images))
             out.append(f"| {name} | {info.get('description', '')} | {cells} |")
+    out += side_by_side(rows)
     out += [f"\n{n}" for n in notes]
     return "\n".join(out) + "\n"
+
+
+def family(mode: str) -> str:
+    """``overlayfs``, ``lazysnap``, ``stargz`` (the built-in peer) or ``peer`` (one from --peer)."""
+    if mode == "overlayfs":
+        return "overlayfs"
+    if mode.startswith("lazysnap-"):
+        return "lazysnap"
+    return "stargz" if mode == "stargz" or mode.startswith("stargz-") else "peer"
+
+
+def side_by_side(rows: Sequence[Mapping[str, object]]) -> list[str]:
+    """Markdown lines: total seconds per image, overlayfs, lazysnap and stargz modes in columns,
+    and lazysnap eStargz against stargz on the same image format (plain, then profiled)."""
+    modes = [m for m in dict.fromkeys(str(r["mode"]) for r in rows) if family(m) != "peer"]
+    if not any(family(m) == "stargz" for m in modes) and len(modes) < 2:
+        return []
+    total = {(str(r["image"]), str(r["mode"])): float(str(r["total_s"])) for r in rows}
+    pairs = [
+        (a, b)
+        for a, b in (("lazysnap-estargz", "stargz"), ("lazysnap-estargz-profiled", "stargz-profiled"))
+        if a in modes and b in modes
+    ]
+    head = ["image", *modes, *(f"{a} / {b}" for a, b in pairs)]
+    out = ["", "Side by side, total seconds (median):", "", "| " + " | ".join(head) + " |"]
+    out.append("|" + "---|" * len(head))
+    for image in dict.fromkeys(str(r["image"]) for r in rows):
+        cells = [_cell(total.get((image, m))) for m in modes]
+        for a, b in pairs:
+            x, y = total.get((image, a)), total.get((image, b))
+            cells.append(f"{x / y:.2f}" if x is not None and y else "-")
+        out.append(f"| {image} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _variants(images: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -150,6 +184,25 @@ def micro_markdown(micro: Mapping[str, Any]) -> str:
             "|---|---|---|",
         ]
         out += [f"| {k} | {v} | {thr['ratio_to_local'][k]} |" for k, v in thr["MB_per_s"].items()]
+    walk = micro.get("walk")
+    if walk:
+        low, high = walk["file_bytes"]
+        backend = f"`[fs] backend = {walk['backend']}`" if walk.get("backend") else "default backend"
+        out += [
+            "",
+            f"Small-file walk: `{walk['command']}` over {walk['files']} files of {low}-{high} bytes in"
+            f" {walk['dirs']} directories, page cache dropped, lazy layers with every chunk cached"
+            f" (lazysnap: {backend}); median of {walk['reps']}; stat and open+close on the same mounts.",
+            "",
+            "| snapshotter | walk s | vs overlayfs | stat /s | open+close /s |",
+            "|---|---|---|---|---|",
+        ]
+        for name, seconds in walk["walk_s"].items():
+            ops = walk["runs"][name].get("ops_per_s", {})
+            out.append(
+                f"| {name} | {seconds} | {walk['ratio_to_overlayfs'][name]} "
+                f"| {_cell(ops.get('stat'))} | {_cell(ops.get('open+close'))} |"
+            )
     return "\n".join(out) + "\n"
 
 
@@ -167,8 +220,18 @@ def chart(rows: Sequence[Mapping[str, Any]], profile: str, reps: int, path: Path
     modes = list(dict.fromkeys(str(r["mode"]) for r in rows))
     by_key = {(str(r["image"]), str(r["mode"])): r for r in rows}
     width = 0.8 / max(1, len(modes))
-    colors = plt.get_cmap("tab10").colors
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(images) * max(1, len(modes)) / 2), 4.5))
+    # One hue per family (overlayfs grey, lazysnap blues, stargz oranges, other peers greens),
+    # lighter for each further mode of the family.
+    palettes = {"overlayfs": "Greys", "lazysnap": "Blues", "stargz": "Oranges", "peer": "Greens"}
+    members: dict[str, list[str]] = {}
+    for mode in modes:
+        members.setdefault(family(mode), []).append(mode)
+    colors = {
+        mode: plt.get_cmap(palettes[fam])(0.75 - 0.4 * i / max(1, len(group) - 1) if len(group) > 1 else 0.7)
+        for fam, group in members.items()
+        for i, mode in enumerate(group)
+    }
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.4 * len(images) * max(1, len(modes)) + 2), 5.0))
     for j, mode in enumerate(modes):
         xs, pulls, runs, lo, hi = [], [], [], [], []
         for i, image in enumerate(images):
@@ -181,7 +244,7 @@ def chart(rows: Sequence[Mapping[str, Any]], profile: str, reps: int, path: Path
             runs.append(max(0.0, total - float(r["pull_s"])))
             lo.append(total - float(r["total_min_s"]))
             hi.append(float(r["total_max_s"]) - total)
-        color = colors[j % len(colors)]
+        color = colors[mode]
         ax.bar(xs, pulls, width, color=color, alpha=0.55, hatch="//", edgecolor="white", linewidth=0)
         ax.bar(xs, runs, width, bottom=pulls, color=color, label=mode, yerr=[lo, hi], capsize=2)
     for i, image in enumerate(images):
@@ -197,7 +260,8 @@ def chart(rows: Sequence[Mapping[str, Any]], profile: str, reps: int, path: Path
         "hatched: pull; whiskers: min to max; dashes: T_ideal",
         fontsize=10,
     )
-    ax.legend(fontsize="small", ncols=min(4, len(modes)))
+    # Below the axes: over the bars it would hide the tallest ones.
+    ax.legend(fontsize="small", ncols=min(4, len(modes)), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

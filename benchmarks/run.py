@@ -9,7 +9,20 @@ dropped), modes interleaved within a repetition:
   lazysnap-zstdchunked  lazysnap, image converted to zstd:chunked by ctr-remote
   lazysnap-nydus        lazysnap, Nydus-like image (snapshotter.formats.build_nydus; skipped
                         with a note when this checkout does not have it)
+  lazysnap-estargz-profiled
+                        lazysnap, eStargz converted by `lazysnap convert --prefetch-files` with
+                        the workload's startup profile, recorded by lazysnap in a first run
+                        (`[profile] record = true`, `lazysnap profile export`)
+  stargz                the stargz-snapshotter 0.12, built from Debian's packaged Go sources
+                        (benchmarks.stargz_peer; the first run installs golang-go and
+                        golang-github-containerd-stargz-snapshotter-dev with apt and builds it,
+                        ~2 min; skipped with a note if that fails), pulling the eStargz image
+  stargz-profiled       the same peer, eStargz optimized with `ctr-remote image optimize` (runs
+                        the workload once and records the files it accesses)
   NAME                  a peer snapshotter given with --peer
+
+--fs-backend NAME puts `[fs] backend = NAME` into every lazysnap daemon's config, in the cold
+runs and in the small-file walk micro-benchmark (default: unset, lazysnap's own default).
 
 Once per image, the workload also runs with its image local ("warm", overlayfs, 3 times): the
 image sits on a loop-device ext4 without readahead; after dropping the page cache, the image
@@ -39,14 +52,17 @@ It is stopped with SIGTERM (SIGKILL after 20 s). Example, lazysnap without prefe
   --peer-config nopf=nopf.toml     (nopf.toml: [prefetch] enabled = false, background = false)
 
 Output, per profile: benchmarks/results/<date>-<profile>.json (summary rows and every run),
-.md (table) and .png (chart); with the micro-benchmarks (FUSE metadata ops and read throughput
-of a cached lazy layer): <date>-micro.json and .md. Results of an earlier run of the same day
-are kept: the new ones get a suffix (-2, -3, ...). One progress line per run on the terminal.
+.md (tables: every mode, then overlayfs / lazysnap / stargz side by side) and .png (chart); with
+the micro-benchmarks (FUSE metadata ops and read throughput of a cached lazy layer; the
+small-file walk through overlayfs, lazysnap and the stargz peer): <date>-micro.json and .md.
+Results of an earlier run of the same day are kept: the new ones get a suffix (-2, -3, ...).
+One progress line per run on the terminal.
 
-Duration on a 2-core VM: the default (profile cloud, all six images, 3 reps, micro-benchmarks)
-about 10 minutes with the images cached; the first run also builds and converts them (about 6
-minutes more). --profiles slow adds about 15 minutes, far about 25 (at 150 ms RTT each of the
-sympy start's many small first reads waits on the link), --profiles all about 50 in total.
+Duration on a 2-core VM: the default (profile cloud, all six images, all seven modes, 3 reps,
+micro-benchmarks) about 20 minutes with the images cached; the first run also builds, converts
+and profiles them and builds the peer (about 15 minutes more). --profiles slow adds about 25
+minutes, far about 45 (at 150 ms RTT each of the sympy start's many small first reads waits on
+the link), --profiles all about 90 in total.
 --big: the first run builds and converts the 8 GiB image (about 25 minutes), each profile then
 takes a few minutes more.
 """
@@ -58,6 +74,7 @@ import datetime
 import json
 import re
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -65,10 +82,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks import micro, report
+from benchmarks import micro, profiled, report, stargz_peer
 from benchmarks.harness import (
     NYDUS_MODULE,
+    OPTIMIZED,
     OVERLAYFS,
+    PER_WORKLOAD_VARIANTS,
+    PROFILED,
     ImageSet,
     Mode,
     RunResult,
@@ -78,6 +98,7 @@ from benchmarks.harness import (
     cold_run,
     disk_shortfall,
     gcc_workload,
+    image_tag,
     lazysnap_mode,
     model_workload,
     nydus_builder,
@@ -94,8 +115,9 @@ from tests.support.scratch import make_tmpdir, remove_tmpdir
 
 RESULTS = Path(__file__).parent / "results"
 IMAGES = ("model", "model-full", "python", "gcc", "redis", "sympy")
-LAZY_VARIANTS = ("estargz", "zstdchunked", "nydus")
-MODES = ("overlayfs", *(f"lazysnap-{v}" for v in LAZY_VARIANTS))
+LAZY_VARIANTS = ("estargz", "zstdchunked", "nydus", PROFILED)
+STARGZ_MODES = {stargz_peer.NAME: "estargz", f"{stargz_peer.NAME}-profiled": OPTIMIZED}
+MODES = ("overlayfs", *(f"lazysnap-{v}" for v in LAZY_VARIANTS), *STARGZ_MODES)
 PEER_FORMATS = ("estargz", "zstdchunked", "nydus", "gzip")
 BIG_SHARD_MIB = 2048
 
@@ -119,6 +141,15 @@ def workloads(
     return chosen
 
 
+def image_sizes(images: ImageSet, w: Workload) -> dict[str, int]:
+    """Compressed size per variant of ``w``'s image (profiled variants: ``w``'s own tag)."""
+    sizes = {v: n for v, n in images.sizes.items() if "." not in v}
+    for variant in PER_WORKLOAD_VARIANTS:
+        if image_tag(variant, w) in images.sizes:
+            sizes[variant] = images.sizes[image_tag(variant, w)]
+    return sizes
+
+
 def fresh_stem(out: Path, name: str) -> Path:
     """``out/name``, or ``out/name-2``, ``-3``... if an earlier run wrote results under it."""
     stem, n = out / name, 1
@@ -129,8 +160,17 @@ def fresh_stem(out: Path, name: str) -> Path:
 
 
 def modes_for(w: Workload, modes: list[Mode]) -> list[Mode]:
-    """All modes, but the 8 GiB image has no Nydus-like variant: the builder works in memory."""
-    return [m for m in modes if not (w.big and m.variant == "nydus")]
+    """All modes, but the 8 GiB image has no Nydus-like variant (the builder works in memory)
+    and no profiled ones (a profile would prefetch whole 2 GiB shards)."""
+    return [m for m in modes if not (w.big and m.variant in ("nydus", *PER_WORKLOAD_VARIANTS))]
+
+
+def base_variants(w: Workload, modes: list[Mode]) -> list[str]:
+    """The image's tags that ``w``'s modes need (``estargz`` also for profiling with lazysnap)."""
+    variants = {"gzip", *(m.variant for m in modes_for(w, modes))}
+    if PROFILED in variants:
+        variants.add("estargz")
+    return sorted(variants - set(PER_WORKLOAD_VARIANTS))
 
 
 def _pairs(values: list[str], option: str) -> dict[str, str]:
@@ -143,21 +183,42 @@ def _pairs(values: list[str], option: str) -> dict[str, str]:
     return out
 
 
+def _note(notes: list[str], note: str) -> None:
+    print(f"note: {note}", flush=True)
+    notes.append(note)
+
+
+def stargz_binary(cache: Path, notes: list[str]) -> Path | None:
+    """The built stargz peer, or None (with a note saying why) when it cannot be built here."""
+    try:
+        return stargz_peer.build(cache)
+    except (stargz_peer.PeerUnavailableError, OSError, subprocess.SubprocessError) as exc:
+        _note(notes, f"stargz peer skipped: {str(exc).strip()[-600:]}")
+        return None
+
+
 def build_modes(args: argparse.Namespace, notes: list[str]) -> list[Mode]:
     modes: list[Mode] = []
+    peer_binary: Path | None = None
+    peer_tried = False
+    lazysnap_overrides = {"fs": {"backend": args.fs_backend}} if args.fs_backend else {}
     for name in args.modes.split(",") if args.modes else []:
         if name not in MODES:
             raise SystemExit(f"unknown mode {name!r}; choose from {', '.join(MODES)} (peers: --peer)")
         if name == "overlayfs":
             modes.append(OVERLAYFS)
             continue
+        if name in STARGZ_MODES:
+            if not peer_tried:
+                peer_binary, peer_tried = stargz_binary(args.cache, notes), True
+            if peer_binary is not None:
+                modes.append(stargz_peer.mode(peer_binary, name, STARGZ_MODES[name]))
+            continue
         variant = name.removeprefix("lazysnap-")
         if variant == "nydus" and nydus_builder() is None:
-            note = f"lazysnap-nydus skipped: {NYDUS_MODULE} is not in this checkout"
-            print(f"note: {note}", flush=True)
-            notes.append(note)
+            _note(notes, f"lazysnap-nydus skipped: {NYDUS_MODULE} is not in this checkout")
             continue
-        modes.append(lazysnap_mode(variant))
+        modes.append(lazysnap_mode(variant, **lazysnap_overrides))
     peers = _pairs(args.peer, "--peer")
     formats = _pairs(args.peer_format, "--peer-format")
     configs = _pairs(args.peer_config, "--peer-config")
@@ -171,9 +232,7 @@ def build_modes(args: argparse.Namespace, notes: list[str]) -> list[Mode]:
         if fmt not in PEER_FORMATS:
             raise SystemExit(f"--peer-format {name}={fmt}: choose from {', '.join(PEER_FORMATS)}")
         if fmt == "nydus" and nydus_builder() is None:
-            note = f"peer {name} skipped: it wants nydus and {NYDUS_MODULE} is not in this checkout"
-            print(f"note: {note}", flush=True)
-            notes.append(note)
+            _note(notes, f"peer {name} skipped: it wants nydus and {NYDUS_MODULE} is not in this checkout")
             continue
         config = Path(configs[name]).read_text() if name in configs else ""
         modes.append(Mode(name, fmt, "peer", command=command, config=config))
@@ -220,6 +279,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAME=FILE",
         help="text of the peer's {config} file ({root}, {address}, {config} filled in)",
     )
+    parser.add_argument(
+        "--fs-backend",
+        metavar="NAME",
+        help="lazysnap's [fs] backend (e.g. erofs, fuse) in every daemon config (default: unset)",
+    )
     parser.add_argument("--big", action="store_true", help="add model-8g (4 x 2 GiB shards)")
     parser.add_argument(
         "--big-shard-mib", type=int, default=BIG_SHARD_MIB, help="shard size of --big (default 2048)"
@@ -229,6 +293,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--micro-files", type=int, default=10_000, help="small files in the metadata test")
     parser.add_argument("--micro-mib", type=int, default=256, help="file size of the throughput test")
+    parser.add_argument(
+        "--walk-files", type=int, default=5_000, help="files in the small-file walk (0: skip it)"
+    )
     parser.add_argument("--shard-mib", type=int, default=64, help="model shard size (default 64)")
     parser.add_argument("--shards", type=int, default=4, help="model shards, one layer each (default 4)")
     parser.add_argument(
@@ -271,19 +338,19 @@ def main(argv: list[str] | None = None) -> int:
     chosen = workloads(args.image_list, args.shard_mib, args.shards, args.big, args.big_shard_mib)
     for w in [w for w in chosen if w.big]:
         if len(modes_for(w, modes)) < len(modes):
-            note = f"{w.name}: no Nydus-like image (its builder holds the whole image in memory)"
-            print(f"note: {note}", flush=True)
-            notes.append(note)
-        formats = {"gzip", *(m.variant for m in modes_for(w, modes))}
+            _note(
+                notes,
+                f"{w.name}: no Nydus-like image (its builder holds the whole image in memory)"
+                " and no profiled ones",
+            )
+        formats = set(base_variants(w, modes))
         # Peak use: the formats not cached yet, every format in the registry, and one run's
         # containerd (content store + unpacked snapshots); plus 1 GiB of slack.
         uncached = formats - cached_tags(w.source, args.cache)
         need = w.source.approx_bytes() * (len(uncached) + len(formats) + 2) + (1 << 30)
         short = disk_shortfall([args.cache, Path("/tmp"), Path("/var/lib")], need)
         if short:
-            note = f"{w.name} skipped: not enough free disk ({short})"
-            print(f"note: {note}", flush=True)
-            notes.append(note)
+            _note(notes, f"{w.name} skipped: not enough free disk ({short})")
             chosen.remove(w)
     if not chosen:
         raise SystemExit("no images to run")
@@ -298,13 +365,23 @@ def main(argv: list[str] | None = None) -> int:
             image_sets: dict[str, ImageSet] = {}
             for w in chosen:
                 slug = w.source.slug
-                if slug in image_sets:
-                    continue
                 started = time.monotonic()
-                print(f"[images] {w.name}: preparing {slug} ...", flush=True)
-                variants = sorted({"gzip", *(m.variant for m in modes_for(w, modes))})
-                image_sets[slug] = ImageSet(w.source, registry, workdir / slug, args.cache).build(variants)
-                sizes = ", ".join(f"{v} {_mb(n)}" for v, n in image_sets[slug].sizes.items())
+                same = [x for x in chosen if x.source.slug == slug]
+                variants = sorted({v for x in same for v in base_variants(x, modes)})
+                if slug not in image_sets:
+                    print(f"[images] {w.name}: preparing {slug} ...", flush=True)
+                    image_set = ImageSet(w.source, registry, workdir / slug, args.cache)
+                    image_sets[slug] = image_set.build(variants)
+                wanted = [v for v in PER_WORKLOAD_VARIANTS if v in {m.variant for m in modes_for(w, modes)}]
+                try:
+                    profiled.ensure(image_sets[slug], w, wanted)
+                except Exception as exc:  # its runs fail too (no such tag); the other modes go on
+                    traceback.print_exc()
+                    print(f"[images] {w.name}: profiled variants FAILED: {exc}", flush=True)
+                    failures.append(
+                        {"profile": "", "image": w.name, "mode": "profiled images", "error": str(exc)[-2000:]}
+                    )
+                sizes = ", ".join(f"{v} {_mb(n)}" for v, n in image_sizes(image_sets[slug], w).items())
                 print(f"[images] {w.name}: {sizes} ({time.monotonic() - started:.0f}s)", flush=True)
             warm: dict[str, WarmResult] = {}
             for w in chosen:
@@ -328,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
                     "source": w.source.slug,
                     "description": w.description,
                     "command": list(w.command),
-                    "sizes_mb": {v: round(n / 1e6, 1) for v, n in image_sets[w.source.slug].sizes.items()},
+                    "sizes_mb": {
+                        v: round(n / 1e6, 1) for v, n in image_sizes(image_sets[w.source.slug], w).items()
+                    },
                     "warm": asdict(warm[w.name]) if w.name in warm else None,
                 }
                 for w in chosen
@@ -374,8 +453,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         remove_tmpdir(workdir)
     if args.micro:
-        print("[micro] FUSE metadata and throughput ...", flush=True)
-        data = micro.run_all(args.micro_files, args.micro_mib)
+        print("[micro] FUSE metadata, throughput and the small-file walk ...", flush=True)
+        peer = next((m for m in modes if m.name in STARGZ_MODES), None)
+        data = micro.run_all(
+            args.micro_files, args.micro_mib, walk_files=args.walk_files, backend=args.fs_backend, stargz=peer
+        )
         stem = fresh_stem(args.out, f"{date}-micro")
         stem.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
         table = report.micro_markdown(data)

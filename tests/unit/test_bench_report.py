@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import harness, report, run
+from benchmarks import harness, report, run, stargz_peer
 from benchmarks.harness import Mode, PeerSnapshotter, RunResult, WarmResult
 
 
@@ -79,6 +79,11 @@ def test_micro_markdown() -> None:
 
 def test_cli_modes_and_peers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(run, "nydus_builder", lambda: None)
+
+    def no_peer(cache: Path, install: bool = True) -> Path:
+        raise stargz_peer.PeerUnavailableError("golang-go not installed")
+
+    monkeypatch.setattr(stargz_peer, "build", no_peer)
     config = tmp_path / "peer.toml"
     config.write_text("root = '{root}'\n")
     args = run.parse_args(
@@ -93,11 +98,14 @@ def test_cli_modes_and_peers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         ("overlayfs", "gzip", "overlayfs"),
         ("lazysnap-estargz", "estargz", "lazysnap"),
         ("lazysnap-zstdchunked", "zstdchunked", "lazysnap"),
+        ("lazysnap-estargz-profiled", "estargz-profiled", "lazysnap"),
         ("a", "estargz", "peer"),
         ("b", "zstdchunked", "peer"),
     ]
-    assert modes[4].config == "root = '{root}'\n" and modes[4].snapshotter == "b"
-    assert notes and "lazysnap-nydus skipped" in notes[0]
+    assert modes[5].config == "root = '{root}'\n" and modes[5].snapshotter == "b"
+    assert "lazysnap-nydus skipped" in notes[0]
+    # The built-in peer could not be built: said once, for both of its modes.
+    assert notes[1:] == ["stargz peer skipped: golang-go not installed"]
     assert args.profile_list == ["cloud"] and args.image_list == ["python", "gcc"] and args.reps == 3
     assert run.parse_args(["--profiles", "all"]).profile_list == ["cloud", "slow", "far"]
     for bad in (["--peer", "overlayfs=x"], ["--peer", "a b=x"], ["--peer-format", "zz=gzip"]):
