@@ -43,6 +43,7 @@ from snapshotter.formats import build_estargz, locate_toc, parse_toc
 from snapshotter.fuse.layerfs import LayerFS, MountedLayer
 from snapshotter.layertree import LayerTree
 from snapshotter.reader import LayerReader, ReaderConfig
+from snapshotter.scheduler import FetchScheduler, RestPolicy, SchedulerConfig
 from tests.support.lazy import MemoryBlob, running_loop
 from tests.support.scratch import make_tmpdir, remove_tmpdir
 
@@ -58,11 +59,14 @@ def lazy_mount(tar: bytes, workdir: Path, chunk_size: int) -> Iterator[Path]:
     raw = built.blob[location.offset : location.offset + location.length]
     index = parse_toc(raw, location, blob_size=len(built.blob), expected_digest=built.toc_digest)
     cache = ChunkCache(workdir / "cache", 4 * len(built.blob) + (64 << 20))
-    config = ReaderConfig(background=False, prefetch=False)
+    config = ReaderConfig(prefetch=False)
     with running_loop() as loop:
 
         async def make_reader() -> LayerReader:
-            return LayerReader(index, MemoryBlob(built.blob), cache, loop, layer="bench", config=config)
+            scheduler = FetchScheduler(loop, SchedulerConfig(rest=RestPolicy.OFF))
+            return LayerReader(
+                index, MemoryBlob(built.blob), cache, loop, layer="bench", scheduler=scheduler, config=config
+            )
 
         reader = asyncio.run_coroutine_threadsafe(make_reader(), loop).result()
         mountpoint = workdir / "fuse"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from snapshotter import __version__
 from snapshotter.cli_admin import add_admin_parsers, run_admin
-from snapshotter.config import FS_BACKENDS, LOG_LEVELS, load, with_backend
+from snapshotter.config import FS_BACKENDS, LOG_LEVELS, deprecation_warnings, load, with_backend
 from snapshotter.errors import ConfigError
 from snapshotter.logsetup import setup as setup_logging
 
@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"lazysnap: {exc}", file=sys.stderr)
             return 2
+        for warning in deprecation_warnings:
+            print(f"lazysnap: warning: {warning}", file=sys.stderr)
         print(config)
         return 0
     if (code := run_admin(args)) is not None:
@@ -191,6 +193,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"lazysnap: {exc}", file=sys.stderr)
         return 2
     setup_logging(args.log_level or config.log.level, config.log.format)
+    for warning in deprecation_warnings:
+        log.warning(warning)
     try:
         asyncio.run(serve(config, args.config, args.log_level, args.fs_backend))
     except StartupError as exc:
@@ -209,6 +213,8 @@ def _fuse_manager(args: argparse.Namespace) -> int:
         print(f"lazysnap: {exc}", file=sys.stderr)
         return 2
     setup_logging(args.log_level or config.log.level, config.log.format)
+    for warning in deprecation_warnings:
+        log.warning(warning)
     try:
         asyncio.run(serve_manager(config))
     except ManagerRunningError as exc:

@@ -12,6 +12,7 @@ import hashlib
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,9 @@ class FsConfig:
             raise ConfigError(f"{where}fs.blob_workers: {self.blob_workers} is not between 1 and 1024")
 
 
+REST_POLICIES = ("eager", "idle-only", "off")
+
+
 @dataclass(frozen=True)
 class FetchConfig:
     timeout_seconds: float = 30.0  # per HTTP request
@@ -79,6 +83,20 @@ class FetchConfig:
     hosts_dir: Path = Path("/etc/containerd/certs.d")  # containerd's hosts.toml directory
     plain_http_hosts: list[str] = field(default_factory=list)  # besides loopback, always HTTP
     docker_config: str = ""  # "" = $DOCKER_CONFIG/config.json or ~/.docker/config.json
+    # The rest of an image (what startup does not read): "eager" keeps the link busy until it is
+    # local, "idle-only" only while nothing is read on demand, "off" never.
+    rest: str = "eager"
+    rate_bytes: int = 0  # bytes/s cap on everything but on-demand reads; 0 = none
+    connections: int = 16  # concurrent range requests per registry
+    idle_seconds: float = 1.0  # "idle-only": quiet this long after the last on-demand fetch
+
+    def validate(self, where: str) -> None:
+        if self.rest not in REST_POLICIES:
+            raise ConfigError(f"{where}fetch.rest: {self.rest!r} is not one of {', '.join(REST_POLICIES)}")
+        if self.rate_bytes < 0:
+            raise ConfigError(f"{where}fetch.rate_bytes: {self.rate_bytes} is negative")
+        if not 2 <= self.connections <= 256:
+            raise ConfigError(f"{where}fetch.connections: {self.connections} is not between 2 and 256")
 
 
 @dataclass(frozen=True)
@@ -88,19 +106,13 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class PrefetchConfig:
-    enabled: bool = True  # fetch each layer's prioritized files at mount, in one request
-    fetch_whole_below_bytes: int = 8 << 20  # layers this small are fetched whole at mount
-    background: bool = True  # then fetch the rest of the layer, yielding to reads
-    background_rate_bytes: int = 0  # bytes/s cap for the background fetch; 0 = none
-    background_delay_seconds: float = 1.0
-    background_quiet_seconds: float = 0.5  # run only after on-demand reads were quiet this long
+    enabled: bool = True  # fetch each layer's startup set (prioritized files) ahead of reads
 
 
 @dataclass(frozen=True)
 class ReadConfig:
     timeout_seconds: float = 60.0  # a read waiting longer gets EIO
-    readahead_bytes: int = 4 << 20  # a miss also fetches this much more of the same file
-    small_file_readahead_bytes: int = 1 << 20  # a small file's miss also fetches what follows it
+    readahead_bytes: int = 4 << 20  # a file read front to back is fetched at least this far ahead
     merge_gap_bytes: int = 64 << 10  # neighbouring ranges closer than this share a request
     max_request_bytes: int = 16 << 20
 
@@ -174,6 +186,7 @@ class Config:
             )
         self.log.validate(where)
         self.fs.validate(where)
+        self.fetch.validate(where)
         self.cri.validate(where)
         self.metrics.validate(where)
         positive = {
@@ -187,12 +200,8 @@ class Config:
         }
         not_negative = {
             "fetch.max_retries": self.fetch.max_retries,
-            "prefetch.fetch_whole_below_bytes": self.prefetch.fetch_whole_below_bytes,
-            "prefetch.background_rate_bytes": self.prefetch.background_rate_bytes,
-            "prefetch.background_delay_seconds": self.prefetch.background_delay_seconds,
-            "prefetch.background_quiet_seconds": self.prefetch.background_quiet_seconds,
+            "fetch.idle_seconds": self.fetch.idle_seconds,
             "read.readahead_bytes": self.read.readahead_bytes,
-            "read.small_file_readahead_bytes": self.read.small_file_readahead_bytes,
             "read.merge_gap_bytes": self.read.merge_gap_bytes,
         }
         for key, value in positive.items():
@@ -232,10 +241,45 @@ def load(path: Path | None, **overrides: Any) -> Config:
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{where}not valid TOML: {exc}") from None
+    deprecation_warnings[:] = _upgrade(data, where)
     config: Config = _build(Config, data, where, "")
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     config.validate(where)
     return config
+
+
+# Keys of earlier versions: accepted, so that an upgrade does not stop a node's daemon, and said
+# in the log at start. A key that maps to a new one gives it its value (unless that is set too).
+DEPRECATED: dict[str, tuple[str, Callable[[Any], Any]] | None] = {
+    "prefetch.background": ("fetch.rest", lambda on: "eager" if on else "off"),
+    "prefetch.background_rate_bytes": ("fetch.rate_bytes", lambda rate: rate),
+    "prefetch.fetch_whole_below_bytes": None,
+    "prefetch.background_delay_seconds": None,
+    "prefetch.background_quiet_seconds": None,
+    "read.small_file_readahead_bytes": None,
+}
+deprecation_warnings: list[str] = []  # what the last load() found, for the daemon to log
+
+
+def _upgrade(data: dict[str, Any], where: str) -> list[str]:
+    """Move or drop deprecated keys in ``data`` (a parsed TOML document) in place; say what."""
+    said: list[str] = []
+    for old, new in DEPRECATED.items():
+        section, _, key = old.partition(".")
+        table = data.get(section)
+        if not isinstance(table, dict) or key not in table:
+            continue
+        value = table.pop(key)
+        if new is None:
+            said.append(f"{where}{old} is no longer used (the fetch scheduler decides); remove it")
+            continue
+        target, translate = new
+        new_section, _, new_key = target.partition(".")
+        destination = data.setdefault(new_section, {})
+        if isinstance(destination, dict) and new_key not in destination:
+            destination[new_key] = translate(value)
+        said.append(f"{where}{old} is deprecated; use {target}")
+    return said
 
 
 def _build(cls: type[Any], data: dict[str, Any], where: str, prefix: str) -> Any:

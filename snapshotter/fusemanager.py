@@ -54,6 +54,7 @@ from snapshotter.ownership import (
 from snapshotter.profile import ProfileNotFoundError, StartupRecorder
 from snapshotter.reader import ReaderConfig
 from snapshotter.remote import RemoteLayers
+from snapshotter.scheduler import RestPolicy, SchedulerConfig
 from snapshotter.tocstore import TocStore
 
 log = logging.getLogger(__name__)
@@ -190,15 +191,16 @@ def build_remote(
     reader_config = ReaderConfig(
         read_timeout=config.read.timeout_seconds,
         readahead_bytes=config.read.readahead_bytes,
-        small_file_readahead_bytes=config.read.small_file_readahead_bytes,
         merge_gap_bytes=config.read.merge_gap_bytes,
         max_request_bytes=config.read.max_request_bytes,
         prefetch=config.prefetch.enabled,
-        fetch_whole_below_bytes=config.prefetch.fetch_whole_below_bytes,
-        background=config.prefetch.background,
-        background_rate_bytes=config.prefetch.background_rate_bytes,
-        background_delay_seconds=config.prefetch.background_delay_seconds,
-        background_quiet_seconds=config.prefetch.background_quiet_seconds,
+    )
+    scheduler_config = SchedulerConfig(
+        rest=RestPolicy(config.fetch.rest),
+        rate_bytes=config.fetch.rate_bytes,
+        max_connections=config.fetch.connections,
+        reserved_for_on_demand=min(4, config.fetch.connections // 2),
+        idle_seconds=config.fetch.idle_seconds,
     )
     cache = ChunkCache(config.root / "cache", config.cache.max_bytes)
     return RemoteLayers(
@@ -215,6 +217,7 @@ def build_remote(
             else None
         ),
         erofs=choose_backend(config),
+        scheduler_config=scheduler_config,
     )
 
 
@@ -333,7 +336,9 @@ async def _watch(config: Config, remote: RemoteLayers, stop: asyncio.Event) -> N
     while not stop.is_set():
         await asyncio.sleep(WATCH_INTERVAL_SECONDS)
         try:
-            gone = os.stat(root).st_ino != identity
+            # Its own pid file gone counts too: `rm -rf ROOT` removes everything but the mount
+            # points inside (the blob server's), so the directory itself may stay.
+            gone = os.stat(root).st_ino != identity or not manager_pidfile(root).exists()
         except OSError:
             gone = True
         if gone:

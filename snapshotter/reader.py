@@ -1,9 +1,11 @@
 """Chunk reader: "give me bytes [a, b) of file F of this layer".
 
-Owns the path from a read to verified bytes: cache hit, or fetch (coalesced range requests) +
-decompress + verify + store, with one in-flight fetch per chunk however many readers want it.
-Also owns prefetch (the layer's prioritized region, in one request, at mount) and the background
-fetch of the rest, which always yields to on-demand reads.
+Owns the path from a read to verified bytes: cache hit, or fetch + decompress + verify + store,
+with one in-flight fetch per chunk however many readers want it. What to fetch besides what a
+reader is blocked on is decided with the registry's fetch scheduler (``snapshotter.scheduler``):
+the reader is a ``Feeder`` that offers it the layer's startup set (prioritized files), the chunks
+ahead of files being read front to back, and the rest of the layer; the scheduler takes them when
+and as fast as the link allows, on-demand reads always first.
 
 Threads: ``read()`` is called from FUSE worker threads and blocks only its caller; fetching runs
 on the daemon's asyncio loop; decompression, hashing and cache I/O run in worker threads.
@@ -13,30 +15,26 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import concurrent.futures
 import contextlib
 import logging
+import threading
 import time
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from snapshotter.cache import ChunkCache
 from snapshotter.formats import decode_stream
 from snapshotter.formats.index import Chunk, Entry, FormatError, LayerIndex
+from snapshotter.scheduler import BlobSource, FetchScheduler, Job, WorkClass
 
 log = logging.getLogger(__name__)
 
-ON_DEMAND, PREFETCH, BACKGROUND = "on_demand", "prefetch", "background"
-PREFETCH_PARALLEL_REQUESTS = 4
 SEQUENTIAL_SLACK_BYTES = 512 << 10
-
-
-class BlobSource(Protocol):
-    """Byte ranges of one blob; the fetcher's BlobReader satisfies it."""
-
-    async def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]: ...
+MAX_STREAMS = 32  # files tracked as read front to back, most recent first
+REST_RESCAN_SECONDS = 5.0  # after a pass that left chunks uncached (failures), look again this late
 
 
 class ReadError(OSError):
@@ -45,59 +43,22 @@ class ReadError(OSError):
 
 @dataclass(frozen=True)
 class ReaderConfig:
-    read_timeout: float = 60.0  # longest a FUSE read waits before answering EIO
-    readahead_bytes: int = 4 << 20  # on a miss, also fetch this much more of the same file
-    # A small file's miss also fetches the chunks that follow it in the blob, up to this much.
-    small_file_readahead_bytes: int = 1 << 20
-    merge_gap_bytes: int = 64 << 10  # ranges closer than this are fetched in one request
-    max_request_bytes: int = 16 << 20  # split larger coalesced ranges to fetch them in parallel
-    prefetch: bool = True
-    fetch_whole_below_bytes: int = 8 << 20  # layers this small are fetched whole at mount
-    background: bool = True
-    background_batch_bytes: int = 4 << 20
-    background_rate_bytes: int = 0  # bytes/s cap for background fetch; 0 = no cap
-    background_delay_seconds: float = 1.0  # wait after mount before background fetch starts
-    # The background fetch runs only once on-demand reads have been quiet this long, so that a
-    # starting container's bursts of misses never queue behind it.
-    background_quiet_seconds: float = 0.5
+    read_timeout: float = 60.0  # a read fails once no byte has arrived for this long
+    readahead_bytes: int = 4 << 20  # a file read front to back is fetched at least this far ahead
+    merge_gap_bytes: int = 64 << 10  # on-demand ranges closer than this are fetched in one request
+    max_request_bytes: int = 16 << 20  # on-demand coalescing stops at this size
+    prefetch: bool = True  # offer the layer's startup set (prioritized files) to the scheduler
 
 
-class OnDemandActivity:
-    """On-demand fetching across every lazy layer of the daemon. Background fetches of all layers
-    wait for it to be quiet: a starting container's misses in one layer must not queue behind the
-    background fetch of another on the same link. Used on the loop only."""
-
-    def __init__(self) -> None:
-        self.active = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
-        self.last_end = 0.0
-
-    def begin(self) -> None:
-        self.active += 1
-        self.idle.clear()
-
-    def end(self, now: float) -> None:
-        self.active -= 1
-        self.last_end = now
-        if self.active == 0:
-            self.idle.set()
-
-    async def wait_quiet(self, quiet: float, loop: asyncio.AbstractEventLoop) -> None:
-        while True:
-            await self.idle.wait()
-            wait = self.last_end + quiet - loop.time()
-            if wait <= 0 and self.idle.is_set():
-                return
-            await asyncio.sleep(max(wait, 0.01))
+_CLASS_NAMES = [w.name_for_stats for w in WorkClass]
 
 
 @dataclass
 class FetchStats:
     """Compressed bytes fetched from the registry, by reason; served to the admin endpoint."""
 
-    bytes: dict[str, int] = field(default_factory=lambda: {ON_DEMAND: 0, PREFETCH: 0, BACKGROUND: 0})
-    requests: dict[str, int] = field(default_factory=lambda: {ON_DEMAND: 0, PREFETCH: 0, BACKGROUND: 0})
+    bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_CLASS_NAMES, 0))
+    requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_CLASS_NAMES, 0))
     chunks_fetched: int = 0
     # Chunks fetched again after an earlier fetch of them (evicted from the cache meanwhile, or
     # fetched twice by mistake): a cache too small for what is read shows up here.
@@ -137,19 +98,6 @@ def _streams(chunks: Iterable[Chunk]) -> list[_Stream]:
     return [_Stream(b, off, size, tuple(cs.values())) for (b, off, size), cs in sorted(by_stream.items())]
 
 
-def _batches(chunks: list[Chunk], max_bytes: int) -> list[list[Chunk]]:
-    """Split chunks (in blob order) into runs of at most ``max_bytes`` compressed bytes."""
-    batches: list[list[Chunk]] = []
-    size = 0
-    for c in sorted(chunks, key=lambda c: (c.blob, c.compressed_offset)):
-        if not batches or size + c.compressed_size > max_bytes or c.blob != batches[-1][-1].blob:
-            batches.append([])
-            size = 0
-        batches[-1].append(c)
-        size += c.compressed_size
-    return batches
-
-
 def coalesce(streams: Sequence[_Stream], gap: int, max_bytes: int) -> list[tuple[int, int]]:
     """Merge sorted stream extents into few [start, end) ranges: neighbours closer than ``gap``
     share a request, but no request grows beyond ``max_bytes`` unless one stream alone does."""
@@ -163,8 +111,15 @@ def coalesce(streams: Sequence[_Stream], gap: int, max_bytes: int) -> list[tuple
     return [(a, b) for a, b in ranges]
 
 
-async def _gather_none(coros: list[Coroutine[object, object, None]]) -> None:
-    await asyncio.gather(*coros)
+@dataclass
+class _FileStream:
+    """A file being read front to back: where its reader is, and what has been offered ahead."""
+
+    entry: Entry
+    position: int  # where the last read ended
+    run: int  # bytes read sequentially so far
+    next_chunk: int  # the first chunk not offered to the scheduler yet
+    streaming: bool = False  # the run went past the chunk it began in
 
 
 class LayerReader:
@@ -176,10 +131,10 @@ class LayerReader:
         loop: asyncio.AbstractEventLoop,
         *,
         layer: str,
+        scheduler: FetchScheduler,
         other_blobs: Mapping[str, BlobSource] | None = None,
         config: ReaderConfig | None = None,
         executor: Executor | None = None,
-        activity: OnDemandActivity | None = None,
     ) -> None:
         self.index = index
         self.blob = blob
@@ -191,6 +146,7 @@ class LayerReader:
         self.cache = cache
         self.loop = loop
         self.layer = layer
+        self.scheduler = scheduler
         self.config = config or ReaderConfig()
         # Decompression, hashing and cache I/O; a pool of its own so that they never wait behind
         # gRPC calls or mounts that are themselves waiting for chunks.
@@ -199,15 +155,20 @@ class LayerReader:
         self._fetched: set[str] = set()  # digests of the chunks this layer has fetched
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
         self._offsets: dict[str, list[int]] = {}  # per file: its chunks' file offsets, for bisect
-        self.activity = activity or OnDemandActivity()
-        # Per file: where its last read ended, the chunk it reached, the chunk its sequential
-        # stream began in, and the bytes that stream has read.
-        self._read_state: dict[str, tuple[int, int, int, int]] = {}
-        # The layer's own chunks in blob order, built at the first small-file miss.
-        self._blob_order: tuple[list[Chunk], list[int]] | None = None
+        # Files read front to back, most recently read last (touched from reader threads).
+        self._streams: collections.OrderedDict[str, _FileStream] = collections.OrderedDict()
+        self._streams_lock = threading.Lock()
+        # Work offered to the scheduler, in order: the startup set, then every chunk.
+        self._startup: list[Chunk] = self._startup_chunks() if self.config.prefetch else []
+        self._startup_pos = 0
+        self._rest: list[Chunk] = []  # built when the scheduler first asks
+        self._rest_pos = 0
+        self._rest_resume_at = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         # Chunks whose fetch outlasted a read's timeout and is still running (loop only); see _give_up.
         self._timed_out: set[str] = set()
+        self._started = False
+        self.stats.prefetch_done = not self._startup
 
     # --- reads from FUSE threads ------------------------------------------------------------
 
@@ -228,6 +189,8 @@ class LayerReader:
                     return None
                 parts.append(piece)
             out.append(b"".join(parts))
+        for entry, offset, size in extents:
+            self._note_read(entry, offset, min(entry.size, offset + size))
         return out
 
     def read_extents(self, extents: Sequence[tuple[Entry, int, int]]) -> list[bytes]:
@@ -235,23 +198,22 @@ class LayerReader:
         chunk they need in one go: one READ of a data blob spans many small files. Blocks."""
         plans: list[tuple[list[tuple[Chunk, tuple[int, int]]], list[bytes | None]]] = []
         missing: dict[str, Chunk] = {}
-        extra: list[Chunk] = []
         for entry, offset, size in extents:
             end = min(entry.size, offset + size)
             slices = self._slices(entry, offset, end)
             pieces: list[bytes | None] = [self.cache.read_range(c.digest, lo, hi) for c, (lo, hi) in slices]
-            file_missing = [c for (c, _), piece in zip(slices, pieces, strict=True) if piece is None]
-            for c in file_missing:
-                missing.setdefault(c.digest, c)
-            if slices:
-                extra += self._plan_readahead(entry, offset, end, file_missing, extents_in_read=len(extents))
+            for (c, _), piece in zip(slices, pieces, strict=True):
+                if piece is None:
+                    missing.setdefault(c.digest, c)
             plans.append((slices, pieces))
-        extra = [c for c in extra if c.digest not in missing]
+        streaming = False
+        for entry, offset, size in extents:
+            streaming |= self._note_read(entry, offset, min(entry.size, offset + size))
+        if streaming:  # new work ahead of a stream: let the scheduler see it
+            self.loop.call_soon_threadsafe(self.scheduler.pump)
         fetched: dict[str, bytes] = {}
         if missing:
-            future = asyncio.run_coroutine_threadsafe(
-                self._ensure(list(missing.values()), extra, ON_DEMAND), self.loop
-            )
+            future = asyncio.run_coroutine_threadsafe(self._ensure(list(missing.values())), self.loop)
             try:
                 fetched = self._wait(future)
             except TimeoutError:
@@ -262,8 +224,6 @@ class LayerReader:
                     f"layer {self.layer}: read of {names} timed out: no byte arrived for "
                     f"{self.config.read_timeout}s"
                 ) from None
-        elif extra:
-            asyncio.run_coroutine_threadsafe(self._ensure([], extra, ON_DEMAND), self.loop)
         out: list[bytes] = []
         for slices, pieces in plans:
             for i, (c, (lo, hi)) in enumerate(slices):
@@ -286,198 +246,242 @@ class LayerReader:
                     raise
                 waited_from = max(last, waited_from)
 
+    def _chunk_offsets(self, entry: Entry) -> list[int]:
+        offsets = self._offsets.get(entry.name)
+        if offsets is None:
+            offsets = self._offsets[entry.name] = [c.file_offset for c in entry.chunks]
+        return offsets
+
     def _slices(self, entry: Entry, offset: int, end: int) -> list[tuple[Chunk, tuple[int, int]]]:
         """The chunks of ``entry`` that [offset, end) touches, each with the slice of it needed (a
         read is small, chunks are large). A file may hold one chunk twice (zeros): kept by position."""
         if offset >= end:
             return []
         chunks = entry.chunks
-        offsets = self._offsets.get(entry.name)
-        if offsets is None:
-            offsets = self._offsets[entry.name] = [c.file_offset for c in chunks]
-        first = max(0, bisect.bisect_right(offsets, offset) - 1)
+        first = max(0, bisect.bisect_right(self._chunk_offsets(entry), offset) - 1)
         last = first
         while last < len(chunks) and chunks[last].file_offset < end:
             last += 1
         return [
-            (
-                c,
-                (
-                    max(offset, c.file_offset) - c.file_offset,
-                    min(end, c.file_offset + c.size) - c.file_offset,
-                ),
-            )
+            (c, (lo - c.file_offset, min(end, c.file_offset + c.size) - c.file_offset))
             for c in chunks[first:last]
+            for lo in (max(offset, c.file_offset),)
         ]
 
-    def _plan_readahead(
-        self, entry: Entry, offset: int, end: int, missing: list[Chunk], *, extents_in_read: int
-    ) -> list[Chunk]:
-        """What to fetch ahead of this read of ``entry``, besides what it misses.
+    def _note_read(self, entry: Entry, offset: int, end: int) -> bool:
+        """Follow files read front to back. A file becomes a stream once a sequential run of reads
+        has gone past the chunk it began in (a random access, or a short read inside one chunk,
+        is not one: a model loader seeking to one tensor must not pay for the rest of the file).
+        True when this read made new work ahead of a stream."""
+        if offset >= end or len(entry.chunks) < 2:
+            return False
+        with self._streams_lock:
+            stream = self._streams.get(entry.name)
+            # The kernel reads ahead in parallel, so a stream arrives slightly out of order:
+            # "near where the last read ended" counts as sequential.
+            if stream is not None and abs(offset - stream.position) <= SEQUENTIAL_SLACK_BYTES:
+                stream.run += end - offset
+                stream.position = max(stream.position, end)
+                self._streams.move_to_end(entry.name)
+                first = bisect.bisect_right(self._chunk_offsets(entry), end - stream.run) - 1
+                touched = bisect.bisect_right(self._chunk_offsets(entry), end - 1) - 1
+                if touched > max(first, 0):  # past the chunk the run began in: a stream
+                    stream.streaming = True
+                    stream.next_chunk = max(stream.next_chunk, touched + 1)
+                    return True
+                return False
+            self._streams[entry.name] = _FileStream(entry, end, 0, 0)
+            while len(self._streams) > MAX_STREAMS:
+                self._streams.popitem(last=False)
+            return False
 
-        Read ahead only for a file being read sequentially, and only once the stream has gone past
-        the chunk it started in: a random access (a model loader seeking to one tensor), or a short
-        read inside one chunk, should not pay for chunks it will never read. The window then grows
-        with what the stream has read (from readahead_bytes up to 8 times), so a long stream keeps
-        the link busy, however small the chunks."""
-        offsets = self._offsets[entry.name]
-        first = max(0, bisect.bisect_right(offsets, offset) - 1)
-        last = first
-        while last < len(entry.chunks) and entry.chunks[last].file_offset < end:
-            last += 1
-        prev_end, _prev_chunk, first_chunk, run = self._read_state.get(entry.name, (-1, -1, -1, 0))
-        touched = last - 1  # the furthest chunk this read reaches
-        # The kernel issues readahead requests in parallel, so a sequential stream arrives
-        # slightly out of order: "near where the last read ended" counts as sequential.
-        sequential = prev_end >= 0 and abs(offset - prev_end) <= SEQUENTIAL_SLACK_BYTES
-        if sequential:
-            run += end - offset
+    # --- what the scheduler may fetch besides reads (the Feeder) ----------------------------
+
+    def next_job(self, work: WorkClass, max_bytes: int) -> Job | None:
+        """The next piece of ``work`` this layer has, chunks not cached or in flight, in one blob."""
+        if work is WorkClass.STARTUP:
+            chunks, self._startup_pos = self._take(self._startup, self._startup_pos, max_bytes)
+            if not chunks:
+                self.stats.prefetch_done = True
+        elif work is WorkClass.STREAM:
+            chunks = self._take_stream(max_bytes)
+        elif work is WorkClass.REST:
+            chunks = self._take_rest(max_bytes)
         else:
-            run, first_chunk = 0, first
-        self._read_state[entry.name] = (end, touched, first_chunk, run)
-        window = 0
-        if run and touched != first_chunk:
-            window = min(max(run, self.config.readahead_bytes), self.config.readahead_bytes * 8)
-        extra = self._readahead(entry, last, window) if window else []
-        if missing and not extra and len(entry.chunks) == 1 and extents_in_read == 1:
-            # A small file read for the first time: its neighbours in the blob are most likely
-            # read next (a package's files lie together), so they share its round trip. (A read
-            # spanning several files comes from a data blob, whose reader reads ahead itself.)
-            extra = self._neighbours(missing[-1], self.config.small_file_readahead_bytes)
-        if not missing and extra and touched == _prev_chunk:
-            return []  # still inside the chunk whose readahead was asked for last time
-        return extra
+            return None
+        if not chunks:
+            return None
+        return self._job(chunks, work)
 
-    def _neighbours(self, chunk: Chunk, budget: int) -> list[Chunk]:
-        """Uncached chunks that follow ``chunk`` in its blob, up to ``budget`` compressed bytes."""
-        if budget <= 0 or chunk.blob:
-            return []
-        if self._blob_order is None:  # FUSE threads may race here: each builds the same pair
-            chunks = [c for c in self.all_chunks() if not c.blob]
-            self._blob_order = (chunks, [c.compressed_offset for c in chunks])
-        order, offsets = self._blob_order
-        extra: list[Chunk] = []
-        i = bisect.bisect_right(offsets, chunk.compressed_offset)
-        while i < len(order) and budget > 0:
-            c = order[i]
-            budget -= c.compressed_size
-            if c.digest != chunk.digest and c.digest not in self._inflight and c.digest not in self.cache:
-                extra.append(c)
-            i += 1
-        return extra
-
-    def _readahead(self, entry: Entry, after: int, budget: int) -> list[Chunk]:
-        """Uncached chunks of the file from index ``after``, up to ``budget`` compressed bytes."""
-        extra: list[Chunk] = []
-        for i in range(after, len(entry.chunks)):
-            c = entry.chunks[i]
-            if budget <= 0:
+    def _take(self, order: list[Chunk], pos: int, max_bytes: int) -> tuple[list[Chunk], int]:
+        """Chunks of ``order`` from ``pos`` on that nobody has or is fetching, all in one blob and
+        at most ``max_bytes`` of compressed streams (at least one); and where to go on next time."""
+        taken: list[Chunk] = []
+        streams: set[tuple[int, int]] = set()
+        size = 0
+        while pos < len(order):
+            c = order[pos]
+            if c.digest in self._inflight or c.digest in self.cache:
+                pos += 1
+                continue
+            if taken and c.blob != taken[0].blob:
                 break
-            budget -= c.compressed_size
-            if c.digest not in self._inflight and c.digest not in self.cache:
-                extra.append(c)
-        return extra
+            key = (c.compressed_offset, c.compressed_size)
+            extra = 0 if key in streams else c.compressed_size
+            if taken and size + extra > max_bytes:
+                break
+            taken.append(c)
+            streams.add(key)
+            size += extra
+            pos += 1
+        return taken, pos
+
+    def _take_stream(self, max_bytes: int) -> list[Chunk]:
+        """Chunks ahead of the most recently read stream that still has some within its window:
+        at least ``readahead_bytes`` ahead, and as much as the stream has read and the link holds
+        (two bandwidth-delay products), so a file read front to back arrives at link speed."""
+        link_ahead = int(2 * self.scheduler.link.bdp)
+        with self._streams_lock:
+            for stream in reversed(self._streams.values()):
+                if not stream.streaming:
+                    continue
+                entry = stream.entry
+                window = max(self.config.readahead_bytes, min(stream.run, 8 * self.config.readahead_bytes))
+                horizon = stream.position + max(window, link_ahead)
+                ahead = [c for c in entry.chunks[stream.next_chunk :] if c.file_offset < horizon]
+                taken, used = self._take(ahead, 0, max_bytes)
+                stream.next_chunk += used
+                if taken:
+                    return taken
+        return []
+
+    def _take_rest(self, max_bytes: int) -> list[Chunk]:
+        if self.stats.background_done or self.loop.time() < self._rest_resume_at:
+            return []
+        if not self._rest:
+            self._rest = self.all_chunks()
+        taken, self._rest_pos = self._take(self._rest, self._rest_pos, max_bytes)
+        if taken or self._inflight:
+            return taken
+        # A whole pass found nothing to fetch: done, unless chunks went missing (failed fetches,
+        # evictions); look again later rather than spin.
+        self._rest_pos = 0
+        if all(c.digest in self.cache for c in self._rest):
+            self.stats.background_done = True
+            log.info("layer complete in the cache", extra={"layer": self.layer})
+        else:
+            self._rest_resume_at = self.loop.time() + REST_RESCAN_SECONDS
+            self.loop.call_later(REST_RESCAN_SECONDS, self.scheduler.pump)
+        return []
+
+    def _job(self, chunks: list[Chunk], work: WorkClass) -> Job:
+        streams = self._register(chunks)
+        blob = streams[0].blob
+        ranges = coalesce(streams, 1 << 62, 1 << 62)  # lower-class pieces are sized by the scheduler
+
+        async def deliver(result: list[bytes] | BaseException) -> None:
+            await self._delivered(streams, ranges, work, result)
+
+        return Job(self.blobs[blob], ranges, work, deliver)
 
     # --- fetching on the loop -------------------------------------------------------------------
 
-    async def _ensure(self, wanted: list[Chunk], extra: list[Chunk], reason: str) -> dict[str, bytes]:
-        """Bytes of every ``wanted`` chunk, fetching what no one is fetching yet (plus ``extra``,
-        whose failure does not fail the read)."""
-        if reason == ON_DEMAND:
-            self.activity.begin()
-        try:
-            if any(c.digest in self._timed_out for c in wanted):
-                raise ReadError(f"layer {self.layer}: still fetching chunks whose read timed out")
-            # A chunk may have landed between the reader's cache check and now (a readahead
-            # fetched it): take it from the cache rather than fetch it twice.
-            landed: dict[str, bytes] = {}
-            for c in wanted:
-                if c.digest not in self._inflight and c.digest not in landed and c.digest in self.cache:
-                    data = await self.loop.run_in_executor(self.executor, self.cache.get, c.digest)
-                    if data is not None:
-                        landed[c.digest] = data
-            wanted = [c for c in wanted if c.digest not in landed]
-            waits = {c.digest: self._inflight[c.digest] for c in wanted if c.digest in self._inflight}
-            # One fetch per distinct chunk: a file of zeros repeats the same chunk many times.
-            todo = list({c.digest: c for c in [*wanted, *extra] if c.digest not in self._inflight}.values())
-            if todo:
-                self._start_fetch(todo, reason)
-                waits.update({c.digest: self._inflight[c.digest] for c in wanted if c.digest not in waits})
-            result = landed
-            for digest, fut in waits.items():
-                try:
-                    result[digest] = await asyncio.shield(fut)
-                except Exception as exc:  # registry, format and cache errors alike: EIO to the reader
-                    raise ReadError(f"layer {self.layer}: {exc}") from exc
-            return result
-        finally:
-            if reason == ON_DEMAND:
-                self.activity.end(self.loop.time())
+    async def _ensure(self, wanted: list[Chunk]) -> dict[str, bytes]:
+        """Bytes of every ``wanted`` chunk, fetching on demand what no one is fetching yet."""
+        if any(c.digest in self._timed_out for c in wanted):
+            raise ReadError(f"layer {self.layer}: still fetching chunks whose read timed out")
+        # A chunk may have landed between the reader's cache check and now (fetched ahead of a
+        # stream, say): take it from the cache rather than fetch it twice.
+        landed: dict[str, bytes] = {}
+        for c in wanted:
+            if c.digest not in self._inflight and c.digest not in landed and c.digest in self.cache:
+                data = await self.loop.run_in_executor(self.executor, self.cache.get, c.digest)
+                if data is not None:
+                    landed[c.digest] = data
+        wanted = [c for c in wanted if c.digest not in landed]
+        waits = {c.digest: self._inflight[c.digest] for c in wanted if c.digest in self._inflight}
+        # One fetch per distinct chunk: a file of zeros repeats the same chunk many times.
+        todo = list({c.digest: c for c in wanted if c.digest not in self._inflight}.values())
+        if todo:
+            self._fetch_on_demand(todo)
+            waits.update({c.digest: self._inflight[c.digest] for c in wanted if c.digest not in waits})
+        result = landed
+        for digest, fut in waits.items():
+            try:
+                result[digest] = await asyncio.shield(fut)
+            except Exception as exc:  # registry, format and cache errors alike: EIO to the reader
+                raise ReadError(f"layer {self.layer}: {exc}") from exc
+        return result
 
-    def _start_fetch(
-        self, chunks: list[Chunk], reason: str, *, gap: int | None = None, max_bytes: int | None = None
-    ) -> asyncio.Task[None]:
-        """Register every chunk no one is fetching yet as in flight, then fetch them in one task."""
+    def _register(self, chunks: Iterable[Chunk]) -> list[_Stream]:
+        """Count these chunks as in flight (one future each) and group them by stream."""
         streams = _streams(c for c in chunks if c.digest not in self._inflight)
         for s in streams:
             for c in s.chunks:
                 fut = self.loop.create_future()
                 fut.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
                 self._inflight[c.digest] = fut
-        by_blob: dict[str, list[_Stream]] = {}
-        for s in streams:
-            by_blob.setdefault(s.blob, []).append(s)
-        fetches = [
-            self._fetch(
-                blob,
-                group,
-                coalesce(
-                    group,
-                    self.config.merge_gap_bytes if gap is None else gap,
-                    self.config.max_request_bytes if max_bytes is None else max_bytes,
-                ),
-                reason,
-            )
-            for blob, group in by_blob.items()
-        ]
-        task = self.loop.create_task(_gather_none(fetches))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return streams
 
-    async def _fetch(
-        self, blob: str, streams: list[_Stream], ranges: list[tuple[int, int]], reason: str
-    ) -> None:
+    def _fetch_on_demand(self, chunks: list[Chunk]) -> None:
+        by_blob: dict[str, list[_Stream]] = {}
+        for s in self._register(chunks):
+            by_blob.setdefault(s.blob, []).append(s)
+        for blob, group in by_blob.items():
+            ranges = coalesce(group, self.config.merge_gap_bytes, self.config.max_request_bytes)
+            task = self.loop.create_task(self._fetch(blob, group, ranges))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _fetch(self, blob: str, streams: list[_Stream], ranges: list[tuple[int, int]]) -> None:
+        result: list[bytes] | BaseException
         try:
-            started = time.monotonic()
-            blobs = await self.blobs[blob].read_ranges(ranges)
-            self.stats.bytes[reason] += sum(len(b) for b in blobs)
-            self.stats.requests[reason] += len(ranges)
-            log.debug(
-                "fetched",
-                extra={
-                    "layer": self.layer,
-                    "reason": reason,
-                    "ranges": len(ranges),
-                    "bytes": sum(len(b) for b in blobs),
-                    "ms": round((time.monotonic() - started) * 1000, 1),
-                },
-            )
+            result = await self.scheduler.fetch(self.blobs[blob], ranges)
         except asyncio.CancelledError:
-            for s in streams:
-                self._fail(s.chunks, ReadError(f"layer {self.layer}: fetch cancelled"))
+            self._fail_streams(streams, ReadError(f"layer {self.layer}: fetch cancelled"))
             raise
         except Exception as exc:  # the fetcher's errors
-            for s in streams:
-                self._fail(s.chunks, exc)
-            log.warning("fetch failed", extra={"layer": self.layer, "reason": reason, "error": str(exc)})
+            result = exc
+        await self._delivered(streams, ranges, WorkClass.ON_DEMAND, result)
+
+    async def _delivered(
+        self,
+        streams: list[_Stream],
+        ranges: list[tuple[int, int]],
+        work: WorkClass,
+        result: list[bytes] | BaseException,
+    ) -> None:
+        """Bytes (or the error) of a fetch: cut them into streams, decode, verify, store."""
+        reason = work.name_for_stats
+        if isinstance(result, BaseException):
+            self._fail_streams(streams, result)
+            if not isinstance(result, asyncio.CancelledError):
+                log.warning(
+                    "fetch failed", extra={"layer": self.layer, "reason": reason, "error": str(result)}
+                )
             return
+        self.stats.bytes[reason] += sum(len(b) for b in result)
+        self.stats.requests[reason] += len(ranges)
+        log.debug(
+            "fetched",
+            extra={
+                "layer": self.layer,
+                "reason": reason,
+                "ranges": len(ranges),
+                "bytes": sum(map(len, result)),
+            },
+        )
+        starts = [r[0] for r in ranges]
         jobs = []
         for s in streams:
-            i = bisect.bisect_right([r[0] for r in ranges], s.offset) - 1
+            i = bisect.bisect_right(starts, s.offset) - 1
             start = s.offset - ranges[i][0]
-            jobs.append((s, blobs[i][start : start + s.size]))
+            jobs.append((s, result[i][start : start + s.size]))
         await asyncio.gather(*(self._decode(s, raw) for s, raw in jobs))
+
+    def _fail_streams(self, streams: list[_Stream], exc: BaseException) -> None:
+        for s in streams:
+            self._fail(s.chunks, exc)
 
     async def _decode(self, stream: _Stream, raw: bytes) -> None:
         """Decode and verify in a worker thread, hand the bytes to the readers waiting for them,
@@ -557,88 +561,50 @@ class LayerReader:
                 seen.setdefault(c.digest, c)
         return sorted(seen.values(), key=lambda c: (c.blob, c.compressed_offset, c.inner_offset))
 
+    def _startup_chunks(self) -> list[Chunk]:
+        """The layer's startup set in the order it is wanted: the chunks of its prioritized files
+        in access order (eStargz: everything before the landmark, which [0, prefetch_end) holds;
+        those in lower layers' blobs, for the Nydus-like format, by the prefetch list)."""
+        if self.index.no_prefetch:
+            return []
+        seen: dict[str, Chunk] = {}
+        for name in self.index.prefetch:
+            entry = self.index.entries.get(name)
+            if entry is not None:
+                for c in entry.chunks:
+                    seen.setdefault(c.digest, c)
+        end = self.index.prefetch_end
+        if end > 0:
+            for c in self.all_chunks():
+                if not c.blob and c.compressed_offset + c.compressed_size <= end:
+                    seen.setdefault(c.digest, c)
+        return list(seen.values())
+
+    def seed(self, offset: int, data: bytes) -> None:
+        """Blob bytes [offset, offset + len(data)) of this layer's own blob fetched already (the
+        mount fetched the blob's tail for the footer and TOC, and with it the last chunks): decode
+        and keep the chunks whose streams lie inside, instead of fetching them again. On the loop."""
+        end = offset + len(data)
+        inside = [
+            c
+            for c in self.all_chunks()
+            if not c.blob and offset <= c.compressed_offset and c.compressed_offset + c.compressed_size <= end
+        ]
+        streams = self._register(c for c in inside if c.digest not in self.cache)
+        for stream in streams:
+            raw = data[stream.offset - offset : stream.offset - offset + stream.size]
+            task = self.loop.create_task(self._decode(stream, raw))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     def start(self) -> None:
-        """Begin prefetch and background fetch (on the loop); returns at once."""
-        task = self.loop.create_task(self._warm())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _warm(self) -> None:
-        try:
-            await self._prefetch()
-            if self.config.background:
-                await asyncio.sleep(self.config.background_delay_seconds)
-                await self._background()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("prefetch/background fetch stopped", extra={"layer": self.layer, "error": str(exc)})
-
-    def _uncached(self, chunks: Iterable[Chunk]) -> list[Chunk]:
-        return [c for c in chunks if c.digest not in self.cache and c.digest not in self._inflight]
-
-    async def _prefetch(self) -> None:
-        if not self.config.prefetch:
-            self.stats.prefetch_done = True
-            return
-        chunks = self.all_chunks()
-        if self.index.blob_size > self.config.fetch_whole_below_bytes:
-            end = self.index.prefetch_end
-            # Prioritized chunks stored once per image in a lower layer's blob lie outside
-            # [0, prefetch_end) of this blob; the prefetch list names them.
-            elsewhere = {
-                c.digest
-                for name in self.index.prefetch
-                if (e := self.index.entries.get(name)) is not None
-                for c in e.chunks
-                if c.blob
-            }
-            if self.index.no_prefetch or (end <= 0 and not elsewhere):
-                self.stats.prefetch_done = True
-                return
-            chunks = [
-                c
-                for c in chunks
-                if (not c.blob and c.compressed_offset + c.compressed_size <= end) or c.digest in elsewhere
-            ]
-        todo = await self.loop.run_in_executor(self.executor, self._uncached, chunks)
-        # Everything prioritized lies in [0, prefetch_end): few large requests, a bounded number
-        # in flight (memory), each resolving its chunks as it lands so reads need not wait for all.
-        batches = _batches(todo, self.config.max_request_bytes)
-        in_flight = asyncio.Semaphore(PREFETCH_PARALLEL_REQUESTS)
-
-        async def fetch(batch: list[Chunk]) -> None:
-            async with in_flight:
-                await self._start_fetch(batch, PREFETCH, gap=1 << 62)
-
-        await asyncio.gather(*(fetch(b) for b in batches))
-        self.stats.prefetch_done = True
-
-    async def _background(self) -> None:
-        batch: list[Chunk] = []
-        batch_bytes = 0
-        for c in await self.loop.run_in_executor(self.executor, self._uncached, self.all_chunks()):
-            batch.append(c)
-            batch_bytes += c.compressed_size
-            if batch_bytes >= self.config.background_batch_bytes:
-                await self._background_batch(batch, batch_bytes)
-                batch, batch_bytes = [], 0
-        if batch:
-            await self._background_batch(batch, batch_bytes)
-        self.stats.background_done = True
-
-    async def _background_batch(self, batch: list[Chunk], nbytes: int) -> None:
-        # On-demand reads, of any layer, always go first.
-        await self.activity.wait_quiet(self.config.background_quiet_seconds, self.loop)
-        todo = [c for c in batch if c.digest not in self._inflight]
-        if todo:
-            started = time.monotonic()
-            await self._start_fetch(todo, BACKGROUND)
-            if self.config.background_rate_bytes > 0:
-                budget = nbytes / self.config.background_rate_bytes
-                await asyncio.sleep(max(0.0, budget - (time.monotonic() - started)))
+        """Offer the scheduler this layer's startup set, streams and rest (call on the loop)."""
+        if not self._started:
+            self._started = True
+            self.scheduler.add_feeder(self)
 
     async def close(self) -> None:
+        self.scheduler.remove_feeder(self)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

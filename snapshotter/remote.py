@@ -55,7 +55,8 @@ from snapshotter.fuse.layerfs import FsObserver, LayerFS, MountedLayer
 from snapshotter.layertree import LayerTree
 from snapshotter.mounts import mount_type, unmount
 from snapshotter.profile import StartupRecorder
-from snapshotter.reader import LayerReader, OnDemandActivity, ReaderConfig
+from snapshotter.reader import LayerReader, ReaderConfig
+from snapshotter.scheduler import FetchScheduler, SchedulerConfig
 from snapshotter.tocstore import StoredToc, TocStore
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class RemoteLayers:
         mount_timeout: float = 60.0,
         recorder: StartupRecorder | None = None,
         erofs: ErofsLayers | None = None,
+        scheduler_config: SchedulerConfig | None = None,
     ) -> None:
         self.client = client
         # The kernel backend (EROFS over data blobs); None: the per-file FUSE backend.
@@ -154,7 +156,9 @@ class RemoteLayers:
         # Pools of their own: mounting waits on the loop, chunk decoding must never queue behind it.
         self.mount_executor = ThreadPoolExecutor(8, thread_name_prefix="lazysnap-mount")
         self.chunk_executor = ThreadPoolExecutor(8, thread_name_prefix="lazysnap-chunk")
-        self.activity = OnDemandActivity()  # shared: background fetches yield to any layer's reads
+        # One fetch scheduler per registry host, shared by every layer and image fetched from it.
+        self.scheduler_config = scheduler_config or SchedulerConfig()
+        self.schedulers: dict[str, FetchScheduler] = {}
         self._mounts: dict[Path, _Mounted] = {}
         self._mount_locks: collections.defaultdict[Path, threading.Lock] = collections.defaultdict(
             threading.Lock
@@ -164,6 +168,9 @@ class RemoteLayers:
         self._indexes: dict[str, asyncio.Task[Indexed]] = {}  # TOCs being fetched, by layer digest
         # Of those, the ones fetched ahead for a neighbour: digest -> when the fetch started.
         self._speculative: dict[str, float] = {}
+        # The blob tails fetched with each layer's metadata (its last chunks come with the footer
+        # and TOC), until the layer is mounted and its reader takes them: digest -> (offset, bytes).
+        self._tails: dict[str, tuple[int, bytes]] = {}
         self.not_lazy = collections.Counter[str]()  # reason -> layers pulled normally
         self._closed = False
         self.lazy_mounts = 0
@@ -291,10 +298,21 @@ class RemoteLayers:
             self.loop,
             layer=ref.digest,
             other_blobs={d: self.client.blob(ref.reference, d, size) for d, size in index.blobs.items()},
+            scheduler=self._scheduler(ref),
             config=self.reader_config,
             executor=self.chunk_executor,
-            activity=self.activity,
         )
+
+    def _scheduler(self, ref: LayerRef) -> FetchScheduler:
+        """The fetch scheduler of the layer's registry (mirrors included: one link to reason about)."""
+        try:
+            host = parse_reference(ref.reference).host
+        except InvalidReferenceError as exc:
+            raise NotLazyError("bad-labels", str(exc)) from None
+        scheduler = self.schedulers.get(host)
+        if scheduler is None:
+            scheduler = self.schedulers[host] = FetchScheduler(self.loop, self.scheduler_config, name=host)
+        return scheduler
 
     def _first_reads(self, ref: LayerRef) -> Callable[[str], None] | None:
         if self.recorder is None:
@@ -355,6 +373,9 @@ class RemoteLayers:
             mount = FuseMount(fuse)
         self._mounts[mountpoint] = _Mounted(ref, index, reader, mount)
         self.lazy_mounts += 1
+        tail = self._tails.pop(ref.digest, None)
+        if tail is not None:
+            reader.seed(*tail)
         reader.start()
         log.info(
             "layer mounted lazily",
@@ -477,6 +498,7 @@ class RemoteLayers:
             elif now - started > SPECULATIVE_TTL_SECONDS and task.done():
                 del self._speculative[digest]
                 del self._indexes[digest]  # its metadata stays stored; a mount parses it again
+                self._tails.pop(digest, None)
 
     def _start_index(self, ref: LayerRef, labels: Mapping[str, str]) -> asyncio.Task[Indexed]:
         task = self.loop.create_task(self._fetch_index(ref, labels))
@@ -589,6 +611,10 @@ class RemoteLayers:
             raise NotLazyError(fetch_failure_reason(exc), f"{ref.digest}: {exc}") from None
         except FormatError as exc:
             raise NotLazyError("bad-toc", f"{ref.digest}: {exc}") from None
+        if location.offset > tail_start:  # the tail holds chunks too: the reader takes them
+            self._tails[ref.digest] = (tail_start, tail[: location.offset - tail_start])
+            while len(self._tails) > 2 * MAX_NEIGHBOURS:  # layers never mounted: forget the oldest
+                del self._tails[next(iter(self._tails))]
         stored = StoredToc(ref.reference, size, expected, fmt.name, location, raw)
         await self.loop.run_in_executor(self.mount_executor, self.tocs.save, ref.digest, stored)
         return index
@@ -611,6 +637,8 @@ class RemoteLayers:
                 await self.loop.run_in_executor(
                     self.mount_executor, functools.partial(self.erofs.stop, handover=False)
                 )
+        for scheduler in self.schedulers.values():
+            await scheduler.close()
         await self.client.close()
         if self.recorder is not None:
             await self.loop.run_in_executor(self.mount_executor, self.recorder.flush)

@@ -46,6 +46,7 @@ from snapshotter.fetcher.hosts import RegistryHost
 from snapshotter.fetcher.manifest import ManifestError, matches_digest
 from snapshotter.fetcher.multipart import MultipartError, parse_content_range, range_header
 from snapshotter.fetcher.reference import Reference
+from snapshotter.fetcher.timing import response_started
 from snapshotter.fetcher.transfer import Answer, PastEnd, Piece, SizeMismatch, Transfer, WrongAnswer
 from snapshotter.fetcher.transport import (
     Progress,
@@ -369,6 +370,7 @@ class BlobReader:
 
         async def handler(resp: aiohttp.ClientResponse) -> _Outcome:
             status = resp.status
+            response_started()
             if 300 <= status < 400 or (target.foreign and status in (401, 403)):
                 raise _Expired()  # a presigned URL expired, or the registry now redirects elsewhere
             if not asked:

@@ -151,8 +151,7 @@ def lazy_stack(lazysnap_stack: LazysnapStack) -> tuple[LazysnapDaemon, Container
     fetches a file's neighbours (so that what is fetched is what containers read), and a
     containerd that uses it."""
     return lazysnap_stack(
-        prefetch={"background": False, "fetch_whole_below_bytes": 0},
-        read={"small_file_readahead_bytes": 0},
+        fetch={"rest": "off"},
     )
 
 

@@ -56,7 +56,7 @@ def test_bench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         )
     )
     peer_config = tmp_path / "nopf.toml"
-    peer_config.write_text("[prefetch]\nenabled = false\nbackground = false\nfetch_whole_below_bytes = 0\n")
+    peer_config.write_text('[prefetch]\nenabled = false\n[fetch]\nrest = "off"\n')
     serve = f"{sys.executable} -m snapshotter serve --root {{root}} --address {{address}} --config {{config}}"
     out = tmp_path / "results"
     code = run.main(

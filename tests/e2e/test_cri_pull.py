@@ -139,8 +139,11 @@ def cri_stack() -> Iterator[MakeStack]:
         daemon.config = write_config(
             workdir / "config.toml",
             {
-                "prefetch": {"background": False, "fetch_whole_below_bytes": 0},
-                "fetch": {"hosts_dir": str(certs_d), "docker_config": str(workdir / "no-config.json")},
+                "fetch": {
+                    "rest": "off",
+                    "hosts_dir": str(certs_d),
+                    "docker_config": str(workdir / "no-config.json"),
+                },
                 "cri": {
                     "enable": True,
                     "listen": str(workdir / "cri.sock"),

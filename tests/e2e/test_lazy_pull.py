@@ -207,7 +207,7 @@ def test_cache_stays_under_its_limit_while_reads_stay_correct(
     lazy_images: LazyImages, proxy: CountingProxy, lazysnap_stack: LazysnapStack
 ) -> None:
     limit = 6 << 20  # well under the 16 MiB file the container reads, twice
-    daemon, cd = lazysnap_stack(cache={"max_bytes": limit}, prefetch={"background": False})
+    daemon, cd = lazysnap_stack(cache={"max_bytes": limit}, fetch={"rest": "off"})
     ref = f"{proxy.host}/{lazy_images.estargz}"
     cd.rpull(ref)
     want = hashlib.sha256(lazy_images.large).hexdigest()
@@ -228,7 +228,7 @@ def mount_tiny_cache(workdir: Path) -> None:
 def test_full_disk_under_the_cache_degrades_to_uncached_reads(
     lazy_images: LazyImages, proxy: CountingProxy, lazysnap_stack: LazysnapStack
 ) -> None:
-    daemon, cd = lazysnap_stack(prepare=mount_tiny_cache, prefetch={"background": False})
+    daemon, cd = lazysnap_stack(prepare=mount_tiny_cache, fetch={"rest": "off"})
     ref = f"{proxy.host}/{lazy_images.estargz}"
     cd.rpull(ref)
     out = run_in_container(cd, ref, "/bin/sh", "-c", LARGE_SHA256, snapshotter=SNAPSHOTTER)

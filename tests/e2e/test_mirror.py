@@ -104,8 +104,7 @@ def start_read_and_check(setup: MirrorSetup, lazysnap_stack: LazysnapStack, name
         phase.mirror[label] = setup.mirror.reset()
 
     daemon, cd = lazysnap_stack(
-        prefetch={"background": False, "fetch_whole_below_bytes": 0},
-        fetch={"hosts_dir": str(setup.hosts_dir)},
+        fetch={"rest": "off", "hosts_dir": str(setup.hosts_dir)},
     )
     try:
         cd.rpull(setup.ref, extra_args=["--hosts-dir", str(setup.hosts_dir)])

@@ -65,7 +65,8 @@ def recording_stack(lazysnap_stack: LazysnapStack) -> tuple[LazysnapDaemon, Cont
     """lazysnap fetching only what is read (no prefetch, no background) and recording startup
     profiles, under a private containerd."""
     return lazysnap_stack(
-        prefetch={"enabled": False, "background": False, "fetch_whole_below_bytes": 0},
+        prefetch={"enabled": False},
+        fetch={"rest": "off"},
         profile={"record": True, "window_seconds": 120},
     )
 

@@ -59,8 +59,7 @@ def stack(lazysnap_stack: LazysnapStack, tmp_path: Path) -> Stack:
             config_json.write_text(docker_config)
             config_json.chmod(0o600)
         return lazysnap_stack(
-            prefetch={"background": False, "fetch_whole_below_bytes": 0},
-            fetch={"docker_config": str(config_json)},
+            fetch={"rest": "off", "docker_config": str(config_json)},
         )
 
     return make

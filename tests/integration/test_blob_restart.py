@@ -25,6 +25,7 @@ from tests.support.services import terminate_pid
 
 MiB = 1 << 20
 SIZE = 64 * MiB
+REPO = Path(__file__).resolve().parents[2]
 LABEL = "restart"
 
 
@@ -67,7 +68,9 @@ class Bench:
             args += ["--holder", str(self.root / "holder.sock")]
         log = open(self.root / f"server{n}.log", "wb")  # noqa: SIM115 - the child writes it
         cmd = (argv0 or [sys.executable]) + ["-m", "tests.support.blobserve", *args]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, pass_fds=pass_fds)
+        # From the repository, whatever the cwd: libfuse's loop (the per-file backend's tests, run
+        # earlier in the same process) leaves the process in "/".
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, pass_fds=pass_fds, cwd=REPO)
         log.close()
         self.procs.append(proc)
         assert wait_until(lambda: ready.exists() or proc.poll() is not None), "server did not start"

@@ -28,6 +28,7 @@ from snapshotter.formats.index import Compression, LayerIndex
 from snapshotter.fuse.layerfs import LayerFS, MountedLayer
 from snapshotter.layertree import LayerTree
 from snapshotter.reader import LayerReader, ReaderConfig
+from snapshotter.scheduler import FetchScheduler, RestPolicy, SchedulerConfig
 from tests.support.erofs import Image, assert_fsck_accepts, mounted, write_blob
 from tests.support.layercheck import tar_mismatches
 from tests.support.lazy import MemoryBlob
@@ -119,9 +120,10 @@ def test_mounted_layer_equals_its_source_tar(
     index = parse_toc(raw, location, blob_size=size, expected_digest=built.toc_digest)
 
     async def make_reader() -> LayerReader:
-        config = ReaderConfig(background=False, prefetch=False)
+        config = ReaderConfig(prefetch=False)
+        scheduler = FetchScheduler(loop, SchedulerConfig(rest=RestPolicy.OFF))
         return LayerReader(index, MemoryBlob(built.blob), ChunkCache(workdir / "cache", 1 << 30), loop,
-                           layer=built.digest, config=config)  # fmt: skip
+                           layer=built.digest, scheduler=scheduler, config=config)  # fmt: skip
 
     reader = asyncio.run_coroutine_threadsafe(make_reader(), loop).result(5)
     mountpoint = workdir / "mnt"

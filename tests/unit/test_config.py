@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.config import Config, load
+from snapshotter.config import Config, deprecation_warnings, load
 from snapshotter.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "config.toml"
@@ -47,7 +47,8 @@ def test_overrides_from_flags_win(tmp_path: Path) -> None:
         ("[fetch]\nplain_http_hosts = 'a:5000'\n", "fetch.plain_http_hosts: expected a list"),
         ("[fetch]\nplain_http_hosts = [5000]\n", "fetch.plain_http_hosts[0]: expected a string"),
         ("[remote]\nenabled = 'yes'\n", "remote.enabled: expected true or false"),
-        ("[prefetch]\nbackground_delay_seconds = true\n", "background_delay_seconds: expected a number"),
+        ("[fetch]\nidle_seconds = true\n", "idle_seconds: expected a number"),
+        ('[fetch]\nrest = "sometimes"\n', "fetch.rest: 'sometimes' is not one of eager, idle-only, off"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -61,3 +62,21 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> No
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load(tmp_path / "nope.toml")
+
+
+def test_keys_of_earlier_versions_still_load_and_are_named(tmp_path: Path) -> None:
+    """An upgrade must not stop a node's daemon over a config key that moved or went away."""
+    path = tmp_path / "old.toml"
+    path.write_text(
+        "[prefetch]\nbackground = false\nbackground_rate_bytes = 1000\nfetch_whole_below_bytes = 5\n"
+        "[read]\nsmall_file_readahead_bytes = 1\n"
+    )
+    config = load(path)
+    assert config.fetch.rest == "off" and config.fetch.rate_bytes == 1000
+    said = " | ".join(deprecation_warnings)
+    assert "prefetch.background is deprecated; use fetch.rest" in said
+    assert "prefetch.fetch_whole_below_bytes is no longer used" in said
+    assert "read.small_file_readahead_bytes is no longer used" in said
+    both = tmp_path / "both.toml"
+    both.write_text('[prefetch]\nbackground = false\n[fetch]\nrest = "idle-only"\n')
+    assert load(both).fetch.rest == "idle-only"  # the new key wins

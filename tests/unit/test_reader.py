@@ -20,6 +20,7 @@ from snapshotter.fetcher import UnreachableError
 from snapshotter.formats import build_estargz, build_zstdchunked, detect, locate_toc, parse_toc
 from snapshotter.formats.index import Chunk, Compression, Entry, EntryType, LayerIndex
 from snapshotter.reader import LayerReader, ReaderConfig, ReadError
+from snapshotter.scheduler import FetchScheduler, RestPolicy, SchedulerConfig
 from tests.support import oci
 from tests.support.lazy import MemoryBlob, wait_until
 from tests.unit.formats.hostile import packed_layer
@@ -48,13 +49,30 @@ class Layer:
     cache: ChunkCache
     loop: asyncio.AbstractEventLoop
 
-    def reader(self, **config: object) -> LayerReader:
-        cfg = ReaderConfig(**{"background": False, "fetch_whole_below_bytes": 0, **config})  # type: ignore[arg-type]
-        future = asyncio.run_coroutine_threadsafe(self._make(cfg), self.loop)
+    def reader(
+        self,
+        *,
+        rest: RestPolicy = RestPolicy.OFF,
+        start: bool = False,
+        link_rtt: float = 0.010,
+        **config: object,
+    ) -> LayerReader:
+        """A reader whose registry scheduler fetches the rest of the layer per ``rest`` (by
+        default never: only what is read); ``start`` offers its startup set and rest at once.
+        The scheduler assumes a 1 Gbit/s link of ``link_rtt`` (memory blobs say nothing)."""
+        cfg = ReaderConfig(**{"prefetch": False, **config})  # type: ignore[arg-type]
+        scheduler_config = SchedulerConfig(rest=rest, initial_rtt=link_rtt)
+        future = asyncio.run_coroutine_threadsafe(self._make(cfg, scheduler_config, start), self.loop)
         return future.result(5)
 
-    async def _make(self, cfg: ReaderConfig) -> LayerReader:
-        return LayerReader(self.index, self.blob, self.cache, self.loop, layer="sha256:test", config=cfg)
+    async def _make(self, cfg: ReaderConfig, scheduler_config: SchedulerConfig, start: bool) -> LayerReader:
+        scheduler = FetchScheduler(self.loop, scheduler_config)
+        reader = LayerReader(
+            self.index, self.blob, self.cache, self.loop, layer="sha256:test", scheduler=scheduler, config=cfg
+        )
+        if start:
+            reader.start()
+        return reader
 
     def read_file(self, reader: LayerReader, name: str, step: int = 65536) -> bytes:
         entry = self.index.entries[name]
@@ -93,15 +111,17 @@ def test_reads_return_the_files_bytes(layer: Layer) -> None:
 
 
 def test_readahead_only_for_sequential_reads(layer: Layer) -> None:
-    reader = layer.reader(readahead_bytes=1 << 20)
+    reader = layer.reader(readahead_bytes=1 << 20, start=True)
     big = layer.index.entries["app/big.bin"]
     reader.read(big, big.chunks[-1].file_offset, 100)  # a random access: only its chunk
     assert reader.stats.chunks_fetched == 1
     reader.read(big, 0, 4096)  # a jump back of 640 KB: still not sequential
     assert reader.stats.chunks_fetched == 2
-    reader.read(big, 4096, 65536)  # continues the last read and misses chunk 1: read ahead
+    assert reader.stats.bytes["readahead"] == 0
+    reader.read(big, 4096, 65536)  # continues the last read and reaches chunk 1: a stream
     # The read returns before the readahead is decoded; 1 MiB of readahead covers the rest.
     assert wait_until(lambda: reader.stats.chunks_fetched == len(big.chunks))
+    assert reader.stats.bytes["readahead"] > 0
 
 
 def test_repeated_chunks_are_fetched_once(layer: Layer) -> None:
@@ -127,11 +147,10 @@ def test_concurrent_readers_fetch_each_chunk_once(layer: Layer) -> None:
 
 
 def test_prefetch_fetches_prioritized_files_in_one_request(layer: Layer) -> None:
-    reader = layer.reader()
     files = [n for n in layer.index.prefetch if layer.index.entries[n].type == EntryType.REG]
     assert files == PRIORITIZED  # in access order, with their parent directories around them
-    asyncio.run_coroutine_threadsafe(reader._prefetch(), layer.loop).result(10)
-    assert reader.stats.prefetch_done
+    reader = layer.reader(prefetch=True, start=True)
+    assert wait_until(lambda: reader.stats.prefetch_done and not reader._inflight)
     assert len(layer.blob.requests) == 1 and len(layer.blob.requests[0]) == 1  # one range
     assert layer.blob.requests[0][0][1] <= layer.index.prefetch_end
     for name in PRIORITIZED:
@@ -140,24 +159,15 @@ def test_prefetch_fetches_prioritized_files_in_one_request(layer: Layer) -> None
     assert reader.stats.bytes["on_demand"] == 0 and reader.stats.bytes["prefetch"] > 0
 
 
-def test_small_layer_is_fetched_whole_at_mount(layer: Layer) -> None:
-    reader = layer.reader(fetch_whole_below_bytes=16 << 20)
-    asyncio.run_coroutine_threadsafe(reader._prefetch(), layer.loop).result(10)
+def test_the_rest_of_the_layer_is_fetched_eagerly_unless_told_otherwise(layer: Layer) -> None:
+    reader = layer.reader(rest=RestPolicy.EAGER, start=True)
+    assert wait_until(lambda: reader.stats.background_done)
+    assert reader.stats.bytes["background"] > 0 and reader.stats.bytes["on_demand"] == 0
     served = layer.blob.bytes_served
-    assert len(layer.blob.requests) == 1
+    assert served <= len(layer.blob.data)  # each byte at most once
     for name, data in FILES.items():
         assert layer.read_file(reader, name) == data
-    assert layer.blob.bytes_served == served
-
-
-def test_background_fetch_completes_the_layer(layer: Layer) -> None:
-    reader = layer.reader(background=True, background_delay_seconds=0, background_batch_bytes=100_000)
-    asyncio.run_coroutine_threadsafe(reader._warm(), layer.loop).result(30)
-    assert reader.stats.background_done and reader.stats.bytes["background"] > 0
-    served = layer.blob.bytes_served
-    for name, data in FILES.items():
-        assert layer.read_file(reader, name) == data
-    assert layer.blob.bytes_served == served
+    assert layer.blob.bytes_served == served  # everything came from the cache
 
 
 def test_chunk_with_wrong_digest_is_never_served_or_cached(layer: Layer) -> None:
@@ -195,18 +205,18 @@ def test_corrupt_stream_is_an_error(layer: Layer) -> None:
 
 def test_prefetch_joins_an_on_demand_fetch_in_flight(layer: Layer) -> None:
     """A read and the prefetch racing for the same chunk: both get it, from one fetch."""
-    reader = layer.reader(readahead_bytes=0, small_file_readahead_bytes=0)
+    reader = layer.reader(readahead_bytes=0, prefetch=True)
     entry = layer.index.entries["app/main.py"]
     layer.blob.stall.clear()
     with ThreadPoolExecutor(1) as pool:
         read = pool.submit(reader.read, entry, 0, entry.size)
         assert wait_until(lambda: layer.blob.arrived == 1)  # the read's fetch is in flight, stalled
-        prefetch = asyncio.run_coroutine_threadsafe(reader._prefetch(), layer.loop)
+        layer.loop.call_soon_threadsafe(reader.start)
         # The prefetch joined main.py's fetch and asked only for config.json, stalled too.
         assert wait_until(lambda: layer.blob.arrived == 2)
         layer.loop.call_soon_threadsafe(layer.blob.stall.set)
         assert read.result(10) == FILES["app/main.py"]
-        prefetch.result(10)
+        assert wait_until(lambda: reader.stats.prefetch_done and not reader._inflight)
     ranges = [r for req in layer.blob.requests for r in req]
     assert len(ranges) == len(set(ranges))
 
@@ -309,13 +319,14 @@ def test_chunks_in_another_blob_are_read_from_that_blob(
     cache = ChunkCache(tmp_path / "cache", 1 << 30)
 
     async def make() -> LayerReader:
-        cfg = ReaderConfig(background=False, prefetch=False, readahead_bytes=1)
+        cfg = ReaderConfig(prefetch=False, readahead_bytes=1)
         return LayerReader(
             index,
             own_blob,
             cache,
             loop,
             layer="sha256:test",
+            scheduler=FetchScheduler(loop, SchedulerConfig(rest=RestPolicy.OFF)),
             config=cfg,
             other_blobs={"sha256:" + "b" * 64: other_blob},
         )
@@ -328,30 +339,29 @@ def test_chunks_in_another_blob_are_read_from_that_blob(
     assert sum(b - a for req in own_blob.requests for a, b in req) == len(own)
 
     async def no_source() -> LayerReader:
-        return LayerReader(index, own_blob, cache, loop, layer="sha256:test")
+        return LayerReader(index, own_blob, cache, loop, layer="sha256:test", scheduler=FetchScheduler(loop))
 
     with pytest.raises(ValueError, match="no source for blobs"):
         asyncio.run_coroutine_threadsafe(no_source(), loop).result(5)
 
 
-def test_a_small_files_miss_also_fetches_its_neighbours_in_one_request(layer: Layer) -> None:
-    """A package's files lie together in the blob and are read together at startup: the first
-    read of a small file brings the files that follow it along, in the same request."""
-    reader = layer.reader(readahead_bytes=0, small_file_readahead_bytes=1 << 20)
+def test_a_miss_fetches_what_it_reads_and_nothing_more(layer: Layer) -> None:
+    """On-demand bytes are what reads need: neighbours and the rest of the layer are the
+    scheduler's business (its rest policy), counted apart."""
+    reader = layer.reader(readahead_bytes=0)
     config = layer.index.entries["etc/config.json"]
     assert len(config.chunks) == 1
     assert reader.read(config, 0, 4096) == FILES["etc/config.json"]
-    assert len(layer.blob.requests) == 1 and len(layer.blob.requests[0]) == 1  # one range
-    assert reader.stats.chunks_fetched > 1
-    following = {
-        e.chunks[0].compressed_offset: e
-        for e in layer.index.entries.values()
-        if e.name in FILES and e.chunks and e.chunks[0].compressed_offset > config.chunks[0].compressed_offset
-    }
-    neighbour = following[min(following)]  # the next file of FILES in the blob
-    served = len(layer.blob.requests)
-    assert layer.read_file(reader, neighbour.name) == FILES[neighbour.name]
-    assert len(layer.blob.requests) == served  # it was fetched along with config.json
+    assert layer.blob.requests == [
+        [
+            (
+                config.chunks[0].compressed_offset,
+                config.chunks[0].compressed_offset + config.chunks[0].compressed_size,
+            )
+        ]
+    ]
+    assert reader.stats.bytes["on_demand"] == config.chunks[0].compressed_size
+    assert reader.stats.chunks_fetched == 1
 
 
 def test_short_sequential_reads_fetch_little_more_than_they_read(
@@ -368,13 +378,14 @@ def test_short_sequential_reads_fetch_little_more_than_they_read(
     index = parse_toc(raw, location, blob_size=size, expected_digest=built.toc_digest)
     big = Layer(index, MemoryBlob(built.blob), ChunkCache(tmp_path / "cache", 1 << 30), loop)
     window = 128 << 10
-    reader = big.reader(readahead_bytes=window)
+    reader = big.reader(readahead_bytes=window, start=True, link_rtt=0.001)  # a 125 KB link
     entry = index.entries["big"]
     for off in range(0, 320 << 10, 32 << 10):  # the kernel's 32 KiB reads, in order
         assert reader.read(entry, off, 32 << 10) == data[off : off + (32 << 10)]
     assert wait_until(lambda: not reader._inflight, timeout=5)
     fetched = sum(reader.stats.bytes.values())
-    assert fetched <= (320 << 10) + 3 * window, fetched  # at most the read + 3 windows' worth
+    # At most the read + 3 windows' worth (a window: the larger of readahead_bytes and 2 BDP).
+    assert fetched <= (320 << 10) + 3 * max(window, 2 * 125_000), fetched
 
 
 def test_a_chunk_that_landed_after_the_readers_cache_check_is_not_fetched_again(layer: Layer) -> None:
@@ -386,7 +397,7 @@ def test_a_chunk_that_landed_after_the_readers_cache_check_is_not_fetched_again(
     assert reader.read(entry, 0, 10) == FILES["lib/b.so"][:10]
     assert wait_until(lambda: not reader._inflight and chunk.digest in layer.cache, timeout=5)  # stored
     served = len(layer.blob.requests)
-    future = asyncio.run_coroutine_threadsafe(reader._ensure([chunk], [], "on_demand"), layer.loop)
+    future = asyncio.run_coroutine_threadsafe(reader._ensure([chunk]), layer.loop)
     data = future.result(5)
     assert data[chunk.digest][:10] == FILES["lib/b.so"][:10]
     assert len(layer.blob.requests) == served
@@ -446,11 +457,33 @@ def test_a_stream_shared_by_many_chunks_is_inflated_once_per_fetch(
 
     monkeypatch.setattr(detect, "inflate_prefix", counting)
     layer = Layer(index, MemoryBlob(blob), ChunkCache(tmp_path / "cache", 1 << 30), loop)
-    reader = layer.reader(fetch_whole_below_bytes=16 << 20)
-    asyncio.run_coroutine_threadsafe(reader._prefetch(), loop).result(30)
+    reader = layer.reader(rest=RestPolicy.EAGER, start=True)
+    assert wait_until(lambda: reader.stats.background_done)
     assert len(layer.blob.requests) == 1
     stream_end = max(c.inner_offset + c.size for e in index.entries.values() for c in e.chunks)
     assert inflated == [stream_end]  # one pass over the stream for all 200 chunks
     for name, data in files.items():
         assert layer.read_file(reader, name) == data
     assert len(layer.blob.requests) == 1
+
+
+def test_chunks_in_the_tail_fetched_at_mount_are_not_fetched_again(layer: Layer) -> None:
+    """The mount fetched the blob's tail for the footer and TOC; the chunks it holds are used."""
+    reader = layer.reader()
+    tail_start = max(0, layer.index.toc_offset - (256 << 10))
+    tail = bytes(layer.blob.data[tail_start : layer.index.toc_offset])
+    layer.loop.call_soon_threadsafe(reader.seed, tail_start, tail)
+    inside = [
+        c
+        for e in layer.index.entries.values()
+        for c in e.chunks
+        if c.compressed_offset >= tail_start
+        and c.compressed_offset + c.compressed_size <= layer.index.toc_offset
+    ]
+    assert inside
+    assert wait_until(lambda: all(c.digest in layer.cache for c in inside))
+    for entry in {
+        e.name: e for e in layer.index.entries.values() if set(e.chunks) <= set(inside) and e.chunks
+    }.values():
+        assert reader.read(entry, 0, entry.size) == FILES[entry.name]
+    assert layer.blob.requests == []  # nothing fetched
