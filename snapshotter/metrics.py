@@ -139,6 +139,11 @@ def _layer_metrics(layers: dict[str, dict[str, Any]]) -> Iterator[Metric]:
     background = GaugeMetricFamily(
         "lazysnap_layer_background_done", "1 once the whole layer is fetched", labels=["layer"]
     )
+    rest_stopped = GaugeMetricFamily(
+        "lazysnap_layer_rest_stopped",
+        "1 when the rest of the layer does not fit the cache and only reads are fetched",
+        labels=["layer"],
+    )
     for digest, layer in sorted(layers.items()):
         for reason, count in layer["bytes"].items():
             fetched.add_metric([digest, reason], count)
@@ -151,4 +156,16 @@ def _layer_metrics(layers: dict[str, dict[str, Any]]) -> Iterator[Metric]:
         read_errors.add_metric([digest], layer["read_errors"])
         prefetch.add_metric([digest], 1 if layer["prefetch_done"] else 0)
         background.add_metric([digest], 1 if layer["background_done"] else 0)
-    yield from (fetched, requests, size, chunks, refetches, verify, read_errors, prefetch, background)
+        rest_stopped.add_metric([digest], 1 if layer.get("rest_stopped") else 0)
+    yield from (
+        fetched,
+        requests,
+        size,
+        chunks,
+        refetches,
+        verify,
+        read_errors,
+        prefetch,
+        background,
+        rest_stopped,
+    )

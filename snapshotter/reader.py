@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 SEQUENTIAL_SLACK_BYTES = 512 << 10
 MAX_STREAMS = 32  # files tracked as read front to back, most recent first
 REST_RESCAN_SECONDS = 5.0  # after a pass that left chunks uncached (failures), look again this late
+AHEAD = (WorkClass.STREAM, WorkClass.REST)  # fetched before anyone reads it: must fit the cache
 
 
 class ReadError(OSError):
@@ -67,6 +68,8 @@ class FetchStats:
     cache_write_failures: int = 0
     prefetch_done: bool = False
     background_done: bool = False
+    # The rest of the layer does not fit the cache budget: only what is read is fetched.
+    rest_stopped: bool = False
 
     def snapshot(self) -> dict[str, object]:
         return {
@@ -78,6 +81,7 @@ class FetchStats:
             "cache_write_failures": self.cache_write_failures,
             "prefetch_done": self.prefetch_done,
             "background_done": self.background_done,
+            "rest_stopped": self.rest_stopped,
         }
 
 
@@ -350,17 +354,29 @@ class LayerReader:
                 horizon = stream.position + max(window, link_ahead)
                 ahead = [c for c in entry.chunks[stream.next_chunk :] if c.file_offset < horizon]
                 taken, used = self._take(ahead, 0, max_bytes)
+                if taken and not self.cache.reserve_ahead(sum(c.size for c in taken)):
+                    continue  # it could not stay until read: the stream goes on by its reads
                 stream.next_chunk += used
                 if taken:
                     return taken
         return []
 
     def _take_rest(self, max_bytes: int) -> list[Chunk]:
-        if self.stats.background_done or self.loop.time() < self._rest_resume_at:
+        if self.stats.background_done or self.stats.rest_stopped or self.loop.time() < self._rest_resume_at:
             return []
         if not self._rest:
             self._rest = self.all_chunks()
-        taken, self._rest_pos = self._take(self._rest, self._rest_pos, max_bytes)
+        taken, pos = self._take(self._rest, self._rest_pos, max_bytes)
+        if taken and not self.cache.reserve_ahead(sum(c.size for c in taken)):
+            # What it would bring could not stay without pushing out chunks that were read (or
+            # fetched ahead before): fetching it would only turn into fetching it again later.
+            self.stats.rest_stopped = True
+            log.warning(
+                "the rest of this layer does not fit the cache; fetching only what is read",
+                extra={"layer": self.layer, "cache_max_bytes": self.cache.max_bytes},
+            )
+            return []
+        self._rest_pos = pos
         if taken or self._inflight:
             return taken
         # A whole pass found nothing to fetch: done, unless chunks went missing (failed fetches,
@@ -378,9 +394,14 @@ class LayerReader:
         streams = self._register(chunks)
         blob = streams[0].blob
         ranges = coalesce(streams, 1 << 62, 1 << 62)  # lower-class pieces are sized by the scheduler
+        reserved = sum(c.size for c in chunks) if work in AHEAD else 0
 
         async def deliver(result: list[bytes] | BaseException) -> None:
-            await self._delivered(streams, ranges, work, result)
+            try:
+                await self._delivered(streams, ranges, work, result)
+            finally:
+                if reserved:
+                    self.cache.unreserve_ahead(reserved)
 
         return Job(self.blobs[blob], ranges, work, deliver)
 
@@ -477,13 +498,13 @@ class LayerReader:
             i = bisect.bisect_right(starts, s.offset) - 1
             start = s.offset - ranges[i][0]
             jobs.append((s, result[i][start : start + s.size]))
-        await asyncio.gather(*(self._decode(s, raw) for s, raw in jobs))
+        await asyncio.gather(*(self._decode(s, raw, speculative=work in AHEAD) for s, raw in jobs))
 
     def _fail_streams(self, streams: list[_Stream], exc: BaseException) -> None:
         for s in streams:
             self._fail(s.chunks, exc)
 
-    async def _decode(self, stream: _Stream, raw: bytes) -> None:
+    async def _decode(self, stream: _Stream, raw: bytes, *, speculative: bool = False) -> None:
         """Decode and verify in a worker thread, hand the bytes to the readers waiting for them,
         then store them in the cache. Until stored, the chunks stay in flight (with their result
         set), so a read arriving meanwhile takes the bytes from there instead of fetching again."""
@@ -504,7 +525,7 @@ class LayerReader:
                 fut.set_result(decoded[c.digest])
         try:
             self.stats.cache_write_failures += await self.loop.run_in_executor(
-                self.executor, self._store, decoded
+                self.executor, self._store, decoded, speculative
             )
         finally:
             for c in stream.chunks:
@@ -523,12 +544,12 @@ class LayerReader:
             raise
         return {c.digest: piece for c, piece in zip(stream.chunks, pieces, strict=True)}
 
-    def _store(self, decoded: dict[str, bytes]) -> int:
+    def _store(self, decoded: dict[str, bytes], speculative: bool = False) -> int:
         """Cache verified chunks; returns how many could not be written."""
         failures = 0
         for digest, data in decoded.items():
             try:
-                self.cache.put(digest, data)
+                self.cache.put(digest, data, speculative=speculative)
             except OSError as exc:  # a full disk degrades caching, never the read itself
                 failures += 1
                 log.warning("cannot cache chunk", extra={"layer": self.layer, "error": str(exc)})
@@ -603,14 +624,16 @@ class LayerReader:
             self._started = True
             self.scheduler.add_feeder(self)
 
-    async def close(self) -> None:
+    async def close(self, *, release: bool = True) -> None:
+        """The layer is unmounted: stop fetching, fail waiting reads, and (``release``) let its
+        chunks be the first the cache evicts. A manager handing its mounts over keeps them."""
         self.scheduler.remove_feeder(self)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        self._fail(
-            [c for e in self.index.entries.values() for c in e.chunks],
-            ReadError(f"layer {self.layer}: unmounted"),
-        )
+        chunks = [c for e in self.index.entries.values() for c in e.chunks]
+        self._fail(chunks, ReadError(f"layer {self.layer}: unmounted"))
+        if release:
+            await self.loop.run_in_executor(self.executor, self.cache.release, [c.digest for c in chunks])

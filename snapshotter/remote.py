@@ -254,8 +254,11 @@ class RemoteLayers:
             "lazy_mounts": self.lazy_mounts,
             "not_lazy": dict(self.not_lazy),
             "registry": dict(self.client.transport.counters),
+            "links": {host: scheduler.snapshot() for host, scheduler in self.schedulers.items()},
             "cache": {
                 "bytes": self.cache.total_bytes,
+                "max_bytes": self.cache.max_bytes,
+                "bytes_by_class": self.cache.class_bytes(),
                 "hits": self.cache.hits,
                 "misses": self.cache.misses,
                 "evictions": self.cache.evictions,
@@ -628,7 +631,7 @@ class RemoteLayers:
                 self.mount_executor, functools.partial(self.erofs.stop, handover=True)
             )
             for mounted in list(self._mounts.values()):
-                await mounted.reader.close()
+                await mounted.reader.close(release=False)
             self._mounts.clear()
         else:
             for mountpoint in list(self._mounts):

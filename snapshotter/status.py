@@ -10,6 +10,8 @@ from snapshotter.image.progress import human_size
 def _state(layer: dict[str, Any]) -> str:
     if layer["background_done"]:
         return "complete"
+    if layer.get("rest_stopped"):
+        return "partial (cache full)"
     if not layer["prefetch_done"]:
         return "prefetching"
     return "fetching"
@@ -17,7 +19,7 @@ def _state(layer: dict[str, Any]) -> str:
 
 def format_status(stats: dict[str, Any]) -> str:
     """One line per mounted layer (image, layer, format, fetched/total, state), then totals."""
-    rows = [("IMAGE", "LAYER", "FORMAT", "FETCHED", "SIZE", "STATE", "ERRORS")]
+    rows = [("IMAGE", "LAYER", "FORMAT", "FETCHED", "SIZE", "STATE", "REFETCHED", "ERRORS")]
     layers = stats["layers"]
     for digest, layer in sorted(layers.items(), key=lambda kv: (kv[1]["reference"], kv[1]["mountpoint"])):
         fetched = sum(layer["bytes"].values())
@@ -29,6 +31,7 @@ def format_status(stats: dict[str, Any]) -> str:
                 human_size(fetched),
                 human_size(layer["blob_size"]),
                 _state(layer),
+                str(layer.get("chunk_refetches", 0)),
                 str(layer["read_errors"] + layer["verify_failures"]),
             )
         )
@@ -40,6 +43,12 @@ def format_status(stats: dict[str, Any]) -> str:
         f"{len(layers)} lazy layers mounted; cache {human_size(cache['bytes'])} "
         f"({cache['hits']} hits, {cache['misses']} misses, {cache['evictions']} evictions)"
     )
+    for host, link in sorted(stats.get("links", {}).items()):
+        moved = ", ".join(f"{human_size(n)} {kind}" for kind, n in link["bytes"].items() if n)
+        lines.append(
+            f"registry {host}: rtt {link['rtt_ms']} ms, {link['bandwidth_mbps']} Mbit/s; "
+            f"fetched {moved or 'nothing yet'}"
+        )
     if stats["not_lazy"]:
         reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(stats["not_lazy"].items()))
         lines.append(f"layers pulled normally since start: {reasons}")

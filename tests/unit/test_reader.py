@@ -243,7 +243,7 @@ def test_read_times_out_with_an_error(layer: Layer) -> None:
 
 
 def test_full_disk_degrades_caching_not_reads(layer: Layer, monkeypatch: pytest.MonkeyPatch) -> None:
-    def full(digest: str, data: bytes) -> None:
+    def full(digest: str, data: bytes, *, speculative: bool = False) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(layer.cache, "put", full)
