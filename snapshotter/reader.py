@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 SEQUENTIAL_SLACK_BYTES = 512 << 10
 MAX_STREAMS = 32  # files tracked as read front to back, most recent first
 REST_RESCAN_SECONDS = 5.0  # after a pass that left chunks uncached (failures), look again this late
+# A chunk whose fetch failed after a long wait (a stalled registry) fails reads at once for this
+# long: the kernel re-reads a page whose read failed straight away (twice over with EROFS: its
+# file, then the data blob), and each re-read must not wait another read timeout. A fetch that
+# failed fast (connection refused) is simply tried again.
+RECENT_FAILURE_SECONDS = 2.0
 AHEAD = (WorkClass.STREAM, WorkClass.REST)  # fetched before anyone reads it: must fit the cache
 
 
@@ -171,6 +176,8 @@ class LayerReader:
         self._tasks: set[asyncio.Task[None]] = set()
         # Chunks whose fetch outlasted a read's timeout and is still running (loop only); see _give_up.
         self._timed_out: set[str] = set()
+        # Chunks whose fetch failed lately: digest -> (until when, why) (loop only).
+        self._failed: dict[str, tuple[float, BaseException]] = {}
         self._started = False
         self.stats.prefetch_done = not self._startup
 
@@ -411,6 +418,13 @@ class LayerReader:
         """Bytes of every ``wanted`` chunk, fetching on demand what no one is fetching yet."""
         if any(c.digest in self._timed_out for c in wanted):
             raise ReadError(f"layer {self.layer}: still fetching chunks whose read timed out")
+        now = self.loop.time()
+        for c in wanted:
+            failed = self._failed.get(c.digest)
+            if failed is not None and failed[0] > now:
+                raise ReadError(
+                    f"layer {self.layer}: fetch failed {RECENT_FAILURE_SECONDS}s ago: {failed[1]}"
+                )
         # A chunk may have landed between the reader's cache check and now (fetched ahead of a
         # stream, say): take it from the cache rather than fetch it twice.
         landed: dict[str, bytes] = {}
@@ -455,14 +469,18 @@ class LayerReader:
             task.add_done_callback(self._tasks.discard)
 
     async def _fetch(self, blob: str, streams: list[_Stream], ranges: list[tuple[int, int]]) -> None:
-        result: list[bytes] | BaseException
+        started = self.loop.time()
         try:
             result = await self.scheduler.fetch(self.blobs[blob], ranges)
         except asyncio.CancelledError:
             self._fail_streams(streams, ReadError(f"layer {self.layer}: fetch cancelled"))
             raise
         except Exception as exc:  # the fetcher's errors
-            result = exc
+            slow = self.loop.time() - started >= self.config.read_timeout / 2
+            for s in streams:
+                self._fail(s.chunks, exc, remember=slow)
+            log.warning("fetch failed", extra={"layer": self.layer, "reason": "on_demand", "error": str(exc)})
+            return
         await self._delivered(streams, ranges, WorkClass.ON_DEMAND, result)
 
     async def _delivered(
@@ -562,12 +580,20 @@ class LayerReader:
 
     def _resolve(self, digest: str, data: bytes) -> None:
         self._timed_out.discard(digest)
+        self._failed.pop(digest, None)
         fut = self._inflight.pop(digest, None)
         if fut is not None and not fut.done():
             fut.set_result(data)
 
-    def _fail(self, chunks: Iterable[Chunk], exc: BaseException) -> None:
+    def _fail(self, chunks: Iterable[Chunk], exc: BaseException, *, remember: bool = False) -> None:
+        recent = remember and not isinstance(exc, ReadError | asyncio.CancelledError)
+        until = self.loop.time() + RECENT_FAILURE_SECONDS
+        if len(self._failed) > 4096:  # bounded: forget the expired
+            now = self.loop.time()
+            self._failed = {d: f for d, f in self._failed.items() if f[0] > now}
         for c in chunks:
+            if recent:
+                self._failed[c.digest] = (until, exc)
             self._timed_out.discard(c.digest)
             fut = self._inflight.pop(c.digest, None)
             if fut is not None and not fut.done():

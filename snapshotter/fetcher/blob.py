@@ -71,6 +71,7 @@ class _Target:
     endpoint: RegistryHost
     url: str
     foreign: bool  # a redirect target: no registry credentials or headers go there
+    probed: bool = True  # False: the registry URL, used before anyone knows whether it redirects
 
     @property
     def server(self) -> str:
@@ -78,7 +79,11 @@ class _Target:
 
 
 class _Expired(Exception):  # noqa: N818 - control flow: the cached redirect no longer works
-    pass
+    """``location``: the redirect the registry answered a read of its own URL with, if any."""
+
+    def __init__(self, location: str | None = None) -> None:
+        super().__init__(location)
+        self.location = location
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,7 @@ class BlobReader:
         self._max_ranges = max(1, max_ranges)
         self._concurrency = max(1, concurrency)
         self._target: _Target | None = None
+        self._probe_next = False  # the registry redirected: find the target with a probe
         self._resolving = asyncio.Lock()
         # time.monotonic() when a byte of a range read last arrived: lets a caller that waits
         # for a read tell a slow link (bytes keep coming) from a dead one.
@@ -137,7 +143,7 @@ class BlobReader:
         """Re-resolve the blob URL now, raising if no endpoint serves the blob any more."""
         async with self._resolving:
             self._target = None
-        await self._current_target(set())
+        await self._current_target(set(), probe=True)
 
     async def read_all(self) -> bytes:
         """The whole blob, verified against its digest; never more bytes than its size."""
@@ -191,8 +197,14 @@ class BlobReader:
             target = await self._current_target(failed)
             try:
                 return await op(target)
-            except _Expired:
+            except _Expired as expired:
                 await self._drop(target)
+                if not target.probed:  # the registry redirects: follow it, as a probe would have
+                    if expired.location is None:
+                        self._probe_next = True
+                    else:
+                        await self._redirected(target, expired.location)
+                    continue
                 if refreshed:
                     raise self._where.error(
                         AuthError, "blob URL refused access even after re-resolving"
@@ -209,6 +221,12 @@ class BlobReader:
                     extra={"endpoint": target.endpoint.host, "digest": self.digest, "error": e.reason},
                 )
 
+    async def _redirected(self, target: _Target, location: str) -> None:
+        # Refuse an unsafe target now, with a clear error, as the probe does.
+        await self._transport.foreign_session(target.endpoint, location, "blob redirect", self._where)
+        async with self._resolving:
+            self._target = _Target(target.endpoint, location, foreign=True)
+
     def _endpoints(self, exclude: set[str]) -> list[RegistryHost]:
         all_endpoints = self._transport.endpoints(self._ref.host, "pull", self._where)
         return [e for e in all_endpoints if e.base_url not in exclude]
@@ -218,13 +236,25 @@ class BlobReader:
             if self._target == target:
                 self._target = None
 
-    async def _current_target(self, exclude: set[str]) -> _Target:
+    async def _current_target(self, exclude: set[str], *, probe: bool = False) -> _Target:
+        """Where to read from. The first read goes straight to the registry URL: most registries
+        answer it themselves, and a probe for a redirect would cost a round trip per layer at
+        mount. A registry that redirects answers that read with a redirect, and only then (or
+        when asked, ``probe``) the URL is probed with ``Range: bytes=0-1`` to learn the target."""
         async with self._resolving:  # one probe at a time; concurrent readers share its result
-            if self._target is None or self._target.endpoint.base_url in exclude:
+            if (
+                self._target is None
+                or self._target.endpoint.base_url in exclude
+                or (probe and not self._target.probed)
+            ):
                 endpoints = self._endpoints(exclude)
                 if not endpoints:
                     raise self._where.error(UnreachableError, "no endpoint left to try")
-                self._target = await self._transport.across(endpoints, self._where, self._probe)
+                if probe or self._probe_next:
+                    self._target = await self._transport.across(endpoints, self._where, self._probe)
+                else:
+                    endpoint = endpoints[0]
+                    self._target = _Target(endpoint, self._blob_url(endpoint), foreign=False, probed=False)
             return self._target
 
     def _blob_url(self, endpoint: RegistryHost) -> str:
@@ -289,7 +319,7 @@ class BlobReader:
         size = await self._transport.across(endpoints, self._where, attempt)
         if size is not None:
             return size
-        await self._current_target(set())  # the probe's Content-Range carries the total
+        await self._current_target(set(), probe=True)  # the probe's Content-Range carries the total
         if self._server_size is None:
             raise self._where.error(InvalidResponseError, "server reports no blob size")
         return self._server_size
@@ -371,6 +401,8 @@ class BlobReader:
         async def handler(resp: aiohttp.ClientResponse) -> _Outcome:
             status = resp.status
             response_started()
+            if 300 <= status < 400 and not target.probed and resp.headers.get("Location"):
+                raise _Expired(urljoin(target.url, resp.headers["Location"]))  # first read: it redirects
             if 300 <= status < 400 or (target.foreign and status in (401, 403)):
                 raise _Expired()  # a presigned URL expired, or the registry now redirects elsewhere
             if not asked:

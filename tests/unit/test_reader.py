@@ -487,3 +487,30 @@ def test_chunks_in_the_tail_fetched_at_mount_are_not_fetched_again(layer: Layer)
     }.values():
         assert reader.read(entry, 0, entry.size) == FILES[entry.name]
     assert layer.blob.requests == []  # nothing fetched
+
+
+class SlowFailingBlob(MemoryBlob):
+    """A registry that answers nothing for a while, then gives up: a stall."""
+
+    def __init__(self, data: bytes, delay: float) -> None:
+        super().__init__(data)
+        self.delay = delay
+
+    async def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        self.arrived += 1
+        await asyncio.sleep(self.delay)
+        raise UnreachableError("no data; gave up", host="127.0.0.1:1")
+
+
+def test_a_re_read_right_after_a_stall_fails_at_once(layer: Layer) -> None:
+    """The kernel re-reads a page whose read failed at once; after a stall that must not start
+    another full wait. A fetch that fails fast is tried again (see the recovery test above)."""
+    layer.blob = SlowFailingBlob(bytes(layer.blob.data), delay=0.4)
+    reader = layer.reader(read_timeout=0.5)
+    entry = layer.index.entries["lib/b.so"]
+    with pytest.raises(ReadError):
+        reader.read(entry, 0, 100)
+    assert wait_until(lambda: not reader._inflight)
+    with pytest.raises(ReadError, match="fetch failed moments ago"):
+        reader.read(entry, 0, 100)
+    assert layer.blob.arrived == 1  # no second request
