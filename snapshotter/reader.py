@@ -422,9 +422,7 @@ class LayerReader:
         for c in wanted:
             failed = self._failed.get(c.digest)
             if failed is not None and failed[0] > now:
-                raise ReadError(
-                    f"layer {self.layer}: fetch failed {RECENT_FAILURE_SECONDS}s ago: {failed[1]}"
-                )
+                raise ReadError(f"layer {self.layer}: fetch failed moments ago: {failed[1]}")
         # A chunk may have landed between the reader's cache check and now (fetched ahead of a
         # stream, say): take it from the cache rather than fetch it twice.
         landed: dict[str, bytes] = {}
