@@ -206,6 +206,22 @@ class ErofsLayers:
         if not handover:
             self._stop_holder()
 
+    def can_hand_over(self) -> bool:
+        """Whether the blob connection is served and a copy of its fd is with the holder."""
+        return self.server.is_alive() and self.server.kept
+
+    def prepare_handover(self) -> bool:
+        """Before a stop for a successor: have the holder (started again if it is gone) keep the
+        blob connection's fd, so that the connection outlives this process. False if it cannot."""
+        if not self.server.is_alive():
+            return False
+        try:
+            start_holder(self.holder_socket, log_path=self.root / "fuse-holder.log")
+        except (HolderError, OSError) as exc:
+            log.error("no fd holder to keep the blob connection", extra={"error": str(exc)})
+            return False
+        return self.server.keep()
+
     def _stop_holder(self) -> None:
         client = HolderClient(self.holder_socket, timeout=2)
         try:

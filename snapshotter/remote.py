@@ -243,7 +243,9 @@ class RemoteLayers:
                     self.erofs.image_path(digest).unlink(missing_ok=True)
 
     def stats(self) -> dict[str, Any]:
+        blobs = {"blobs": self.erofs.server.stats()} if self.erofs is not None else {}
         return {
+            **blobs,  # the blob server's counters (EROFS backend): reads in flight, resent requests
             "lazy_mounts": self.lazy_mounts,
             "not_lazy": dict(self.not_lazy),
             "registry": dict(self.client.transport.counters),
@@ -592,6 +594,17 @@ class RemoteLayers:
         stored = StoredToc(ref.reference, size, expected, fmt.name, location, raw)
         await self.loop.run_in_executor(self.mount_executor, self.tocs.save, ref.digest, stored)
         return index
+
+    def can_hand_over(self) -> bool:
+        """Whether this process's lazy layers would survive its stop for a successor: EROFS mounts
+        over a blob connection that the fd holder keeps. (The per-file FUSE backend's mounts end
+        with the process.)"""
+        return self.erofs is not None and self.erofs.can_hand_over()
+
+    def prepare_handover(self) -> bool:
+        """Make sure the fd holder runs and keeps the blob connection; False when the lazy layers
+        would not survive a stop for a successor (then there must be none)."""
+        return self.erofs is not None and self.erofs.prepare_handover()
 
     async def close(self, *, handover: bool = False) -> None:
         """Stop serving. ``handover``: leave the EROFS mounts and the blob connection (kept by the
