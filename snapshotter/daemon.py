@@ -23,6 +23,7 @@ from aiohttp import web
 from snapshotter import __version__
 from snapshotter.admin import admin_socket, start_admin, start_metrics
 from snapshotter.config import Config, manager_fingerprint
+from snapshotter.erofslayers import release_leftovers
 from snapshotter.fuseclient import FuseManagerClient
 from snapshotter.metrics import Metrics
 from snapshotter.ownership import (
@@ -126,8 +127,10 @@ async def serve(
         # failed to start beside.
         if not ready and manager is not None:
             await asyncio.to_thread(manager.stop_spawned)
-        elif manager is not None:  # with nothing mounted, nothing needs the manager either
-            await asyncio.to_thread(manager.stop_if_idle)
+        elif manager is not None and await asyncio.to_thread(manager.stop_if_idle):
+            # With nothing mounted, nothing needs the manager either. It is gone now; one that was
+            # killed earlier may have left its fd holder and blob mount: clear them.
+            await asyncio.to_thread(release_leftovers, config.root)
         if snapshotter is not None:
             snapshotter.close()
         lock.release()

@@ -28,6 +28,7 @@ from snapshotter.admin import (
 )
 from snapshotter.contract import NotLazyError, manager_socket, mount_request
 from snapshotter.formats.registry import requires_lazy_mount
+from snapshotter.ownership import process_exists
 
 log = logging.getLogger(__name__)
 
@@ -217,12 +218,3 @@ class FuseManagerClient:
 
     def metrics_text(self) -> str:
         return fetch_metrics(self.address)
-
-
-def process_exists(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting for its parent to reap it does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"

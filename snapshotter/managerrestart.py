@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from snapshotter.fuseclient import START_TIMEOUT_SECONDS, FuseManagerClient, process_exists
-from snapshotter.ownership import root_is_locked
+from snapshotter.fuseclient import START_TIMEOUT_SECONDS, FuseManagerClient
+from snapshotter.ownership import process_exists, root_is_locked
 
 # The predecessor answers the reads it has taken before it exits: a blob server's stop waits up to
 # 30 s for them, then readers and the registry client close.

@@ -13,6 +13,7 @@ import pytest
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from tests.support.daemon import LazysnapDaemon, run_cli, write_config
 from tests.support.lazy import wait_until
+from tests.support.mounts import mounts_under
 from tests.support.services import pid_alive
 
 
@@ -89,6 +90,11 @@ def test_a_dead_manager_is_reported_and_the_daemon_serves_on(workdir: Path) -> N
             metrics.returncode == 0
             and 'lazysnap_grpc_request_duration_seconds_count{method="Prepare"} 1.0' in metrics.stdout
         )
+        d.stop()
+        # What the killed manager left (its fd holder, keeping the blob mount alive) is cleared by
+        # the stopping daemon, since no lazy layer needs it: no mount, no holder stays.
+        assert mounts_under(d.root) == []
+        assert not (d.root / "fuse-holder.sock").exists()
     finally:
         d.stop()
 
