@@ -29,9 +29,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from snapshotter.digest import file_stem
-from snapshotter.erofs.layout import BlobLayout
+from snapshotter.erofs.layout import BlobLayout, LayoutError, PlacedFile
 from snapshotter.erofs.mount import ErofsMountError, is_erofs_mountpoint, mount_erofs
 from snapshotter.erofs.mount import unmount as unmount_erofs
 from snapshotter.erofs.writer import build_metadata
@@ -237,6 +238,43 @@ class ErofsLayers:
     def image_path(self, digest: str) -> Path:
         return self.images / f"{file_stem(digest)}.erofs"
 
+    def layout_path(self, digest: str) -> Path:
+        return self.images / f"{file_stem(digest)}.layout.json"
+
+    def blob_layout(
+        self, digest: str, tree: LayerTree, plan: Callable[[], BlobLayout], *, adopting: bool = False
+    ) -> BlobLayout:
+        """The layout of the layer's data blob for a mount (or, ``adopting``, for a mount an earlier
+        manager made). The EROFS images of mounted layers point into the layout their blob was
+        mounted with, which this version may plan differently (an upgrade changed the planner):
+        while the blob is served, and when taking a mount over, the stored layout is used;
+        otherwise ``plan()``. LayoutError if the stored layout does not fit the layer."""
+        with self._lock:
+            in_use = adopting or file_stem(digest) in self._users
+        if in_use:
+            stored = self._load_layout(digest, tree)
+            if stored is not None:
+                return stored
+            if adopting:  # mounted by a version that stored no layout: assume it planned as we do
+                log.warning("no stored blob layout; planning it anew", extra={"layer": digest})
+        return plan()
+
+    def _load_layout(self, digest: str, tree: LayerTree) -> BlobLayout | None:
+        try:
+            doc = json.loads(self.layout_path(digest).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise LayoutError(f"{digest}: unreadable stored blob layout: {exc}") from None
+        return layout_from_record(doc, tree)
+
+    def store_layout(self, digest: str, layout: BlobLayout) -> None:
+        """Keep ``layout`` as the one the layer's blob is served with (``mount`` does, beside the image)."""
+        path = self.layout_path(digest)
+        tmp = path.with_suffix(f".tmp{threading.get_ident()}")
+        tmp.write_text(json.dumps(layout_record(layout)))
+        os.replace(tmp, path)
+
     def mount(
         self, digest: str, tree: LayerTree, blob: LayerBlob, mountpoint: Path, labels: Mapping[str, str]
     ) -> ErofsMount:
@@ -247,6 +285,7 @@ class ErofsLayers:
         tmp = path.with_suffix(f".tmp{threading.get_ident()}")
         tmp.write_bytes(image)
         os.replace(tmp, path)
+        self.store_layout(digest, blob.layout)  # what a successor serves this image's blob with
         with self._lock:
             blob_path = self.server.add(name, blob)
             self._users[name] = self._users.get(name, 0) + 1
@@ -292,6 +331,43 @@ class ErofsLayers:
         tmp = self.record_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record))
         os.replace(tmp, self.record_path)
+
+
+LAYOUT_FORMAT = 1
+
+
+def layout_record(layout: BlobLayout) -> dict[str, Any]:
+    """``layout`` as JSON: where each file's content starts in the blob."""
+    return {
+        "format": LAYOUT_FORMAT,
+        "block_size": layout.block_size,
+        "blob_size": layout.blob_size,
+        "prefetch_end": layout.prefetch_end,
+        "files": [[f.entry.name, f.blob_offset] for f in layout.files],
+    }
+
+
+def layout_from_record(doc: Any, tree: LayerTree) -> BlobLayout:
+    """The layout ``layout_record`` wrote, over ``tree``'s entries; LayoutError if it does not fit."""
+    try:
+        if doc["format"] != LAYOUT_FORMAT:
+            raise LayoutError(f"blob layout format {doc['format']!r} is not {LAYOUT_FORMAT}")
+        files = []
+        for name, offset in doc["files"]:
+            node = tree.by_name.get(str(name))
+            if node is None or not node.is_file:
+                raise LayoutError(f"the stored blob layout places {name!r}, not a file of the layer")
+            files.append(PlacedFile(node.entry, int(offset), node.entry.size))
+        return BlobLayout(
+            files,
+            blob_size=int(doc["blob_size"]),
+            block_size=int(doc["block_size"]),
+            prefetch_end=int(doc["prefetch_end"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, LayoutError):
+            raise
+        raise LayoutError(f"malformed stored blob layout: {exc!r}") from None
 
 
 def load_record(path: Path) -> dict[str, dict[str, str]]:

@@ -34,7 +34,7 @@ from snapshotter.contract import (
     neighbour_digests,
 )
 from snapshotter.digest import file_stem
-from snapshotter.erofs.layout import plan_layout
+from snapshotter.erofs.layout import LayoutError, plan_layout
 from snapshotter.erofs.writer import ImageError
 from snapshotter.erofslayers import BLOB_READAHEAD_BYTES, ErofsLayers, LayerBlob
 from snapshotter.fetcher import (
@@ -241,6 +241,7 @@ class RemoteLayers:
                 self.tocs.remove(digest)
                 if self.erofs is not None:
                     self.erofs.image_path(digest).unlink(missing_ok=True)
+                    self.erofs.layout_path(digest).unlink(missing_ok=True)
 
     def stats(self) -> dict[str, Any]:
         blobs = {"blobs": self.erofs.server.stats()} if self.erofs is not None else {}
@@ -306,14 +307,24 @@ class RemoteLayers:
 
     def _layer_blob(
         self,
+        erofs: ErofsLayers,
+        ref: LayerRef,
         tree: LayerTree,
         index: LayerIndex,
         reader: LayerReader,
         on_first_read: Callable[[str], None] | None,
+        *,
+        adopting: bool = False,
     ) -> LayerBlob:
         """The layer's data blob: prioritized files first, in access order, and a readahead's
-        worth of hole before the rest (the same layout on every mount: EROFS images point into it)."""
-        layout = plan_layout(tree, index.prefetch, separation=BLOB_READAHEAD_BYTES)
+        worth of hole before the rest; or, while mounted images point into an earlier layout of
+        it (``ErofsLayers.blob_layout``), that one."""
+        layout = erofs.blob_layout(
+            ref.digest,
+            tree,
+            lambda: plan_layout(tree, index.prefetch, separation=BLOB_READAHEAD_BYTES),
+            adopting=adopting,
+        )
         return LayerBlob(layout, reader, on_first_read=on_first_read, observer=self.fs_observer)
 
     async def _mount_index(
@@ -325,7 +336,7 @@ class RemoteLayers:
         mount: LayerMount
         if self.erofs is not None:
             erofs = self.erofs
-            blob = self._layer_blob(tree, index, reader, on_first_read)
+            blob = self._layer_blob(erofs, ref, tree, index, reader, on_first_read)
             mounting = self.loop.run_in_executor(
                 self.mount_executor, erofs.mount, ref.digest, tree, blob, mountpoint, labels
             )
@@ -386,7 +397,10 @@ class RemoteLayers:
                 index = stored.layer_index
                 reader = self._reader(ref, index)
                 tree = await self.loop.run_in_executor(self.mount_executor, LayerTree, index)
-                blob = self._layer_blob(tree, index, reader, None)
+                try:
+                    blob = self._layer_blob(erofs, ref, tree, index, reader, None, adopting=True)
+                except LayoutError as exc:  # serving another layout would give wrong bytes
+                    raise NotLazyError("bad-layout", f"{ref.digest}: {exc}") from None
             except NotLazyError as exc:
                 log.warning(
                     "cannot serve a lazy layer left mounted; dropping it",
