@@ -19,7 +19,6 @@ their blob sources from the stored layer metadata before it resumes the connecti
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -31,13 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from snapshotter.contract import holder_socket
 from snapshotter.digest import file_stem
 from snapshotter.erofs.layout import BlobLayout, LayoutError, PlacedFile
 from snapshotter.erofs.mount import ErofsMountError, is_erofs_mountpoint, mount_erofs
 from snapshotter.erofs.mount import unmount as unmount_erofs
 from snapshotter.erofs.writer import build_metadata
-from snapshotter.fuse import kernel
-from snapshotter.fuse.blobserver import FSTYPE as BLOB_FSTYPE
 from snapshotter.fuse.blobserver import BlobServer
 from snapshotter.fuse.holder import HolderClient, HolderError, start_holder
 from snapshotter.layertree import LayerTree
@@ -154,8 +152,12 @@ class ErofsLayers:
         self.loop_devices = loop_devices
         self.record_path = root / "lazy-mounts.json"
         blobs = root / "blobs"
-        blobs.mkdir(mode=0o700, exist_ok=True)
-        self.holder_socket = root / "fuse-holder.sock"
+        # Not mkdir(exist_ok=True), which stats the directory: a blob mount left by a manager that
+        # was killed (its holder keeps it) is served by nobody until this process resumes it, and
+        # the stat would wait for that answer forever.
+        with contextlib.suppress(FileExistsError):
+            blobs.mkdir(mode=0o700)
+        self.holder_socket = holder_socket(root)
         self.server = BlobServer(
             blobs,
             state_path=root / "blobs.state",
@@ -227,8 +229,18 @@ class ErofsLayers:
             return False
         return self.server.keep()
 
-    def _stop_holder(self) -> None:
-        stop_holder(self.holder_socket)
+    def _stop_holder(self, timeout: float = 5.0) -> None:
+        client = HolderClient(self.holder_socket, timeout=2)
+        try:
+            pid = client.ping()
+        except HolderError:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        # Gone before this manager is: a stop leaves nothing running behind it.
+        deadline = time.monotonic() + timeout
+        while process_exists(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def serves(self, digest: str) -> bool:
         return self.server.is_alive() and file_stem(digest) in self._users
@@ -324,7 +336,20 @@ class ErofsLayers:
     # --- the mount record -----------------------------------------------------------------------
 
     def _load_record(self) -> dict[str, dict[str, str]]:
-        return load_record(self.record_path)
+        try:
+            doc = json.loads(self.record_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("discarding an unreadable lazy mount record", extra={"error": str(exc)})
+            return {}
+        if not isinstance(doc, dict):
+            return {}
+        return {
+            str(mp): {str(k): str(v) for k, v in labels.items()}
+            for mp, labels in doc.items()
+            if isinstance(labels, dict)
+        }
 
     def _save_record(self, record: dict[str, dict[str, str]]) -> None:
         self._record = record
@@ -368,66 +393,3 @@ def layout_from_record(doc: Any, tree: LayerTree) -> BlobLayout:
         if isinstance(exc, LayoutError):
             raise
         raise LayoutError(f"malformed stored blob layout: {exc!r}") from None
-
-
-def load_record(path: Path) -> dict[str, dict[str, str]]:
-    """The mount record at ``path``: mount point -> labels (empty if missing or unreadable)."""
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        log.warning("discarding an unreadable lazy mount record", extra={"error": str(exc)})
-        return {}
-    if not isinstance(doc, dict):
-        return {}
-    return {
-        str(mp): {str(k): str(v) for k, v in labels.items()}
-        for mp, labels in doc.items()
-        if isinstance(labels, dict)
-    }
-
-
-def stop_holder(path: Path, timeout: float = 10.0) -> bool:
-    """SIGTERM the fd holder serving ``path`` (it closes every fd it keeps) and wait until it is
-    gone; True if none is left."""
-    try:
-        pid = HolderClient(path, timeout=2).ping()
-    except HolderError:
-        return True
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while process_exists(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def release_leftovers(root: Path) -> bool:
-    """Clear what a manager that died (SIGKILL, OOM) left behind when no successor is coming: the
-    fd holder, which keeps the blob connection alive, and the blob mount ``ROOT/blobs``, which hangs
-    whatever touches it while nobody serves it. A stopping daemon calls this when no manager runs.
-    Nothing is touched while a manager holds the root (it owns them) or a lazy layer is still
-    mounted (its reads wait for the successor the next daemon starts). True when nothing is left."""
-    try:
-        lock = open(root / "fuse.lock", "a+")  # noqa: SIM115 - closed below
-    except OSError:
-        return False
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no manager starts meanwhile
-        except BlockingIOError:
-            return False
-        if any(is_erofs_mountpoint(Path(mp)) for mp in load_record(root / "lazy-mounts.json")):
-            return False
-        if not stop_holder(root / "fuse-holder.sock"):  # the connection ends with its last fd
-            log.warning("the fd holder did not stop", extra={"root": str(root)})
-            return False
-        blobs = root / "blobs"
-        found = kernel.mount_at(blobs)
-        if found is not None and found[1] == BLOB_FSTYPE:
-            log.info("unmounting the blob mount a dead FUSE manager left", extra={"at": str(blobs)})
-            kernel.unmount(blobs)
-        return True
