@@ -73,6 +73,9 @@ class ManagerRunningError(Exception):
 LOCK_WAIT_SECONDS = 60.0
 
 
+_HELD_UNTIL_EXIT: list[IO[str]] = []  # the root's lock after serve_manager returned
+
+
 def _lock(root: Path, wait: float = LOCK_WAIT_SECONDS) -> IO[str]:
     """One manager per root: an flock on ROOT/fuse.lock, held for the process's life.
 
@@ -371,7 +374,9 @@ async def serve_manager(config: Config) -> None:
             await remote.close(handover=handover)
         calls.shutdown(wait=False, cancel_futures=True)
         pidfile.unlink(missing_ok=True)
-        lock.close()
+        # The lock stays held until this process has exited (cli exits at once after this): a
+        # successor waiting for it must not start while threads of this one may still be ending.
+        _HELD_UNTIL_EXIT.append(lock)
     log.info("FUSE manager stopped")
 
 
