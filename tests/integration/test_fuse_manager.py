@@ -12,6 +12,7 @@ import pytest
 
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.fuse import kernel
+from snapshotter.fuse.holder import HolderClient, HolderError
 from tests.support.daemon import LazysnapDaemon, run_cli, write_config
 from tests.support.lazy import wait_until
 from tests.support.mounts import mounts_under
@@ -56,13 +57,24 @@ def test_a_manager_nobody_needs_exits(workdir: Path) -> None:
     try:
         manager = d.manager_pid()
         assert manager is not None
+        holder = holder_pid(d.root) or 0  # (0: the FUSE backend has none)
         d.kill()
         # (rm cannot remove the blob server's mount point ROOT/blobs, so it fails and the root
         # directory stays; everything else in it is gone)
         subprocess.run(["rm", "-rf", str(d.root)], check=False, capture_output=True)
         assert wait_until(lambda: not pid_alive(manager), timeout=30)
+        # nor its fd holder, whose socket went with the root (the manager could not reach it)
+        assert not holder or wait_until(lambda: not pid_alive(holder), timeout=30)
     finally:
         d.stop()
+
+
+def holder_pid(root: Path) -> int | None:
+    """The pid of the root's fd holder (EROFS backend), or None."""
+    try:
+        return HolderClient(root / "fuse-holder.sock", timeout=5).ping()
+    except HolderError:
+        return None
 
 
 def test_a_daemon_that_fails_to_start_stops_the_manager_it_started(workdir: Path) -> None:
