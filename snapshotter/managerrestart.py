@@ -6,9 +6,9 @@ and exits, leaving the EROFS mounts (kernel mounts) and the blob server's FUSE c
 the fd holder) in place; the next manager resumes the connection, and requests that arrived
 meanwhile wait in the kernel. This module drives that from outside: it checks that the running
 manager can hand over, signals it, waits for it to exit and for a successor to serve. The daemon's
-supervisor starts the successor when a daemon runs; otherwise this module starts it, with the
-predecessor's command line (so an upgraded package runs under the same flags), logging to
-``ROOT/fuse-manager.log``.
+supervisor starts the successor when a daemon runs and lazy layers need one; otherwise this module
+starts it, with the predecessor's command line (so an upgraded package runs under the same flags),
+logging to ``ROOT/fuse-manager.log``.
 
 The per-file FUSE backend cannot hand over: its mounts end with their manager.
 """
@@ -75,9 +75,15 @@ def restart_manager(
             f"(see {root}/fuse-holder.log): a restart would break the lazy layers of running containers"
         )
     command = _command_line(old)
+    try:
+        serving = len(client.stats().get("layers", {}))
+    except OSError:
+        serving = 0
     os.kill(old, signal.SIGUSR2)
     _wait_for_exit(client, old, stop_timeout)
-    if root_is_locked(root):  # a daemon runs: its supervisor starts the successor
+    # A daemon's supervisor starts the successor of a manager that served lazy layers (none is
+    # needed otherwise until the daemon mounts one: then start it here, at once).
+    if serving and root_is_locked(root):
         new = _wait_for_successor(client, old, supervisor_wait)
         if new is not None:
             return Restarted(old, new, "the daemon")

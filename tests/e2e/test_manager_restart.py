@@ -596,6 +596,36 @@ def test_restart_manager_hands_over_under_a_reading_container(stack: Callable[..
     assert_clean_stop(s)
 
 
+@erofs_only
+def test_restart_manager_with_no_lazy_layer_mounted(privileged: None) -> None:
+    """A daemon without lazy layers: its supervisor would start no successor (nothing needs one
+    until the next mount), so the command starts it at once; the daemon then uses it."""
+    require_privileges()
+    workdir = make_tmpdir()
+    daemon = LazysnapDaemon(workdir)
+    try:
+        daemon.start()
+        old = daemon.manager_pid()
+        done = run_cli("restart-manager", "--root", str(daemon.root), timeout=RESTART_TIMEOUT)
+        assert done.returncode == 0, done.stderr
+        new = daemon.manager_pid()
+        assert new not in (None, old) and not pid_alive(old or 0)
+        assert f"pid {old} -> pid {new} (started by restart-manager)" in done.stdout
+        assert "blob server resumed" in (daemon.root / "fuse-manager.log").read_text()
+        stats = run_cli("stats", "--root", str(daemon.root))  # the daemon reaches the new manager
+        assert stats.returncode == 0 and json.loads(stats.stdout)["layers"] == {}, stats.stderr
+        daemon.stop()
+        assert mounts.mounts_under(daemon.root) == []
+        assert wait_until(lambda: processes_with(str(daemon.root)) == [], 10)
+    finally:
+        try:
+            daemon.stop()
+        finally:
+            for found, _ in processes_with(str(daemon.root)):
+                terminate_pid(found)
+            remove_tmpdir(workdir)
+
+
 def test_restart_manager_refuses_what_it_cannot_hand_over(privileged: None) -> None:
     """No manager: nothing to restart. A manager on the per-file FUSE backend: a restart would
     unmount the lazy layers, so the command refuses, and the manager ignores SIGUSR2."""
