@@ -13,7 +13,9 @@ The FUSE connection of ``ROOT/blobs`` is kept alive by the fd holder (``snapshot
 ``ROOT/fuse-holder.sock``) across a restart or a crash of the manager; the EROFS mounts are kernel
 mounts and outlive the manager by themselves. So that a successor can serve the blobs at once, the
 mounts are recorded in ``ROOT/lazy-mounts.json`` (mount point → labels), and a new manager rebuilds
-their blob sources from the stored layer metadata before it resumes the connection.
+their blob sources from the stored layer metadata before it resumes the connection. The blob layout
+an image points into is stored beside it (``ROOT/layers/<digest>.layout.json``): a successor, maybe
+a newer version that would plan layouts differently, serves the blob as the mounted image expects.
 """
 
 from __future__ import annotations
@@ -389,7 +391,7 @@ def layout_from_record(doc: Any, tree: LayerTree) -> BlobLayout:
             block_size=int(doc["block_size"]),
             prefetch_end=int(doc["prefetch_end"]),
         )
+    except LayoutError:
+        raise
     except (KeyError, TypeError, ValueError) as exc:
-        if isinstance(exc, LayoutError):
-            raise
         raise LayoutError(f"malformed stored blob layout: {exc!r}") from None

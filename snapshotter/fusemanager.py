@@ -94,9 +94,12 @@ def _lock(root: Path, wait: float = LOCK_WAIT_SECONDS) -> IO[str]:
             return fh
         except BlockingIOError:
             pass
-        if _answers(manager_socket(root)) or time.monotonic() >= deadline:
+        if _answers(manager_socket(root)):
             fh.close()
             raise ManagerRunningError(f"a FUSE manager already serves {root}")
+        if time.monotonic() >= deadline:
+            fh.close()
+            raise ManagerRunningError(f"the FUSE manager holding {root} did not stop within {wait:.0f}s")
         if not waiting:
             log.info("waiting for the FUSE manager that holds this root to stop", extra={"root": str(root)})
             waiting = True

@@ -617,7 +617,7 @@ class RemoteLayers:
 
     def prepare_handover(self) -> bool:
         """Make sure the fd holder runs and keeps the blob connection; False when the lazy layers
-        would not survive a stop for a successor (then there must be none)."""
+        would not survive a stop for a successor (then this process must not hand over)."""
         return self.erofs is not None and self.erofs.prepare_handover()
 
     async def close(self, *, handover: bool = False) -> None:
