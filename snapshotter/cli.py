@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -223,4 +224,8 @@ def _fuse_manager(args: argparse.Namespace) -> int:
     except StartupError as exc:
         log.error("refusing to start: %s", exc)
         return 1
-    return 0
+    # Served and stopped: exit now, without joining worker threads still ending (their pools are
+    # shut down). The root's lock, released only by the exit, keeps a successor waiting until then.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)

@@ -1,4 +1,5 @@
-"""Subcommands that talk to a running daemon over its root-only admin socket (ROOT/admin.sock)."""
+"""Subcommands that talk to a running daemon over its root-only admin socket (ROOT/admin.sock), and
+``restart-manager``, which hands the FUSE manager of a root over to a successor process."""
 
 from __future__ import annotations
 
@@ -51,6 +52,16 @@ def add_admin_parsers(commands: Parsers) -> None:
     level = _daemon_args(commands.add_parser("log-level", help="change a running daemon's log level"))
     level.add_argument("level", choices=LOG_LEVELS)
     _daemon_args(commands.add_parser("metrics", help="print the daemon's Prometheus metrics"))
+    _daemon_args(
+        commands.add_parser(
+            "restart-manager",
+            help="hand the FUSE manager's lazy layers over to a new manager process (upgrade, restart)",
+            description="Send the FUSE manager of the root SIGUSR2: it answers the reads it has taken "
+            "and exits, leaving lazy layers mounted; wait until a successor serves them (started by "
+            "the daemon, or by this command when no daemon runs, logging to ROOT/fuse-manager.log). "
+            "Running containers keep reading. Needs the EROFS backend.",
+        )
+    )
 
 
 def run_admin(args: argparse.Namespace) -> int | None:
@@ -63,6 +74,8 @@ def run_admin(args: argparse.Namespace) -> int | None:
         "log-level": _log_level,
         "metrics": _metrics,
     }
+    if args.command == "restart-manager":
+        return _restart_manager(args)
     handler = handlers.get(args.command)
     if handler is None:
         return None
@@ -129,4 +142,24 @@ def _log_level(address: Path, args: argparse.Namespace) -> int:
 
 def _metrics(address: Path, _: argparse.Namespace) -> int:
     sys.stdout.write(admin.fetch_metrics(address))
+    return 0
+
+
+def _restart_manager(args: argparse.Namespace) -> int:
+    from snapshotter.managerrestart import RestartError, restart_manager
+
+    try:
+        root = load(args.config, root=args.root).root
+    except ConfigError as exc:
+        print(f"lazysnap: {exc}", file=sys.stderr)
+        return 2
+    try:
+        done = restart_manager(root)
+    except RestartError as exc:
+        print(f"lazysnap: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"FUSE manager of {root} handed over: pid {done.old_pid} -> pid {done.new_pid} "
+        f"(started by {done.started_by})"
+    )
     return 0

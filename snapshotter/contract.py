@@ -149,6 +149,12 @@ def manager_socket(root: Path) -> Path:
     return root / "fuse.sock"
 
 
+def holder_socket(root: Path) -> Path:
+    """Where the fd holder that keeps the blob server's FUSE connection listens (EROFS backend).
+    While it exists with no manager running, a killed manager left the holder behind."""
+    return root / "fuse-holder.sock"
+
+
 def manager_pidfile(root: Path) -> Path:
     """The running FUSE manager's pid: ``kill -TERM $(cat ROOT/fuse.pid)`` unmounts lazy layers."""
     return root / "fuse.pid"

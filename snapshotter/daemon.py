@@ -23,6 +23,7 @@ from aiohttp import web
 from snapshotter import __version__
 from snapshotter.admin import admin_socket, start_admin, start_metrics
 from snapshotter.config import Config, manager_fingerprint
+from snapshotter.contract import holder_socket
 from snapshotter.fuseclient import FuseManagerClient
 from snapshotter.metrics import Metrics
 from snapshotter.ownership import (
@@ -127,11 +128,26 @@ async def serve(
         if not ready and manager is not None:
             await asyncio.to_thread(manager.stop_spawned)
         elif manager is not None:  # with nothing mounted, nothing needs the manager either
-            await asyncio.to_thread(manager.stop_if_idle)
+            await asyncio.to_thread(_stop_manager_if_idle, manager, config.root)
         if snapshotter is not None:
             snapshotter.close()
         lock.release()
     log.info("stopped")
+
+
+def _stop_manager_if_idle(manager: FuseManagerClient, root: Path) -> None:
+    """Let the manager go if no lazy layer is mounted. A manager that was killed (and not started
+    again: nothing needed it) may have left its fd holder, which keeps the blob mount ROOT/blobs
+    alive with nobody serving it (whatever touches it hangs): then start a manager, which takes
+    the connection over and, with nothing mounted, stops and clears both."""
+    if manager.running() is None and holder_socket(root).exists():
+        log.info("the FUSE manager is gone but its fd holder runs; starting a manager to clear it")
+        try:
+            manager.ensure_running()
+        except OSError as exc:
+            log.warning("cannot start the FUSE manager to clear its fd holder", extra={"error": str(exc)})
+            return
+    manager.stop_if_idle()
 
 
 MANAGER_CHECK_SECONDS = 2.0

@@ -13,7 +13,9 @@ The FUSE connection of ``ROOT/blobs`` is kept alive by the fd holder (``snapshot
 ``ROOT/fuse-holder.sock``) across a restart or a crash of the manager; the EROFS mounts are kernel
 mounts and outlive the manager by themselves. So that a successor can serve the blobs at once, the
 mounts are recorded in ``ROOT/lazy-mounts.json`` (mount point → labels), and a new manager rebuilds
-their blob sources from the stored layer metadata before it resumes the connection.
+their blob sources from the stored layer metadata before it resumes the connection. The blob layout
+an image points into is stored beside it (``ROOT/layers/<digest>.layout.json``): a successor, maybe
+a newer version that would plan layouts differently, serves the blob as the mounted image expects.
 """
 
 from __future__ import annotations
@@ -28,15 +30,18 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from snapshotter.contract import holder_socket
 from snapshotter.digest import file_stem
-from snapshotter.erofs.layout import BlobLayout
+from snapshotter.erofs.layout import BlobLayout, LayoutError, PlacedFile
 from snapshotter.erofs.mount import ErofsMountError, is_erofs_mountpoint, mount_erofs
 from snapshotter.erofs.mount import unmount as unmount_erofs
 from snapshotter.erofs.writer import build_metadata
 from snapshotter.fuse.blobserver import BlobServer
 from snapshotter.fuse.holder import HolderClient, HolderError, start_holder
 from snapshotter.layertree import LayerTree
+from snapshotter.ownership import process_exists
 from snapshotter.reader import LayerReader
 
 log = logging.getLogger(__name__)
@@ -149,8 +154,12 @@ class ErofsLayers:
         self.loop_devices = loop_devices
         self.record_path = root / "lazy-mounts.json"
         blobs = root / "blobs"
-        blobs.mkdir(mode=0o700, exist_ok=True)
-        self.holder_socket = root / "fuse-holder.sock"
+        # Not mkdir(exist_ok=True), which stats the directory: a blob mount left by a manager that
+        # was killed (its holder keeps it) is served by nobody until this process resumes it, and
+        # the stat would wait for that answer forever.
+        with contextlib.suppress(FileExistsError):
+            blobs.mkdir(mode=0o700)
+        self.holder_socket = holder_socket(root)
         self.server = BlobServer(
             blobs,
             state_path=root / "blobs.state",
@@ -206,7 +215,23 @@ class ErofsLayers:
         if not handover:
             self._stop_holder()
 
-    def _stop_holder(self) -> None:
+    def can_hand_over(self) -> bool:
+        """Whether the blob connection is served and a copy of its fd is with the holder."""
+        return self.server.is_alive() and self.server.kept
+
+    def prepare_handover(self) -> bool:
+        """Before a stop for a successor: have the holder (started again if it is gone) keep the
+        blob connection's fd, so that the connection outlives this process. False if it cannot."""
+        if not self.server.is_alive():
+            return False
+        try:
+            start_holder(self.holder_socket, log_path=self.root / "fuse-holder.log")
+        except (HolderError, OSError) as exc:
+            log.error("no fd holder to keep the blob connection", extra={"error": str(exc)})
+            return False
+        return self.server.keep()
+
+    def _stop_holder(self, timeout: float = 5.0) -> None:
         client = HolderClient(self.holder_socket, timeout=2)
         try:
             pid = client.ping()
@@ -214,6 +239,10 @@ class ErofsLayers:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+        # Gone before this manager is: a stop leaves nothing running behind it.
+        deadline = time.monotonic() + timeout
+        while process_exists(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def serves(self, digest: str) -> bool:
         return self.server.is_alive() and file_stem(digest) in self._users
@@ -222,6 +251,43 @@ class ErofsLayers:
 
     def image_path(self, digest: str) -> Path:
         return self.images / f"{file_stem(digest)}.erofs"
+
+    def layout_path(self, digest: str) -> Path:
+        return self.images / f"{file_stem(digest)}.layout.json"
+
+    def blob_layout(
+        self, digest: str, tree: LayerTree, plan: Callable[[], BlobLayout], *, adopting: bool = False
+    ) -> BlobLayout:
+        """The layout of the layer's data blob for a mount (or, ``adopting``, for a mount an earlier
+        manager made). The EROFS images of mounted layers point into the layout their blob was
+        mounted with, which this version may plan differently (an upgrade changed the planner):
+        while the blob is served, and when taking a mount over, the stored layout is used;
+        otherwise ``plan()``. LayoutError if the stored layout does not fit the layer."""
+        with self._lock:
+            in_use = adopting or file_stem(digest) in self._users
+        if in_use:
+            stored = self._load_layout(digest, tree)
+            if stored is not None:
+                return stored
+            if adopting:  # mounted by a version that stored no layout: assume it planned as we do
+                log.warning("no stored blob layout; planning it anew", extra={"layer": digest})
+        return plan()
+
+    def _load_layout(self, digest: str, tree: LayerTree) -> BlobLayout | None:
+        try:
+            doc = json.loads(self.layout_path(digest).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise LayoutError(f"{digest}: unreadable stored blob layout: {exc}") from None
+        return layout_from_record(doc, tree)
+
+    def store_layout(self, digest: str, layout: BlobLayout) -> None:
+        """Keep ``layout`` as the one the layer's blob is served with (``mount`` does, beside the image)."""
+        path = self.layout_path(digest)
+        tmp = path.with_suffix(f".tmp{threading.get_ident()}")
+        tmp.write_text(json.dumps(layout_record(layout)))
+        os.replace(tmp, path)
 
     def mount(
         self, digest: str, tree: LayerTree, blob: LayerBlob, mountpoint: Path, labels: Mapping[str, str]
@@ -233,6 +299,7 @@ class ErofsLayers:
         tmp = path.with_suffix(f".tmp{threading.get_ident()}")
         tmp.write_bytes(image)
         os.replace(tmp, path)
+        self.store_layout(digest, blob.layout)  # what a successor serves this image's blob with
         with self._lock:
             blob_path = self.server.add(name, blob)
             self._users[name] = self._users.get(name, 0) + 1
@@ -291,3 +358,40 @@ class ErofsLayers:
         tmp = self.record_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record))
         os.replace(tmp, self.record_path)
+
+
+LAYOUT_FORMAT = 1
+
+
+def layout_record(layout: BlobLayout) -> dict[str, Any]:
+    """``layout`` as JSON: where each file's content starts in the blob."""
+    return {
+        "format": LAYOUT_FORMAT,
+        "block_size": layout.block_size,
+        "blob_size": layout.blob_size,
+        "prefetch_end": layout.prefetch_end,
+        "files": [[f.entry.name, f.blob_offset] for f in layout.files],
+    }
+
+
+def layout_from_record(doc: Any, tree: LayerTree) -> BlobLayout:
+    """The layout ``layout_record`` wrote, over ``tree``'s entries; LayoutError if it does not fit."""
+    try:
+        if doc["format"] != LAYOUT_FORMAT:
+            raise LayoutError(f"blob layout format {doc['format']!r} is not {LAYOUT_FORMAT}")
+        files = []
+        for name, offset in doc["files"]:
+            node = tree.by_name.get(str(name))
+            if node is None or not node.is_file:
+                raise LayoutError(f"the stored blob layout places {name!r}, not a file of the layer")
+            files.append(PlacedFile(node.entry, int(offset), node.entry.size))
+        return BlobLayout(
+            files,
+            blob_size=int(doc["blob_size"]),
+            block_size=int(doc["block_size"]),
+            prefetch_end=int(doc["prefetch_end"]),
+        )
+    except LayoutError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LayoutError(f"malformed stored blob layout: {exc!r}") from None

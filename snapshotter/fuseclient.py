@@ -28,6 +28,7 @@ from snapshotter.admin import (
 )
 from snapshotter.contract import NotLazyError, manager_socket, mount_request
 from snapshotter.formats.registry import requires_lazy_mount
+from snapshotter.ownership import process_exists
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,17 @@ MANAGER_RUNNING_EXIT = 3  # `lazysnap fuse-manager` exit status: another manager
 
 class FuseManagerClient:
     def __init__(
-        self, root: Path, command: Sequence[str], *, mount_timeout: float = 60.0, fingerprint: str = ""
+        self,
+        root: Path,
+        command: Sequence[str],
+        *,
+        mount_timeout: float = 60.0,
+        fingerprint: str = "",
+        output: Path | None = None,
     ) -> None:
         self.address = manager_socket(root)
         self.command = list(command)  # how to start a manager for this root
+        self.output = output  # where a manager started here logs (appended); None: where we log
         self.mount_timeout = mount_timeout
         self.fingerprint = fingerprint  # of the settings a manager started now would run with
         self._spawn_lock = threading.Lock()
@@ -62,22 +70,23 @@ class FuseManagerClient:
             if found is not None:
                 if found.get("version") != __version__:
                     log.warning(
-                        "the running FUSE manager is another version; restart it (unmounting lazy "
-                        "layers) to run this one",
+                        "the running FUSE manager is another version; `lazysnap restart-manager` runs "
+                        "this one (the EROFS backend keeps lazy layers mounted; the FUSE backend "
+                        "can only be restarted by unmounting them)",
                         extra={"manager_version": found.get("version"), "pid": found.get("pid")},
                     )
                 elif self.fingerprint and found.get("config") != self.fingerprint:
                     log.warning(
                         "the running FUSE manager uses other settings than this config (fetch, "
-                        "cache, prefetch, read, profile, cri); restart it (unmounting lazy layers) "
-                        "to apply them",
+                        "cache, prefetch, read, profile, cri); `lazysnap restart-manager` applies "
+                        "them (EROFS backend; the FUSE backend must unmount lazy layers to restart)",
                         extra={"pid": found.get("pid")},
                     )
                 return found
             # A session of its own: it outlives this process, and signals to the daemon's process
             # group (a terminal's ^C, systemd's KillMode=process stop) do not reach it.
             # cwd "/": `-m snapshotter` must not pick up a package from wherever the daemon ran.
-            proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, start_new_session=True, cwd="/")
+            proc = self._spawn()
             threading.Thread(target=proc.wait, name="fuse-manager-reaper", daemon=True).start()
             deadline = time.monotonic() + START_TIMEOUT_SECONDS
             while time.monotonic() < deadline:
@@ -94,6 +103,19 @@ class FuseManagerClient:
             if proc.poll() is None:
                 proc.terminate()
             raise OSError(f"the FUSE manager did not serve {self.address} within {START_TIMEOUT_SECONDS}s")
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        if self.output is None:
+            return subprocess.Popen(self.command, stdin=subprocess.DEVNULL, start_new_session=True, cwd="/")
+        with open(self.output, "ab") as out:
+            return subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+                cwd="/",
+            )
 
     def stop_spawned(self) -> None:
         """Stop the manager this process started (a daemon that fails to start must not leave
@@ -128,7 +150,7 @@ class FuseManagerClient:
             if self.spawned is not None and self.spawned.pid == pid:
                 if self.spawned.poll() is not None:
                     return True
-            elif not _process_exists(pid):
+            elif not process_exists(pid):
                 return True
             time.sleep(0.05)
         log.warning("the FUSE manager did not stop in time", extra={"timeout": timeout, "pid": pid})
@@ -196,12 +218,3 @@ class FuseManagerClient:
 
     def metrics_text(self) -> str:
         return fetch_metrics(self.address)
-
-
-def _process_exists(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting for its parent to reap it does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"

@@ -6,7 +6,10 @@ running containers. So the daemon starts this process (``lazysnap fuse-manager``
 its own and asks it, over the root-only unix socket ``ROOT/fuse.sock``, to mount, check and
 unmount layers. The daemon can then stop, crash or be upgraded while the manager keeps serving;
 a new daemon finds the manager and its mounts still there. (stargz-snapshotter's fusemanager
-follows the same design.) Stopping the manager (SIGTERM) unmounts every lazy layer.
+follows the same design.) Stopping the manager (SIGTERM) unmounts every lazy layer. With the
+EROFS backend, SIGUSR2 stops it for a successor instead (``lazysnap restart-manager``): the lazy
+layers stay mounted, their blob connection stays with the fd holder, and the next manager (which
+waits for this one's lock) resumes serving them; the FUSE backend refuses SIGUSR2.
 
 The manager holds everything a mounted layer needs: the registry client, the chunk cache, the
 readers, the FUSE servers, the startup profiles, the metrics of FUSE operations and, when
@@ -25,6 +28,8 @@ import functools
 import logging
 import os
 import signal
+import socket
+import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
@@ -64,16 +69,52 @@ class ManagerRunningError(Exception):
     """Another FUSE manager already serves this root."""
 
 
-def _lock(root: Path) -> IO[str]:
-    """One manager per root: an flock on ROOT/fuse.lock, held for the process's life."""
+# How long a new manager waits for the lock of a predecessor that no longer serves: one handing
+# over answers the reads it has taken first (a blob server's stop waits up to 30 s for them).
+LOCK_WAIT_SECONDS = 60.0
+
+
+_HELD_UNTIL_EXIT: list[IO[str]] = []  # the root's lock after serve_manager returned
+
+
+def _lock(root: Path, wait: float = LOCK_WAIT_SECONDS) -> IO[str]:
+    """One manager per root: an flock on ROOT/fuse.lock, held for the process's life.
+
+    While another process holds it and no manager answers on ROOT/fuse.sock, that process is a
+    predecessor on its way out (after SIGUSR2 it answers the reads it has taken, then exits) or a
+    manager still starting: wait for the lock, up to ``wait`` seconds, and give up as soon as a
+    manager serves. (A successor that gave up at once would leave the mounts unserved until its
+    starter tried again.)"""
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     fh = open(root / "fuse.lock", "a+")  # noqa: SIM115 - held until exit
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        raise ManagerRunningError(f"a FUSE manager already serves {root}") from None
-    return fh
+    deadline = time.monotonic() + wait
+    waiting = False
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fh
+        except BlockingIOError:
+            pass
+        if _answers(manager_socket(root)):
+            fh.close()
+            raise ManagerRunningError(f"a FUSE manager already serves {root}")
+        if time.monotonic() >= deadline:
+            fh.close()
+            raise ManagerRunningError(f"the FUSE manager holding {root} did not stop within {wait:.0f}s")
+        if not waiting:
+            log.info("waiting for the FUSE manager that holds this root to stop", extra={"root": str(root)})
+            waiting = True
+        time.sleep(0.05)
+
+
+def _answers(address: Path) -> bool:
+    """Whether a process listens on the unix socket ``address``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.connect(str(address))
+        except OSError:
+            return False
+    return True
 
 
 class LocalBackend:
@@ -146,7 +187,16 @@ def manager_app(
         return web.json_response({})
 
     async def version(_: web.Request) -> web.Response:
-        return web.json_response({"version": __version__, "pid": os.getpid(), "config": fingerprint})
+        return web.json_response(
+            {
+                "version": __version__,
+                "pid": os.getpid(),
+                "config": fingerprint,
+                "backend": "fuse" if remote.erofs is None else "erofs",
+                # Whether SIGUSR2 hands the lazy layers over to a successor (`restart-manager`).
+                "handover": remote.can_hand_over(),
+            }
+        )
 
     async def stop_if_idle(_: web.Request) -> web.Response:
         # A stopping daemon asks: with no lazy layer mounted, nothing needs this process.
@@ -247,9 +297,10 @@ def start_cri_proxy(config: Config, secrets: PullSecrets) -> ImageServiceProxy:
 
 
 async def serve_manager(config: Config) -> None:
-    """Serve lazy layers until SIGTERM/SIGINT, then unmount them all. Everything that can fail
-    is set up before the socket answers, so a daemon never adopts a manager that is dying."""
-    lock = _lock(config.root)
+    """Serve lazy layers until SIGTERM/SIGINT, then unmount them all, or until SIGUSR2, then leave
+    them to a successor. Everything that can fail is set up before the socket answers, so a daemon
+    never adopts a manager that is dying."""
+    lock = await asyncio.to_thread(_lock, config.root)
     pidfile = manager_pidfile(config.root)
     address = manager_socket(config.root)
     loop = asyncio.get_running_loop()
@@ -278,26 +329,40 @@ async def serve_manager(config: Config) -> None:
             except StartupError as exc:
                 raise StartupError(f"cri.listen: {exc}") from None
             await cri.start()
-        pidfile.write_text(f"{os.getpid()}\n")
         stop = asyncio.Event()
+
+        async def hand_over() -> None:
+            nonlocal handover
+            # The mounts outlive this process only if the fd holder keeps the blob connection: make
+            # sure it runs and has the fd (it may have been restarted), or refuse.
+            if await asyncio.to_thread(remote.prepare_handover):
+                handover = True
+                stop.set()
+            else:
+                log.error(
+                    "refusing to stop for a successor: lazy layers would not survive it; still serving",
+                    extra={"backend": "fuse" if remote.erofs is None else "erofs"},
+                )
+
+        def on_sigusr2() -> None:
+            if not stop.is_set():
+                tasks.add(loop.create_task(hand_over()))
+
+        # Installed before the pid file and the socket announce this process, so that no signal
+        # sent to it finds the default action (for SIGUSR2: exit without handing anything over).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        # SIGUSR2: stop for a successor (an upgrade, a restart): EROFS-served layers stay mounted and
+        # their blob connection stays with the fd holder; the next manager takes them over.
+        loop.add_signal_handler(signal.SIGUSR2, on_sigusr2)
+        # The daemon that started us may die; its terminal's SIGHUP must not take the mounts along.
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+        pidfile.write_text(f"{os.getpid()}\n")
         app = manager_app(remote, metrics, calls, manager_fingerprint(config), stop)
         runner = await serve_unix(app, address)
         log.info("FUSE manager serving", extra={"version": __version__, "address": str(address)})
         watchdog = loop.create_task(_watch(config, remote, stop))
         tasks.add(watchdog)
-
-        def hand_over() -> None:
-            nonlocal handover
-            handover = True
-            stop.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        # SIGUSR2: stop for a successor (an upgrade, a restart): EROFS-served layers stay mounted and
-        # their blob connection stays with the fd holder; the next manager takes them over.
-        loop.add_signal_handler(signal.SIGUSR2, hand_over)
-        # The daemon that started us may die; its terminal's SIGHUP must not take the mounts along.
-        loop.add_signal_handler(signal.SIGHUP, lambda: None)
         await stop.wait()
         if handover:
             log.info("FUSE manager stopping for a successor: lazy layers stay mounted")
@@ -315,7 +380,9 @@ async def serve_manager(config: Config) -> None:
             await remote.close(handover=handover)
         calls.shutdown(wait=False, cancel_futures=True)
         pidfile.unlink(missing_ok=True)
-        lock.close()
+        # The lock stays held until this process has exited (cli exits at once after this): a
+        # successor waiting for it must not start while threads of this one may still be ending.
+        _HELD_UNTIL_EXIT.append(lock)
     log.info("FUSE manager stopped")
 
 
@@ -327,20 +394,12 @@ async def _watch(config: Config, remote: RemoteLayers, stop: asyncio.Event) -> N
     state wiped), or no lazy layer has been mounted while no daemon ran for the configured time.
     A manager is only ever started by a daemon, so nothing else would stop it."""
     root = config.root
-    try:
-        identity = os.stat(root).st_ino
-    except OSError:
-        identity = -1
+    identity = _root_identity(root)
     idle_since: float | None = None
     loop = asyncio.get_running_loop()
     while not stop.is_set():
         await asyncio.sleep(WATCH_INTERVAL_SECONDS)
-        try:
-            # Its own pid file gone counts too: `rm -rf ROOT` removes everything but the mount
-            # points inside (the blob server's), so the directory itself may stay.
-            gone = os.stat(root).st_ino != identity or not manager_pidfile(root).exists()
-        except OSError:
-            gone = True
+        gone = _root_identity(root) != identity
         if gone:
             log.warning("FUSE manager stopping: its root directory was removed", extra={"root": str(root)})
             stop.set()
@@ -355,3 +414,13 @@ async def _watch(config: Config, remote: RemoteLayers, stop: asyncio.Event) -> N
             log.info("FUSE manager stopping: no lazy layer mounted and no daemon running")
             stop.set()
             return
+
+
+def _root_identity(root: Path) -> tuple[int, int] | None:
+    """The inodes of the root and of the manager's lock file in it. A wiped root changes them: a
+    ``rm -rf`` that cannot remove the blob server's mount point inside it leaves the root itself
+    in place, but not the lock file."""
+    try:
+        return os.stat(root).st_ino, os.stat(root / "fuse.lock").st_ino
+    except OSError:
+        return None

@@ -127,3 +127,12 @@ def root_is_locked(root: Path) -> bool:
             return True
         fcntl.flock(fh, fcntl.LOCK_UN)
         return False
+
+
+def process_exists(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its parent to reap it does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

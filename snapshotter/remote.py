@@ -34,7 +34,7 @@ from snapshotter.contract import (
     neighbour_digests,
 )
 from snapshotter.digest import file_stem
-from snapshotter.erofs.layout import plan_layout
+from snapshotter.erofs.layout import LayoutError, plan_layout
 from snapshotter.erofs.writer import ImageError
 from snapshotter.erofslayers import BLOB_READAHEAD_BYTES, ErofsLayers, LayerBlob
 from snapshotter.fetcher import (
@@ -248,9 +248,12 @@ class RemoteLayers:
                 self.tocs.remove(digest)
                 if self.erofs is not None:
                     self.erofs.image_path(digest).unlink(missing_ok=True)
+                    self.erofs.layout_path(digest).unlink(missing_ok=True)
 
     def stats(self) -> dict[str, Any]:
+        blobs = {"blobs": self.erofs.server.stats()} if self.erofs is not None else {}
         return {
+            **blobs,  # the blob server's counters (EROFS backend): reads in flight, resent requests
             "lazy_mounts": self.lazy_mounts,
             "not_lazy": dict(self.not_lazy),
             "registry": dict(self.client.transport.counters),
@@ -325,14 +328,24 @@ class RemoteLayers:
 
     def _layer_blob(
         self,
+        erofs: ErofsLayers,
+        ref: LayerRef,
         tree: LayerTree,
         index: LayerIndex,
         reader: LayerReader,
         on_first_read: Callable[[str], None] | None,
+        *,
+        adopting: bool = False,
     ) -> LayerBlob:
         """The layer's data blob: prioritized files first, in access order, and a readahead's
-        worth of hole before the rest (the same layout on every mount: EROFS images point into it)."""
-        layout = plan_layout(tree, index.prefetch, separation=BLOB_READAHEAD_BYTES)
+        worth of hole before the rest; or, while mounted images point into an earlier layout of
+        it (``ErofsLayers.blob_layout``), that one."""
+        layout = erofs.blob_layout(
+            ref.digest,
+            tree,
+            lambda: plan_layout(tree, index.prefetch, separation=BLOB_READAHEAD_BYTES),
+            adopting=adopting,
+        )
         return LayerBlob(layout, reader, on_first_read=on_first_read, observer=self.fs_observer)
 
     async def _mount_index(
@@ -344,7 +357,7 @@ class RemoteLayers:
         mount: LayerMount
         if self.erofs is not None:
             erofs = self.erofs
-            blob = self._layer_blob(tree, index, reader, on_first_read)
+            blob = self._layer_blob(erofs, ref, tree, index, reader, on_first_read)
             mounting = self.loop.run_in_executor(
                 self.mount_executor, erofs.mount, ref.digest, tree, blob, mountpoint, labels
             )
@@ -408,7 +421,10 @@ class RemoteLayers:
                 index = stored.layer_index
                 reader = self._reader(ref, index)
                 tree = await self.loop.run_in_executor(self.mount_executor, LayerTree, index)
-                blob = self._layer_blob(tree, index, reader, None)
+                try:
+                    blob = self._layer_blob(erofs, ref, tree, index, reader, None, adopting=True)
+                except LayoutError as exc:  # serving another layout would give wrong bytes
+                    raise NotLazyError("bad-layout", f"{ref.digest}: {exc}") from None
             except NotLazyError as exc:
                 log.warning(
                     "cannot serve a lazy layer left mounted; dropping it",
@@ -621,6 +637,17 @@ class RemoteLayers:
         stored = StoredToc(ref.reference, size, expected, fmt.name, location, raw)
         await self.loop.run_in_executor(self.mount_executor, self.tocs.save, ref.digest, stored)
         return index
+
+    def can_hand_over(self) -> bool:
+        """Whether this process's lazy layers would survive its stop for a successor: EROFS mounts
+        over a blob connection that the fd holder keeps. (The per-file FUSE backend's mounts end
+        with the process.)"""
+        return self.erofs is not None and self.erofs.can_hand_over()
+
+    def prepare_handover(self) -> bool:
+        """Make sure the fd holder runs and keeps the blob connection; False when the lazy layers
+        would not survive a stop for a successor (then this process must not hand over)."""
+        return self.erofs is not None and self.erofs.prepare_handover()
 
     async def close(self, *, handover: bool = False) -> None:
         """Stop serving. ``handover``: leave the EROFS mounts and the blob connection (kept by the

@@ -13,7 +13,8 @@ The holder is deliberately dull, so that it never needs an upgrade: the standard
 protocol over SOCK_SEQPACKET, peers checked with SO_PEERCRED (root or the holder's own user), a
 bounded number of clients and fds. It drops a kept fd as soon as poll reports POLLERR or POLLHUP on
 it (the connection was aborted or unmounted), as systemd's fd store does. Stopping the holder
-(SIGTERM) closes every kept fd: a connection whose server is also gone is then aborted.
+(SIGTERM) closes every kept fd: a connection whose server is also gone is then aborted. A holder
+whose socket file was removed (its root wiped) can never be asked for anything again: it exits.
 
 Protocol (one request datagram, one reply datagram): ``KEEP name`` with one fd → ``OK``;
 ``TAKE name`` → ``OK`` with a copy of the fd, or ``NONE``; ``DROP name`` → ``OK``;
@@ -38,6 +39,7 @@ from pathlib import Path
 MAX_MESSAGE = 1024
 MAX_KEPT = 256
 MAX_CLIENTS = 32
+SOCKET_CHECK_SECONDS = 2  # how often an idle holder checks that its socket file is still there
 NAME = re.compile(r"[A-Za-z0-9._@+=-]{1,200}")
 _UCRED = struct.Struct("3i")  # pid uid gid
 
@@ -55,17 +57,31 @@ class HolderUnavailableError(HolderError):
 
 
 class _Holder:
-    def __init__(self, listener: socket.socket) -> None:
+    def __init__(self, listener: socket.socket, path: Path) -> None:
         self.listener = listener
+        self.path = path
+        self.bound = os.stat(path).st_ino  # to tell our socket file from a later one
         self.poller = select.poll()
         self.clients: dict[int, socket.socket] = {}
         self.kept: dict[str, int] = {}
         self.kept_names: dict[int, str] = {}
         self.poller.register(listener.fileno(), select.POLLIN)
 
+    def owns_socket(self) -> bool:
+        """Whether the socket file is still ours. Once it is gone (its root directory was wiped)
+        or replaced, nobody can reach this holder any more: what it keeps can never be taken."""
+        try:
+            return os.stat(self.path).st_ino == self.bound
+        except OSError:
+            return False
+
     def run(self) -> None:
         while True:
-            for fd, events in self.poller.poll():
+            events_seen = self.poller.poll(SOCKET_CHECK_SECONDS * 1000)
+            if not events_seen and not self.owns_socket():
+                _log(f"{self.path} is gone; exiting")
+                return
+            for fd, events in events_seen:
                 if fd == self.listener.fileno():
                     self._accept()
                 elif fd in self.clients:
@@ -186,8 +202,7 @@ def _listen(path: Path) -> socket.socket:
 def serve(path: Path) -> None:
     """Run a holder on ``path`` until SIGTERM or SIGINT."""
     listener = _listen(path)
-    bound = os.stat(path).st_ino  # to remove the socket file only if it is still ours
-    holder = _Holder(listener)
+    holder = _Holder(listener, path)
 
     def stop(signum: int, _frame: object) -> None:
         raise SystemExit(0)
@@ -200,8 +215,8 @@ def serve(path: Path) -> None:
         holder.run()
     finally:
         holder.close_all()
-        with contextlib.suppress(OSError):
-            if os.stat(path).st_ino == bound:
+        if holder.owns_socket():
+            with contextlib.suppress(OSError):
                 path.unlink()
         listener.close()
 

@@ -34,7 +34,8 @@ class Bench:
     """Everything one test starts, stopped by pid (and unmounted) at the end, also on failure."""
 
     root: Path
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)  # servers
+    readers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     holder_pid: int | None = None
     servers: int = 0
 
@@ -87,15 +88,20 @@ class Bench:
             stderr=err,
         )  # fmt: skip
         err.close()
-        self.procs.append(proc)
+        self.readers.append(proc)
         return Reader(proc, progress, self.root / "reader.log")
 
     def close(self) -> None:
+        # Servers first, then the holder, then readers: a reader whose request a server had taken
+        # cannot die (not even by SIGKILL) until the connection ends with its last fd.
         for proc in reversed(self.procs):
             terminate_pid(proc.pid)
             proc.wait()
         if self.holder_pid is not None:
             terminate_pid(self.holder_pid)
+        for proc in self.readers:
+            terminate_pid(proc.pid)
+            proc.wait()
 
 
 @dataclass
@@ -175,6 +181,30 @@ def test_a_killed_server_is_replaced_and_its_unanswered_read_resent(bench: Bench
     second = bench.server()
     assert second.how == "resumed"
     reader.wait_for(stall_at + 2 * SIZE)
+    reader.finish()
+    stats = second.stop(signal.SIGUSR1)
+    assert stats["resent"] >= 1 and stats["read_errors"] == 0
+
+
+def test_a_read_a_handover_could_not_finish_is_left_to_the_successor(bench: Bench) -> None:
+    """A handover waits a bounded time for the reads it has taken (the registry may stall); one it
+    gives up on, and that then fails (its chunk reader closes), is never answered: the kernel keeps
+    it and resends it to the successor, and the reader sees right bytes, no error."""
+    bench.start_holder()
+    stall_at = 40 * MiB
+    stalled = bench.root / "stalled"
+    first = bench.server(
+        "--stall-at", str(stall_at), "--stalled", str(stalled),
+        "--stop-timeout", "0.5", "--fail-stalled-after-stop",
+    )  # fmt: skip
+    reader = bench.reader()
+    assert wait_until(stalled.exists, timeout=120)
+    stats = first.stop(signal.SIGTERM)  # hand over; the stalled read then fails in the old server
+    assert stats["read_errors"] == 1
+    assert reader.checked() == stall_at  # and the reader did not get the failure: it waits
+    second = bench.server()
+    assert second.how == "resumed"
+    reader.wait_for(stall_at + SIZE)
     reader.finish()
     stats = second.stop(signal.SIGUSR1)
     assert stats["resent"] >= 1 and stats["read_errors"] == 0

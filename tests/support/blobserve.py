@@ -6,7 +6,9 @@ Writes ``--ready FILE`` (``pid mounted|resumed``) once serving. SIGTERM: stop wi
 mount stays for a successor); SIGUSR1: stop and unmount. Either way ``--stats FILE`` gets the
 server's counters as JSON. ``--stall-at OFFSET`` makes the read covering that offset of the first
 blob hang after writing ``--stalled FILE`` (to kill the process while the kernel waits for an
-answer); ``--delay`` slows every read down.
+answer); ``--delay`` slows every read down. ``--stop-timeout`` bounds how long a stop waits for
+reads under way; with ``--fail-stalled-after-stop`` the stalled read fails once the stop has given
+up on it (as a closing chunk reader makes it fail), and the process exits after that failure.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def main() -> int:
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--stall-at", type=int, default=-1)
     parser.add_argument("--stalled", type=Path)
+    parser.add_argument("--stop-timeout", type=float, default=30.0)
+    parser.add_argument("--fail-stalled-after-stop", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="blobserve %(process)d %(levelname)s %(message)s")
 
@@ -83,7 +87,14 @@ def main() -> int:
     tmp.write_text(f"{os.getpid()} {'resumed' if server.resumed else 'mounted'}")
     tmp.rename(args.ready)
     stop.wait()
-    server.stop(handover=handover)
+    server.stop(handover=handover, timeout=args.stop_timeout)
+    if args.fail_stalled_after_stop:
+        first = next(iter(sources.values()))
+        first.fail = lambda offset, size: True
+        first.gate.set()
+        deadline = time.monotonic() + 30
+        while server.stats()["read_errors"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
     args.stats.write_text(json.dumps(server.stats()))
     return 0
 

@@ -127,6 +127,25 @@ def test_a_stopped_holder_removes_its_socket(tmp_path: Path) -> None:
         terminate_pid(pid)
 
 
+def test_a_holder_whose_socket_was_removed_exits(tmp_path: Path) -> None:
+    """A wiped root takes the socket file along: nobody can reach the holder again, so it goes
+    (closing what it kept) instead of running forever."""
+    sock = tmp_path / "holder.sock"
+    pid = start_holder(sock)
+    r, w = os.pipe()
+    try:
+        HolderClient(sock).keep("blobs", r)
+        os.close(r)  # only the holder's copy keeps the read end open
+        os.write(w, b"x")
+        sock.unlink()
+        assert wait_until(lambda: not pid_alive(pid), timeout=30)
+        with pytest.raises(BrokenPipeError):
+            os.write(w, b"x")  # the holder closed its copy on the way out: no reader is left
+    finally:
+        terminate_pid(pid)
+        os.close(w)
+
+
 def test_errors_from_the_holder_are_holder_errors(holder: HolderClient) -> None:
     r, w = os.pipe()
     try:
