@@ -7,6 +7,7 @@ Fixtures of one kind live next to its tests: ``tests/integration/conftest.py`` (
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,15 @@ if _REPO_ROOT not in sys.path:  # allow `from tests.support ...` under any pytes
 from tests.support.lazy import running_loop  # noqa: E402
 from tests.support.scratch import tmpdir  # noqa: E402
 from tests.support.services import require_privileges  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_working_directory() -> Iterator[None]:
+    """libfuse's loop (the per-file FUSE backend, in-process in some tests) moves the process to
+    "/"; tests that start ``python -m tests...`` subprocesses need the repository as cwd."""
+    yield
+    if os.getcwd() != _REPO_ROOT:
+        os.chdir(_REPO_ROOT)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 _DRIVER = r"""
 import gc, json, sys
@@ -60,6 +61,7 @@ def peak_growth(setup: str, measured: str, *, timeout: float = 300.0) -> Measure
         text=True,
         timeout=timeout,
         env=os.environ.copy(),
+        cwd=Path(__file__).resolve().parents[2],  # the repository: its code, whatever the cwd
         check=False,
     )
     if proc.returncode != 0:
