@@ -194,14 +194,18 @@ def micro_markdown(micro: Mapping[str, Any]) -> str:
             f" {walk['dirs']} directories, page cache dropped, lazy layers with every chunk cached"
             f" (lazysnap: {backend}); median of {walk['reps']}; stat and open+close on the same mounts.",
             "",
-            "| snapshotter | walk s | vs overlayfs | stat /s | open+close /s |",
-            "|---|---|---|---|---|",
+            "| snapshotter | walk s | vs overlayfs | stat /s | open+close /s "
+            "| sequential MB/s (page cache dropped) | sequential MB/s (page cache warm) |",
+            "|---|---|---|---|---|---|---|",
         ]
+        sequential = walk.get("sequential_mb_s", {})
+        warm = walk.get("sequential_warm_mb_s", {})
         for name, seconds in walk["walk_s"].items():
             ops = walk["runs"][name].get("ops_per_s", {})
             out.append(
                 f"| {name} | {seconds} | {walk['ratio_to_overlayfs'][name]} "
-                f"| {_cell(ops.get('stat'))} | {_cell(ops.get('open+close'))} |"
+                f"| {_cell(ops.get('stat'))} | {_cell(ops.get('open+close'))} "
+                f"| {_cell(sequential.get(name))} | {_cell(warm.get(name))} |"
             )
     return "\n".join(out) + "\n"
 

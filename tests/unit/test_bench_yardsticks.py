@@ -154,7 +154,7 @@ def test_small_files_image(tmp_path: Path) -> None:
     names = source.names()
     assert len(names) == len(set(names)) == 30 and len({Path(n).parent for n in names}) == 4
     source.build(tmp_path / "layout", tmp_path, tmp_path)
-    _base, data = list(oci_layout.layer_tars(tmp_path / "layout", "gzip"))
+    _base, data, _big = list(oci_layout.layer_tars(tmp_path / "layout", "gzip"))
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         files = {m.name: m.size for m in tar.getmembers() if m.isfile()}
         dirs = [m.name for m in tar.getmembers() if m.isdir()]
