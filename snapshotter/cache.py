@@ -14,6 +14,10 @@ was read to make room for one that was not, which on a cache smaller than the im
 into fetching the same chunks again and again; and once reads had to push out a chunk fetched
 ahead before anyone read it, none is admitted for a while. A chunk being read stays readable to its reader
 even if evicted meanwhile (its file is open).
+
+Local data blobs (layers kept whole on disk, ``ErofsLayers.assemble``) live outside this directory
+but count against the same ``max_bytes`` (``set_local_bytes``); they may take at most half of it
+(``room_for_local``), so chunks always keep the other half.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class ChunkCache:
         self._reserved = 0  # bytes being fetched ahead, promised room
         self._verified: set[str] = set()  # read back and checked since this process started
         self._total = 0
+        self._local = 0  # bytes of local data blobs, counted against max_bytes
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -86,6 +91,22 @@ class ChunkCache:
     @property
     def total_bytes(self) -> int:
         return self._total
+
+    @property
+    def local_bytes(self) -> int:
+        return self._local
+
+    def room_for_local(self, nbytes: int) -> bool:
+        """Whether a local data blob of ``nbytes`` more may be kept: local blobs take at most half
+        of ``max_bytes``."""
+        with self._lock:
+            return self._local + nbytes <= self.max_bytes // 2
+
+    def set_local_bytes(self, nbytes: int) -> None:
+        """What local data blobs take on disk now; chunks are evicted to make room for them."""
+        with self._lock:
+            self._local = max(0, nbytes)
+            self._evict_locked()
 
     def _class_of(self, hexdigest: str) -> OrderedDict[str, int] | None:
         for group in (self._lru, self._speculative, self._released):
@@ -120,7 +141,7 @@ class ChunkCache:
         with self._lock:
             if time.monotonic() - self._ahead_wasted_at < AHEAD_BACKOFF_SECONDS:
                 return False
-            if self._total - self._released_bytes + self._reserved + nbytes > self.max_bytes:
+            if self._local + self._total - self._released_bytes + self._reserved + nbytes > self.max_bytes:
                 return False
             self._reserved += nbytes
             return True
@@ -248,9 +269,10 @@ class ChunkCache:
         return len(self._lru) + len(self._speculative) + len(self._released)
 
     def _evict_locked(self, keep: str = "") -> None:
-        if self._total <= self.max_bytes:
+        if self._local + self._total <= self.max_bytes:
             return
-        self._evict_to_locked(self.max_bytes * 9 // 10, keep)  # in batches, not one chunk per put
+        # In batches, not one chunk per put.
+        self._evict_to_locked(max(0, self.max_bytes * 9 // 10 - self._local), keep)
 
     def _evict_to_locked(self, low_water: int, keep: str = "") -> None:
         """Evict, in eviction order, until at most ``low_water`` bytes remain; never ``keep`` (the

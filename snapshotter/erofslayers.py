@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 # with background fetch and 19.7 MB without. Long sequential reads are read ahead by the chunk
 # reader instead, which knows which file a stream belongs to.
 BLOB_READAHEAD_BYTES = 128 << 10
+# In the mount record: this mount reads the layer's local data blob (no blob server needed).
+LOCAL_FLAG = "lazysnap.local-blob"
+ASSEMBLE_PIECE_BYTES = 8 << 20
 
 # Told, after every blob read, the operation's name, its duration in seconds and the errno name it
 # failed with ("" on success): the FUSE operation metrics.
@@ -75,6 +78,9 @@ class LayerBlob:
         self.read_errors = 0
         self.on_first_read = on_first_read  # startup profiles: told each file's path once
         self.observer = observer
+        # Once the layer is complete and assembled (``ErofsLayers.assemble``): reads come from
+        # this file, and the layer's chunks may leave the cache.
+        self.local_path: Path | None = None
         self._read_once: set[str] = set()
         self._lock = threading.Lock()
 
@@ -87,10 +93,19 @@ class LayerBlob:
         for name in fresh:
             self.on_first_read(name)
 
+    def _read_local(self, path: Path, offset: int, size: int) -> bytes:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+
     def read(self, offset: int, size: int) -> bytes:
         started = time.perf_counter()
         failed = ""
         try:
+            if self.local_path is not None:
+                return self._read_local(self.local_path, offset, size)
             pieces = self.layout.locate(offset, size)
             extents = [(p.entry, p.file_offset, p.length) for p in pieces if p.entry is not None]
             self._note_reads([e.name for e, _, _ in extents])
@@ -107,6 +122,11 @@ class LayerBlob:
 
     def read_cached(self, offset: int, size: int) -> bytes | None:
         """The bytes when every chunk they need is local (the blob server answers at once)."""
+        if self.local_path is not None:
+            try:
+                return self._read_local(self.local_path, offset, size)
+            except OSError:
+                return None  # read() reports it
         pieces = self.layout.locate(offset, size)
         extents = [(p.entry, p.file_offset, p.length) for p in pieces if p.entry is not None]
         found = self.reader.read_cached(extents)
@@ -119,19 +139,22 @@ class LayerBlob:
 
 @dataclass
 class ErofsMount:
-    """A layer mounted through EROFS at ``mountpoint``; ``blob`` serves its data."""
+    """A layer mounted through EROFS at ``mountpoint``; ``blob`` serves its data, unless ``local``:
+    then the kernel reads a local copy of the data blob and no process is in the path."""
 
     backend: ErofsLayers
     digest: str
     mountpoint: Path
     blob: LayerBlob
+    local: bool = False
 
     @property
     def read_errors(self) -> int:
         return self.blob.read_errors
 
     def is_alive(self) -> bool:
-        return self.backend.serves(self.digest) and is_erofs_mountpoint(self.mountpoint)
+        served = self.local or self.backend.serves(self.digest)
+        return served and is_erofs_mountpoint(self.mountpoint)
 
     def unmount(self) -> None:
         self.backend.unmount(self)
@@ -196,13 +219,15 @@ class ErofsLayers:
         self.server.start(dict(sources))
         if not self.server.resumed:
             # A fresh connection: EROFS mounts of the previous one read a dead blob; drop them.
+            # Those over a local blob file need no connection and stay.
+            kept = {mp: labels for mp, labels in self._record.items() if labels.get(LOCAL_FLAG)}
             for mountpoint in list(self._record):
-                if is_erofs_mountpoint(Path(mountpoint)):
+                if mountpoint not in kept and is_erofs_mountpoint(Path(mountpoint)):
                     log.warning(
                         "dropping a lazy layer whose blob connection is gone", extra={"at": mountpoint}
                     )
                     unmount_erofs(Path(mountpoint))
-            self._save_record({})
+            self._save_record(kept)
 
     def stop(self, *, handover: bool) -> None:
         """Stop serving blobs: for good (the layers are unmounted), or for a successor."""
@@ -264,7 +289,7 @@ class ErofsLayers:
         while the blob is served, and when taking a mount over, the stored layout is used;
         otherwise ``plan()``. LayoutError if the stored layout does not fit the layer."""
         with self._lock:
-            in_use = adopting or file_stem(digest) in self._users
+            in_use = adopting or file_stem(digest) in self._users or self.local_blob_path(digest).exists()
         if in_use:
             stored = self._load_layout(digest, tree)
             if stored is not None:
@@ -292,7 +317,9 @@ class ErofsLayers:
     def mount(
         self, digest: str, tree: LayerTree, blob: LayerBlob, mountpoint: Path, labels: Mapping[str, str]
     ) -> ErofsMount:
-        """Write the layer's metadata image, serve its blob and mount both at ``mountpoint``."""
+        """Write the layer's metadata image and mount it at ``mountpoint`` over its data blob: the
+        local copy when the layer was complete once (no process in the path), else the blob
+        server's file."""
         name = file_stem(digest)
         image = build_metadata(tree, blob.layout, device_tag=digest.encode()[:64])
         path = self.image_path(digest)
@@ -300,6 +327,13 @@ class ErofsLayers:
         tmp.write_bytes(image)
         os.replace(tmp, path)
         self.store_layout(digest, blob.layout)  # what a successor serves this image's blob with
+        local = self.local_blob(digest, blob.layout)
+        if local is not None:
+            mount_erofs(path, local, mountpoint, loop=self.loop_devices)
+            with self._lock:
+                self._record[str(mountpoint)] = {**labels, LOCAL_FLAG: "1"}
+                self._save_record(self._record)
+            return ErofsMount(self, digest, mountpoint, blob, local=True)
         with self._lock:
             blob_path = self.server.add(name, blob)
             self._users[name] = self._users.get(name, 0) + 1
@@ -313,9 +347,9 @@ class ErofsLayers:
             self._save_record(self._record)
         return ErofsMount(self, digest, mountpoint, blob)
 
-    def adopt(self, digest: str, blob: LayerBlob, mountpoint: Path) -> ErofsMount:
-        """A mount an earlier manager made, whose blob ``start`` serves again."""
-        return ErofsMount(self, digest, mountpoint, blob)
+    def adopt(self, digest: str, blob: LayerBlob, mountpoint: Path, *, local: bool = False) -> ErofsMount:
+        """A mount an earlier manager made, whose blob ``start`` serves again (or a local copy)."""
+        return ErofsMount(self, digest, mountpoint, blob, local=local)
 
     def unmount(self, mount: ErofsMount) -> None:
         if is_erofs_mountpoint(mount.mountpoint):
@@ -323,7 +357,63 @@ class ErofsLayers:
         with self._lock:
             self._record.pop(str(mount.mountpoint), None)
             self._save_record(self._record)
-        self._release(file_stem(mount.digest))
+        if not mount.local:
+            self._release(file_stem(mount.digest))
+
+    # --- local copies of complete data blobs ----------------------------------------------------
+
+    def local_blob_path(self, digest: str) -> Path:
+        return self.images / f"{file_stem(digest)}.blob"
+
+    def local_blob(self, digest: str, layout: BlobLayout) -> Path | None:
+        """The layer's data blob as a local file, if it was assembled (with this layout)."""
+        path = self.local_blob_path(digest)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return None
+        return path if size == layout.blob_size else None
+
+    def local_blob_bytes(self) -> int:
+        """What the local data blobs take on disk (they are sparse: blocks, not sizes)."""
+        total = 0
+        for path in self.images.glob("*.blob"):
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_blocks * 512
+        return total
+
+    def remove_local_blob(self, digest: str) -> None:
+        self.local_blob_path(digest).unlink(missing_ok=True)
+
+    def assemble(self, digest: str, layout: BlobLayout, reader: LayerReader) -> bool:
+        """Write the layer's data blob as a local file from the verified chunks in the cache, so
+        that later mounts of the layer need no process in the path. The file appears whole or not
+        at all (a chunk evicted meanwhile: False); the holes between files stay sparse. True when
+        it exists afterwards."""
+        if self.local_blob(digest, layout) is not None:
+            return True
+        path = self.local_blob_path(digest)
+        tmp = path.with_suffix(f".tmp{threading.get_ident()}")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.truncate(layout.blob_size)
+                for placed in layout.files:
+                    for offset in range(0, placed.size, ASSEMBLE_PIECE_BYTES):
+                        size = min(ASSEMBLE_PIECE_BYTES, placed.size - offset)
+                        found = reader.read_cached([(placed.entry, offset, size)], by_reader=False)
+                        if found is None or len(found[0]) != size:
+                            tmp.unlink(missing_ok=True)
+                            return False
+                        os.pwrite(fh.fileno(), found[0], placed.blob_offset + offset)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.warning("cannot write a local data blob", extra={"layer": digest, "error": str(exc)})
+            return False
+        log.info("layer complete: later mounts read a local data blob", extra={"layer": digest})
+        return True
 
     def _release(self, name: str) -> None:
         with self._lock:

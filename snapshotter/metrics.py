@@ -92,6 +92,11 @@ class _StatsCollector(Collector):
         yield GaugeMetricFamily(
             "lazysnap_cache_bytes", "Bytes of verified chunks in the cache", value=cache["bytes"]
         )
+        yield GaugeMetricFamily(
+            "lazysnap_local_blob_bytes",
+            "Disk taken by complete layers kept as local data blobs (counted in the cache bound)",
+            value=cache.get("local_blob_bytes", 0),
+        )
         for name, help_text in (
             ("hits", "Chunk reads served from the cache"),
             ("misses", "Chunk reads the cache could not serve"),

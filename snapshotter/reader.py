@@ -21,7 +21,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -180,6 +180,8 @@ class LayerReader:
         self._failed: dict[str, tuple[float, BaseException]] = {}
         self._started = False
         self.stats.prefetch_done = not self._startup
+        # Called on the loop once every chunk of the layer is in the cache.
+        self.on_complete: Callable[[], None] | None = None
 
     # --- reads from FUSE threads ------------------------------------------------------------
 
@@ -187,9 +189,12 @@ class LayerReader:
         """Bytes [offset, offset+size) of a regular file, short at end of file. Blocks."""
         return self.read_extents([(entry, offset, size)])[0]
 
-    def read_cached(self, extents: Sequence[tuple[Entry, int, int]]) -> list[bytes] | None:
+    def read_cached(
+        self, extents: Sequence[tuple[Entry, int, int]], *, by_reader: bool = True
+    ) -> list[bytes] | None:
         """The bytes of these file ranges if every chunk they need is in the cache, else None
-        (nothing is fetched). Cheap enough to answer on the FUSE server's reading thread."""
+        (nothing is fetched). Cheap enough to answer on the FUSE server's reading thread. Not
+        ``by_reader`` (copying the layer elsewhere): no stream is detected from it."""
         out: list[bytes] = []
         for entry, offset, size in extents:
             end = min(entry.size, offset + size)
@@ -200,8 +205,9 @@ class LayerReader:
                     return None
                 parts.append(piece)
             out.append(b"".join(parts))
-        for entry, offset, size in extents:
-            self._note_read(entry, offset, min(entry.size, offset + size))
+        if by_reader:
+            for entry, offset, size in extents:
+                self._note_read(entry, offset, min(entry.size, offset + size))
         return out
 
     def read_extents(self, extents: Sequence[tuple[Entry, int, int]]) -> list[bytes]:
@@ -392,6 +398,8 @@ class LayerReader:
         if all(c.digest in self.cache for c in self._rest):
             self.stats.background_done = True
             log.info("layer complete in the cache", extra={"layer": self.layer})
+            if self.on_complete is not None:
+                self.on_complete()
         else:
             self._rest_resume_at = self.loop.time() + REST_RESCAN_SECONDS
             self.loop.call_later(REST_RESCAN_SECONDS, self.scheduler.pump)

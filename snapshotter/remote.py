@@ -36,7 +36,7 @@ from snapshotter.contract import (
 from snapshotter.digest import file_stem
 from snapshotter.erofs.layout import LayoutError, plan_layout
 from snapshotter.erofs.writer import ImageError
-from snapshotter.erofslayers import BLOB_READAHEAD_BYTES, ErofsLayers, LayerBlob
+from snapshotter.erofslayers import BLOB_READAHEAD_BYTES, LOCAL_FLAG, ErofsLayers, LayerBlob
 from snapshotter.fetcher import (
     AuthError,
     BlobNotFoundError,
@@ -96,6 +96,8 @@ class LayerMount(Protocol):
 
     @property
     def read_errors(self) -> int: ...
+    @property
+    def local(self) -> bool: ...  # reads a local copy of the layer: nothing to fetch or serve
     def is_alive(self) -> bool: ...
     def unmount(self) -> None: ...
 
@@ -105,6 +107,7 @@ class FuseMount:
 
     def __init__(self, layer: MountedLayer) -> None:
         self.layer = layer
+        self.local = False
 
     @property
     def read_errors(self) -> int:
@@ -242,13 +245,15 @@ class RemoteLayers:
             log.exception("failed to unmount a lazy layer", extra={"at": str(mountpoint)})
 
     def forget_unused(self, digests_in_use: set[str]) -> None:
-        """Drop stored TOCs of layers no snapshot uses any more."""
+        """Drop stored TOCs (and metadata images, local blobs) of layers no snapshot uses any more."""
         for digest in list(self.tocs.digests()):
             if digest not in digests_in_use:
                 self.tocs.remove(digest)
                 if self.erofs is not None:
                     self.erofs.image_path(digest).unlink(missing_ok=True)
                     self.erofs.layout_path(digest).unlink(missing_ok=True)
+                    self.erofs.remove_local_blob(digest)
+                    self.cache.set_local_bytes(self.erofs.local_blob_bytes())
 
     def stats(self) -> dict[str, Any]:
         blobs = {"blobs": self.erofs.server.stats()} if self.erofs is not None else {}
@@ -260,6 +265,7 @@ class RemoteLayers:
             "links": {host: scheduler.snapshot() for host, scheduler in self.schedulers.items()},
             "cache": {
                 "bytes": self.cache.total_bytes,
+                "local_blob_bytes": self.cache.local_bytes,  # complete layers kept whole
                 "max_bytes": self.cache.max_bytes,
                 "bytes_by_class": self.cache.class_bytes(),
                 "hits": self.cache.hits,
@@ -275,6 +281,7 @@ class RemoteLayers:
                     "files": len(m.index.entries),
                     "prefetch_files": len(m.index.prefetch),
                     "read_errors": m.mount.read_errors,
+                    "local_blob": m.mount.local,  # served by the kernel from a local copy alone
                     **m.reader.stats.snapshot(),
                 }
                 for mp, m in list(self._mounts.items())
@@ -346,7 +353,45 @@ class RemoteLayers:
             lambda: plan_layout(tree, index.prefetch, separation=BLOB_READAHEAD_BYTES),
             adopting=adopting,
         )
-        return LayerBlob(layout, reader, on_first_read=on_first_read, observer=self.fs_observer)
+        blob = LayerBlob(layout, reader, on_first_read=on_first_read, observer=self.fs_observer)
+        blob.local_path = erofs.local_blob(ref.digest, layout)
+        return blob
+
+    def _start_fetching(
+        self, ref: LayerRef, reader: LayerReader, mount: LayerMount, blob: LayerBlob | None
+    ) -> None:
+        """Offer a mounted layer's chunks to the scheduler, unless it reads a local copy."""
+        if mount.local:
+            reader.stats.prefetch_done = reader.stats.background_done = True  # nothing to fetch
+            return
+        if blob is not None:  # the EROFS backend keeps a complete layer as a local blob
+            reader.on_complete = functools.partial(self._layer_complete, ref.digest, blob)
+        reader.start()
+
+    def _layer_complete(self, digest: str, blob: LayerBlob) -> None:
+        """Every chunk of a layer is in the cache (on the loop): keep its data blob as a local
+        file, when the cache budget has room for it, so that later mounts need no process."""
+        erofs = self.erofs
+        if erofs is None or blob.local_path is not None or self._closed:
+            return
+        if not self.cache.room_for_local(blob.size):
+            log.info(
+                "layer complete; no room in the cache budget to keep it as a local blob",
+                extra={"layer": digest, "blob_size": blob.size, "local_bytes": self.cache.local_bytes},
+            )
+            return
+        self.mount_executor.submit(self._assemble, erofs, digest, blob)
+
+    def _assemble(self, erofs: ErofsLayers, digest: str, blob: LayerBlob) -> None:
+        try:
+            if not erofs.assemble(digest, blob.layout, blob.reader):
+                return  # a chunk left the cache meanwhile: the layer stays served from chunks
+            blob.local_path = erofs.local_blob_path(digest)
+            self.cache.set_local_bytes(erofs.local_blob_bytes())
+            # Its chunks now exist twice; they are the first to go when the cache needs room.
+            self.cache.release([c.digest for e in blob.reader.index.entries.values() for c in e.chunks])
+        except Exception:
+            log.exception("failed to keep a complete layer as a local blob", extra={"layer": digest})
 
     async def _mount_index(
         self, ref: LayerRef, index: LayerIndex, mountpoint: Path, labels: Mapping[str, str]
@@ -371,6 +416,7 @@ class RemoteLayers:
             except (OSError, ImageError) as exc:
                 raise NotLazyError("erofs-mount-failed", f"{ref.digest}: {exc}") from None
         else:
+            blob = None
             fuse = MountedLayer(
                 LayerFS(
                     tree, reader, layer=ref.digest, on_first_read=on_first_read, observer=self.fs_observer
@@ -390,16 +436,16 @@ class RemoteLayers:
         self._mounts[mountpoint] = _Mounted(ref, index, reader, mount)
         self.lazy_mounts += 1
         tail = self._tails.pop(ref.digest, None)
-        if tail is not None:
+        if tail is not None and not mount.local:
             reader.seed(*tail)
-        reader.start()
+        self._start_fetching(ref, reader, mount, blob)
         log.info(
             "layer mounted lazily",
             extra={
                 "layer": ref.digest,
                 "format": index.format,
                 "files": len(index.entries),
-                "backend": "erofs" if self.erofs is not None else "fuse",
+                "backend": "fuse" if self.erofs is None else "erofs-local" if mount.local else "erofs",
                 "at": str(mountpoint),
             },
         )
@@ -432,16 +478,20 @@ class RemoteLayers:
                 )
                 await self.loop.run_in_executor(self.mount_executor, unmount, mountpoint)
                 continue
-            adopted.append(
-                (mountpoint, _Mounted(ref, index, reader, erofs.adopt(ref.digest, blob, mountpoint)), blob)
-            )
-        sources = {file_stem(m.ref.digest): blob for _, m, blob in adopted}
+            local = bool(labels.get(LOCAL_FLAG)) and blob.local_path is not None
+            mount = erofs.adopt(ref.digest, blob, mountpoint, local=local)
+            adopted.append((mountpoint, _Mounted(ref, index, reader, mount), blob))
+        self.cache.set_local_bytes(erofs.local_blob_bytes())
+        served = [(mp, m, blob) for mp, m, blob in adopted if not m.mount.local]
+        sources = {file_stem(m.ref.digest): blob for _, m, blob in served}
         await self.loop.run_in_executor(self.mount_executor, erofs.start, sources)
         if not erofs.server.resumed:
-            adopted = []  # a fresh connection: those mounts were dropped; the daemon mounts again
-        for mountpoint, mounted, _ in adopted:
+            # A fresh connection: the served mounts were dropped (the daemon mounts them again);
+            # those over local blobs need none and stay.
+            adopted = [a for a in adopted if a[1].mount.local]
+        for mountpoint, mounted, blob in adopted:
             self._mounts[mountpoint] = mounted
-            mounted.reader.start()
+            self._start_fetching(mounted.ref, mounted.reader, mounted.mount, blob)
         if adopted:
             log.info("lazy layers taken over from the previous FUSE manager", extra={"layers": len(adopted)})
 

@@ -40,7 +40,8 @@ def format_status(stats: dict[str, Any]) -> str:
     cache = stats["cache"]
     lines.append("")
     lines.append(
-        f"{len(layers)} lazy layers mounted; cache {human_size(cache['bytes'])} "
+        f"{len(layers)} lazy layers mounted; cache {human_size(cache['bytes'])}"
+        f" + {human_size(cache.get('local_blob_bytes', 0))} local layer blobs "
         f"({cache['hits']} hits, {cache['misses']} misses, {cache['evictions']} evictions)"
     )
     for host, link in sorted(stats.get("links", {}).items()):

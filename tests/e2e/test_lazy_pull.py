@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from snapshotter.digest import file_stem
 from tests.e2e.conftest import LazysnapStack
 from tests.support import oci
 from tests.support.daemon import SNAPSHOTTER, LazysnapDaemon
@@ -201,6 +202,39 @@ def test_restart_mounts_lazy_layers_again_and_reuses_the_cache(
 
 
 LARGE_SHA256 = "/bin/busybox sha256sum /data/large.bin"
+
+
+@pytest.mark.erofs_only
+def test_a_complete_layer_is_kept_as_a_local_blob_and_later_mounts_need_no_fetching(
+    lazy_images: LazyImages, proxy: CountingProxy, lazysnap_stack: LazysnapStack
+) -> None:
+    """Once the background fetch has every chunk of a layer, its data blob is written as a local
+    file: mounts after a restart read it through the kernel alone, with the registry gone."""
+    daemon, cd = lazysnap_stack()
+    ref = f"{proxy.host}/{lazy_images.estargz}"
+    cd.rpull(ref)
+    digests = set(daemon.stats()["layers"])  # type: ignore[arg-type]
+    assert len(digests) == 4
+    blobs = [daemon.root / "layers" / f"{file_stem(d)}.blob" for d in digests]
+    assert wait_until(lambda: all(b.exists() for b in blobs), timeout=120), daemon.stats()
+    local_bytes = daemon.stats()["cache"]["local_blob_bytes"]  # type: ignore[index]
+    assert local_bytes >= LARGE_SIZE  # the 16 MiB file is in one of them
+
+    daemon.stop(signal.SIGTERM)
+    proxy.stop()
+    daemon.start()  # mounts the layers again: over their local blobs now
+    layers = daemon.stats()["layers"]
+    assert isinstance(layers, dict) and set(layers) == digests
+    assert all(layer["local_blob"] and layer["background_done"] for layer in layers.values()), layers
+    assert wait_until(  # containerd dials the restarted daemon again
+        lambda: cd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls", check=False).returncode == 0
+    )
+    out = run_in_container(cd, ref, "/bin/sh", "-c", LARGE_SHA256, snapshotter=SNAPSHOTTER)
+    assert out.split()[0] == hashlib.sha256(lazy_images.large).hexdigest()
+    assert verify_container_fs(cd, ref, lazy_images.expected, snapshotter=SNAPSHOTTER) == []
+    after = daemon.stats()
+    assert after["blobs"]["reads"] == 0, after["blobs"]  # type: ignore[index]
+    assert all(layer["bytes"]["on_demand"] == 0 for layer in after["layers"].values())  # type: ignore[union-attr]
 
 
 def test_cache_stays_under_its_limit_while_reads_stay_correct(

@@ -88,3 +88,20 @@ def test_after_a_restart_every_chunk_is_evicted_before_those_read_since(tmp_path
     assert second.class_bytes() == {"read": 0, "ahead": 0, "released": 5000}
     assert second.get(kept[0][0]) == kept[0][1]
     assert second.class_bytes()["read"] == 1000
+
+
+def test_local_blobs_count_against_the_bound_and_take_at_most_half(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 10_000)
+    chunks = [chunk(f"read{i}") for i in range(8)]
+    for digest, data in chunks:
+        cache.put(digest, data)
+    assert cache.room_for_local(5_000) and not cache.room_for_local(5_001)
+    assert cache.reserve_ahead(2_000)
+    cache.unreserve_ahead(2_000)
+    cache.set_local_bytes(4_000)  # 12,000 with the chunks: evicted down to 90% of the bound
+    assert cache.local_bytes == 4_000 and cache.total_bytes == 5_000
+    assert all(d not in cache for d, _ in chunks[:3]) and all(d in cache for d, _ in chunks[3:])
+    assert not cache.reserve_ahead(1_001)  # 4,000 local + 5,000 read: 1,000 left
+    assert not cache.room_for_local(1_001)
+    cache.set_local_bytes(0)
+    assert cache.reserve_ahead(5_000)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from snapshotter.erofs.layout import BlobLayout, LayoutError, plan_layout
-from snapshotter.erofslayers import ErofsLayers, layout_from_record, layout_record
+from snapshotter.erofslayers import ErofsLayers, LayerBlob, layout_from_record, layout_record
 from snapshotter.formats.index import Entry, EntryType
 from snapshotter.layertree import LayerTree
 from tests.support.erofs import index_of
@@ -89,3 +89,55 @@ def test_a_taken_over_mount_is_served_with_its_stored_layout(tmp_path: Path, tre
         layers.blob_layout(DIGEST, tree, lambda: ours, adopting=True)
     layers.layout_path(DIGEST).unlink()  # mounted by a version that stored none: our plan
     assert layers.blob_layout(DIGEST, tree, lambda: ours, adopting=True) is ours
+
+
+def content(entry: Entry) -> bytes:
+    return (entry.name.encode() * entry.size)[: entry.size]
+
+
+class CachedReads:
+    """What ``assemble`` asks of a layer reader: cached bytes of file ranges, or None."""
+
+    def __init__(self, missing: str = "") -> None:
+        self.missing = missing
+
+    def read_cached(
+        self, extents: list[tuple[Entry, int, int]], *, by_reader: bool = True
+    ) -> list[bytes] | None:
+        assert not by_reader  # copying the layer must not look like a reader streaming a file
+        if any(e.name == self.missing for e, _, _ in extents):
+            return None
+        return [content(e)[off : off + n] for e, off, n in extents]
+
+
+def test_a_complete_layer_is_assembled_into_a_sparse_local_blob(tmp_path: Path, tree: LayerTree) -> None:
+    layers = ErofsLayers(tmp_path)
+    layout = plan_layout(tree, order=["c"], separation=1 << 20)
+    assert layers.local_blob(DIGEST, layout) is None
+    assert layers.assemble(DIGEST, layout, CachedReads())  # type: ignore[arg-type]
+    path = layers.local_blob(DIGEST, layout)
+    assert path == layers.local_blob_path(DIGEST)
+    data = path.read_bytes()
+    assert len(data) == layout.blob_size
+    expected = bytearray(layout.blob_size)  # holes read as zeros
+    for f in layout.files:
+        expected[f.blob_offset : f.blob_offset + f.size] = content(f.entry)
+    assert data == expected
+    # The 1 MiB hole after the prefetched file takes no disk.
+    assert layers.local_blob_bytes() == path.stat().st_blocks * 512 < layout.blob_size // 2
+
+    blob = LayerBlob(layout, None, on_first_read=None)  # type: ignore[arg-type]
+    blob.local_path = path  # reads come from the file, not the reader
+    assert blob.read(layout.files[1].blob_offset, 100) == content(layout.files[1].entry)[:100]
+    layers.remove_local_blob(DIGEST)
+    assert layers.local_blob(DIGEST, layout) is None and layers.local_blob_bytes() == 0
+
+
+def test_a_layer_with_a_chunk_gone_is_not_assembled(tmp_path: Path, tree: LayerTree) -> None:
+    layers = ErofsLayers(tmp_path)
+    layout = plan_layout(tree)
+    assert not layers.assemble(DIGEST, layout, CachedReads(missing="c"))  # type: ignore[arg-type]
+    assert list(layers.images.iterdir()) == []  # no blob, no temporary left behind
+    # A blob of another layout's size (an earlier layout of the layer) is not used.
+    layers.local_blob_path(DIGEST).write_bytes(b"x" * (layout.blob_size + 4096))
+    assert layers.local_blob(DIGEST, layout) is None

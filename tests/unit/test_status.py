@@ -21,7 +21,7 @@ def test_status_table_lists_layers_with_progress() -> None:
     }
     stats = {
         "layers": {"sha256:" + "ab" * 32: layer},
-        "cache": {"bytes": 2 << 20, "hits": 7, "misses": 3, "evictions": 0},
+        "cache": {"bytes": 2 << 20, "local_blob_bytes": 3 << 20, "hits": 7, "misses": 3, "evictions": 0},
         "not_lazy": {"no-toc-digest": 2},
         "lazy_mounts": 1,
         "links": {
@@ -47,7 +47,10 @@ def test_status_table_lists_layers_with_progress() -> None:
         "4",
         "0",
     ]
-    assert "1 lazy layers mounted; cache 2.0 MiB (7 hits, 3 misses, 0 evictions)" in text
+    assert (
+        "1 lazy layers mounted; cache 2.0 MiB + 3.0 MiB local layer blobs (7 hits, 3 misses, 0 evictions)"
+        in text
+    )
     assert "no-toc-digest: 2" in text
     link = "registry 127.0.0.1:5000: rtt 10.5 ms, 940.0 Mbit/s; fetched 1.0 MiB on_demand, 1.0 MiB prefetch"
     assert link in text
