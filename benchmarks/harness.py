@@ -46,6 +46,7 @@ from benchmarks.images import (
 )
 from benchmarks.shaping_proxy import ShapingProxy, from_profile
 from snapshotter.admin import admin_socket, fetch_stats
+from snapshotter.contract import manager_pidfile
 from tests.support import mounts, oci
 from tests.support.daemon import LazysnapDaemon, write_config
 from tests.support.scratch import make_tmpdir, remove_tmpdir
@@ -348,6 +349,8 @@ def lazysnap_mode(variant: str, **overrides: dict[str, object]) -> Mode:
 
 class SnapshotterProcess(Protocol):
     address: Path
+    root: Path
+    proc: subprocess.Popen[bytes] | None
 
     def start(self, timeout: float = ...) -> None: ...
 
@@ -477,6 +480,8 @@ class RunResult:
     rep: int = 0
     profile: str = ""
     lazy_stats: dict[str, object] = field(default_factory=dict)
+    # CPU seconds the snapshotter's processes (lazysnap: daemon and FUSE manager) spent in the run.
+    cpu_s: float | None = None
 
 
 @dataclass
@@ -609,6 +614,23 @@ def _resident(path: str) -> int:
         os.close(fd)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except (OSError, ValueError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def snapshotter_cpu(process: SnapshotterProcess) -> dict[int, float]:
+    """CPU seconds so far of each process of the snapshotter, by pid (lazysnap's FUSE manager too)."""
+    pids = [process.proc.pid] if process.proc is not None else []
+    with contextlib.suppress(OSError, ValueError):
+        pids.append(int(manager_pidfile(process.root).read_text()))
+    return {pid: cpu_seconds(pid) for pid in pids}
+
+
 def _lazy_summary(stats: Mapping[str, Any]) -> dict[str, object]:
     if not stats:
         return {}
@@ -623,6 +645,37 @@ def _lazy_summary(stats: Mapping[str, Any]) -> dict[str, object]:
     }
 
 
+@contextlib.contextmanager
+def containerd_with(mode: Mode, prefix: str) -> Iterator[tuple[Containerd, SnapshotterProcess | None]]:
+    """A private containerd in a temp dir of its own, using ``mode``'s snapshotter (started first,
+    if the mode has one); both stopped and the directory removed afterwards."""
+    workdir = make_tmpdir(prefix)
+    process: SnapshotterProcess | None = None
+    cd: Containerd | None = None
+    try:
+        proxy_plugins: dict[str, str] = {}
+        if mode.snapshotter is not None:
+            process = start_snapshotter(mode, workdir / "s")
+            proxy_plugins[mode.snapshotter] = str(process.address)
+        cd = Containerd(workdir / "cd", proxy_plugins)
+        cd.start()
+        yield cd, process
+    finally:
+        if cd is not None:
+            cd.stop()
+        if process is not None:
+            process.stop()
+        remove_tmpdir(workdir)
+
+
+def pull(cd: Containerd, mode: Mode, ref: str, *, timeout: float) -> None:
+    """Pull ``ref`` as ``mode`` does: normally (overlayfs) or with its remote snapshotter."""
+    if mode.snapshotter is None:
+        cd.pull(ref, timeout=timeout)
+    else:
+        cd.rpull(ref, snapshotter=mode.snapshotter, timeout=timeout)
+
+
 def cold_run(
     images: ImageSet,
     workload: Workload,
@@ -634,37 +687,28 @@ def cold_run(
     timeout: float = 3600,
 ) -> RunResult:
     """Pull and run ``workload`` once from nothing, in ``mode``."""
-    workdir = make_tmpdir("lzb")
-    process: SnapshotterProcess | None = None
-    cd: Containerd | None = None
-    try:
-        proxy_plugins: dict[str, str] = {}
-        snapshotter = mode.snapshotter
-        if snapshotter is not None:
-            process = start_snapshotter(mode, workdir / "s")
-            proxy_plugins[snapshotter] = str(process.address)
-        cd = Containerd(workdir / "cd", proxy_plugins)
-        cd.start()
+    with containerd_with(mode, "lzb") as (cd, process):
         ref = images.ref(proxy.host, image_tag(mode.variant, workload))
         drop_page_cache()
         proxy.reset_counters()
+        cpu_before = snapshotter_cpu(process) if process is not None else {}
         started = time.monotonic()
-        if snapshotter is None:
-            cd.pull(ref, timeout=timeout)
-        else:
-            cd.rpull(ref, snapshotter=snapshotter, timeout=timeout)
+        pull(cd, mode, ref, timeout=timeout)
         pulled = time.monotonic()
         at_ready: list[int] = []
         timing = run_workload(
             cd,
             ref,
             workload,
-            snapshotter=snapshotter,
+            snapshotter=mode.snapshotter,
             on_ready=lambda: at_ready.append(proxy.bytes_down),
             timeout=timeout,
         )
         down, _ = proxy.reset_counters()
-        result = RunResult(
+        cpu = None
+        if process is not None:
+            cpu = sum(t - cpu_before.get(pid, 0.0) for pid, t in snapshotter_cpu(process).items())
+        return RunResult(
             image=workload.name,
             mode=mode.name,
             pull_s=pulled - started,
@@ -675,14 +719,8 @@ def cold_run(
             rep=rep,
             profile=profile,
             lazy_stats=_lazy_summary(process.stats()) if process is not None else {},
+            cpu_s=cpu,
         )
-        return result
-    finally:
-        if cd is not None:
-            cd.stop()
-        if process is not None:
-            process.stop()
-        remove_tmpdir(workdir)
 
 
 @contextlib.contextmanager

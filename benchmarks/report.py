@@ -61,6 +61,8 @@ def summarize(
                     "warm_s": _r(warm_s),
                     "fetched_mb": round(_median([r.bytes_fetched for r in rs]) / 1e6, 1),
                     "fetched_ready_mb": round(_median([r.bytes_fetched_ready for r in rs]) / 1e6, 1),
+                    "on_demand_mb": _on_demand_mb(rs),
+                    "cpu_s": _median_or_none([r.cpu_s for r in rs if r.cpu_s is not None], 2),
                     "read_mb": round(read_b / 1e6, 1) if read_b is not None else None,
                     "read_exact": local.exact if local else None,
                     "ideal_s": _r(ideal),
@@ -70,6 +72,20 @@ def summarize(
                 }
             )
     return rows
+
+
+def _median_or_none(values: Sequence[float], digits: int) -> float | None:
+    return _r(_median(values), digits) if values else None
+
+
+def _on_demand_mb(runs: Sequence[RunResult]) -> float | None:
+    """Median MB lazysnap fetched because a read waited for them (None for other snapshotters)."""
+    values = []
+    for r in runs:
+        by_reason = r.lazy_stats.get("fetched_by_reason")
+        if isinstance(by_reason, dict):
+            values.append(int(by_reason.get("on_demand", 0)))
+    return round(_median(values) / 1e6, 1) if values else None
 
 
 def _cell(value: object, suffix: str = "") -> str:
@@ -91,14 +107,15 @@ def markdown(
     out = [
         f"Profile `{profile}` ({link}), median of {reps} cold runs per image and mode.\n",
         "| image | mode | pull s | run s | total s | spread s | warm s | fetched MB | fetched before ready MB"
-        " | read MB | total / overlayfs | total / T_ideal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | on demand MB | read MB | snapshotter CPU s | total / overlayfs | total / T_ideal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
             f"| {r['image']} | {r['mode']} | {r['pull_s']} | {r['run_s']} | {r['total_s']} "
             f"| {r['total_spread_s']} | {_cell(r['warm_s'])} | {r['fetched_mb']} | {r['fetched_ready_mb']} "
-            f"| {_cell(r['read_mb'])} | {_cell(r['vs_overlayfs'])} | {_cell(r['vs_ideal'])} |"
+            f"| {_cell(r['on_demand_mb'])} | {_cell(r['read_mb'])} | {_cell(r['cpu_s'])} "
+            f"| {_cell(r['vs_overlayfs'])} | {_cell(r['vs_ideal'])} |"
         )
     out += [
         "",
@@ -106,7 +123,9 @@ def markdown(
         " same workload with the image local and the page cache warm (median of 3); read = bytes of"
         " the image the workload touched (page cache after a local run from a file system without"
         " readahead); fetched = bytes from the registry during the run, before ready = until the"
-        " ready line; T_ideal = warm + read / bandwidth + 2·RTT; total / overlayfs below 1 is"
+        " ready line; on demand = what lazysnap fetched because a read waited for it; snapshotter"
+        " CPU = CPU seconds of the snapshotter's processes during the run (lazysnap: daemon and"
+        " FUSE manager); T_ideal = warm + read / bandwidth + 2·RTT; total / overlayfs below 1 is"
         " faster than a full pull.",
     ]
     if images:

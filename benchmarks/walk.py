@@ -35,11 +35,11 @@ from benchmarks.harness import (
     OVERLAYFS,
     ImageSet,
     Mode,
-    SnapshotterProcess,
+    containerd_with,
     drop_page_cache,
     lazysnap_mode,
+    pull,
     serve_registry,
-    start_snapshotter,
 )
 from benchmarks.images import BUILDER_VERSION, DEFAULT_CACHE, LayerBuilder
 from benchmarks.layout import write_image
@@ -155,23 +155,10 @@ def measure(
     images: ImageSet, mode: Mode, names: list[str], reps: int, passes: Callable[[Path, list[str]], Any]
 ) -> dict[str, Any]:
     """Walk times (and metadata ops/s) of the image's view through ``mode``'s snapshotter."""
-    workdir = make_tmpdir("lzwk")
-    process: SnapshotterProcess | None = None
-    cd: Containerd | None = None
-    try:
-        plugins: dict[str, str] = {}
-        snapshotter = mode.snapshotter
-        if snapshotter is not None:
-            process = start_snapshotter(mode, workdir / "s")
-            plugins[snapshotter] = str(process.address)
-        cd = Containerd(workdir / "cd", plugins)
-        cd.start()
+    with containerd_with(mode, "lzwk") as (cd, _):
         ref = images.ref(images.registry.host, mode.variant)
-        if snapshotter is None:
-            cd.pull(ref, timeout=600)
-        else:
-            cd.rpull(ref, snapshotter=snapshotter, timeout=600)
-        with mounted_view(cd, snapshotter or "overlayfs", workdir / "view") as root:
+        pull(cd, mode, ref, timeout=600)
+        with mounted_view(cd, mode.snapshotter or "overlayfs", cd.workdir / "view") as root:
             missing = [n for n in names if not (root / n).is_file()]
             if missing:
                 raise RuntimeError(f"{mode.name}: {len(missing)} files not in the view, e.g. {missing[:3]}")
@@ -190,12 +177,6 @@ def measure(
             "sequential_mb_s": round(mb / statistics.median(cold), 1),
             "sequential_warm_mb_s": round(mb / warm, 1),
         }
-    finally:
-        if cd is not None:
-            cd.stop()
-        if process is not None:
-            process.stop()
-        remove_tmpdir(workdir)
 
 
 def run(

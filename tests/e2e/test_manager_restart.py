@@ -100,9 +100,7 @@ def image(registry: Registry) -> Iterator[RestartImage]:
     1-16 KiB, all incompressible."""
     require_privileges(binaries=("containerd", "ctr", "ctr-remote", "docker-registry", "skopeo"))
     base: list[oci.Entry] = [
-        oci.Dir("/bin"),
-        oci.File("/bin/busybox", Path("/bin/busybox").read_bytes(), mode=0o755),
-        oci.Symlink("/bin/sh", "busybox"),
+        *oci.busybox_entries(("sh",)),
         oci.Dir("/tmp", mode=0o1777),
         oci.Dir("/out"),
     ]

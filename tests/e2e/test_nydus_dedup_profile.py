@@ -31,12 +31,6 @@ class Images:
     nydus: dict[str, str]  # name -> repository:tag of the Nydus-like conversion
 
 
-def busybox_layer() -> tuple[oci.Entry, ...]:
-    bb = Path("/bin/busybox").read_bytes()
-    applets = (oci.Symlink(f"/bin/{a}", "busybox") for a in oci.BUSYBOX_APPLETS)
-    return (oci.Dir("/bin"), oci.File("/bin/busybox", bb, mode=0o755), *applets)
-
-
 @pytest.fixture(scope="module")
 def images(registry: Registry) -> Iterator[Images]:
     """Two images with the same base layer and, in different top layers, the same 8 MiB file."""
@@ -51,7 +45,7 @@ def images(registry: Registry) -> Iterator[Images]:
             )
             script = f"cat /data/{name}.txt && sha256sum /data/shared.bin"
             image = oci.build_layout(
-                workdir / name, (busybox_layer(), top), tag="src", cmd=["/bin/sh", "-c", script]
+                workdir / name, (oci.busybox_entries(), top), tag="src", cmd=["/bin/sh", "-c", script]
             )
             sources[name] = oci.push(image.layout_dir, "src", registry.host, f"lztest/dedup-{name}")
             converted[name] = f"lztest/dedup-{name}:nydus"

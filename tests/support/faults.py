@@ -771,11 +771,8 @@ def fault_image(registry_host: str) -> FaultImage:
 
 
 def _build(registry_host: str) -> FaultImage:
-    busybox = Path("/bin/busybox").read_bytes()
     base: list[oci.Entry] = [
-        oci.Dir("/bin"),
-        oci.File("/bin/busybox", busybox, mode=0o755),
-        *(oci.Symlink(f"/bin/{a}", "busybox") for a in ("sh", "cat", "sha256sum", "dd", "ls", "time")),
+        *oci.busybox_entries(("sh", "cat", "sha256sum", "dd", "ls", "time")),
         oci.Dir("/etc"),
         oci.Dir("/tmp", mode=0o1777),
     ]
@@ -846,11 +843,8 @@ def lossy_image(registry_host: str) -> FaultImage:
 
 
 def _build_lossy(registry_host: str) -> FaultImage:
-    busybox = Path("/bin/busybox").read_bytes()
     base: list[oci.Entry] = [
-        oci.Dir("/bin"),
-        oci.File("/bin/busybox", busybox, mode=0o755),
-        oci.Symlink("/bin/sh", "busybox"),
+        *oci.busybox_entries(("sh",)),
         oci.Dir("/tmp", mode=0o1777),
     ]
     content = lossy_content()

@@ -464,6 +464,14 @@ def check_tree(
 BUSYBOX_APPLETS = ("sh", "cat", "ls", "sha256sum", "test")
 
 
+def busybox_entries(
+    applets: tuple[str, ...] = BUSYBOX_APPLETS, busybox: str | os.PathLike[str] = "/bin/busybox"
+) -> list[Entry]:
+    """``/bin`` with the host's static busybox and symlinks for ``applets``."""
+    links = [Symlink(f"/bin/{a}", "busybox") for a in applets]
+    return [Dir("/bin"), File("/bin/busybox", Path(busybox).read_bytes(), mode=0o755), *links]
+
+
 def _pseudo_random(n: int, seed: bytes) -> bytes:
     """Deterministic incompressible bytes."""
     out = bytearray()
@@ -497,11 +505,8 @@ def test_image_layers(busybox: str | os.PathLike[str] = "/bin/busybox") -> TestI
     Layer 3: whiteout of ``/data/gone.txt``, opaque ``/data/olddir`` with only
     ``new.txt``, a hard link, a symlink, an 0755 script and a file owned by 1000:1000.
     """
-    bb = Path(busybox).read_bytes()
     layer1: list[Entry] = [
-        Dir("/bin"),
-        File("/bin/busybox", bb, mode=0o755),
-        *(Symlink(f"/bin/{a}", "busybox") for a in BUSYBOX_APPLETS),
+        *busybox_entries(busybox=busybox),
         Dir("/etc"),
         File("/etc/motd", b"motd from layer 1\n"),
         Dir("/tmp", mode=0o1777),

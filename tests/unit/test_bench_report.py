@@ -22,8 +22,22 @@ def _run(image: str, mode: str, total: float, fetched: int, **kw: object) -> Run
 RESULTS = [
     _run("py", "overlayfs", 2.0, 20_000_000),
     _run("py", "overlayfs", 4.0, 20_000_000),
-    _run("py", "lazysnap-estargz", 1.0, 5_000_000),
-    _run("py", "lazysnap-estargz", 1.5, 6_000_000),
+    _run(
+        "py",
+        "lazysnap-estargz",
+        1.0,
+        5_000_000,
+        cpu_s=0.5,
+        lazy_stats={"fetched_by_reason": {"on_demand": 1_000_000}},
+    ),
+    _run(
+        "py",
+        "lazysnap-estargz",
+        1.5,
+        6_000_000,
+        cpu_s=0.7,
+        lazy_stats={"fetched_by_reason": {"on_demand": 3_000_000}},
+    ),
     _run("gcc", "lazysnap-estargz", 3.0, 7_000_000),
 ]
 WARM = {"py": WarmResult("py", [0.2, 0.3, 0.4], [10_000_000, 11_000_000, 12_000_000], exact=True)}
@@ -43,6 +57,8 @@ def test_summarize_medians_ratios_and_ideal() -> None:
     assert lazy["speedup_vs_overlayfs"] == 2.4
     assert lazy["vs_ideal"] == pytest.approx(1.25 / 0.408, abs=0.01)
     assert lazy["fetched_mb"] == 5.5 and lazy["fetched_ready_mb"] == 5.5
+    assert lazy["on_demand_mb"] == 2.0 and lazy["cpu_s"] == 0.6
+    assert base["on_demand_mb"] is None and base["cpu_s"] is None
     assert gcc["vs_overlayfs"] is None and gcc["ideal_s"] is None and gcc["warm_s"] is None
 
 
@@ -52,8 +68,8 @@ def test_markdown_table() -> None:
     text = report.markdown(rows, "cloud", 2, images=info, notes=["a note"])
     assert "Profile `cloud` (10 ms RTT, 1000 Mbit/s), median of 2" in text
     assert (
-        "| py | lazysnap-estargz | 0.625 | 0.625 | 1.25 | 0.5 | 0.3 | 5.5 | 5.5 | 11.0 | 0.42 | 3.06 |"
-        in text
+        "| py | lazysnap-estargz | 0.625 | 0.625 | 1.25 | 0.5 | 0.3 | 5.5 | 5.5 | 2.0 | 11.0 | 0.6 "
+        "| 0.42 | 3.06 |" in text
     )
     assert "| gcc | lazysnap-estargz |" in text and "| - | - |" in text
     assert "| py | python | 20.0 MB | 22.0 MB |" in text
