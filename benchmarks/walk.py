@@ -6,13 +6,16 @@ pass, through
 * ``lazysnap``: the eStargz image pulled lazily by a lazysnap daemon (with ``[fs] backend`` set
   when a backend is chosen), after one unmeasured pass read every file, so that every chunk is
   in lazysnap's chunk cache and nothing is fetched while measuring;
+* ``lazysnap (complete, local blobs)``: the same daemon restarted once its background fetch
+  completed every layer, so that it mounts them over local data blobs (EROFS backend);
 * ``stargz`` (when the peer is built): the same for the stargz-snapshotter.
 
 Each snapshotter's view of the image (``ctr snapshots view`` of its top layer, mounted with the
 mount ``ctr snapshots mounts`` gives: the overlayfs a container's root would have, minus the
 upper directory) is walked from the host, timed around the pipeline. The same mounts also get
 the metadata passes of ``benchmarks.micro`` (stat / open+close per second). Reported: seconds
-per walk (median of ``reps``) and the ratio to overlayfs. Needs root, containerd, a registry
+per walk (median of ``reps``) and the ratio to overlayfs; a 256 MiB file read front to back, page
+cache dropped and warm. Needs root, containerd, a registry
 binary and ctr-remote, like ``make bench``.
 """
 
@@ -44,12 +47,15 @@ from benchmarks.harness import (
 from benchmarks.images import BUILDER_VERSION, DEFAULT_CACHE, LayerBuilder
 from benchmarks.layout import write_image
 from tests.support import mounts
+from tests.support.daemon import SNAPSHOTTER, LazysnapDaemon
 from tests.support.scratch import make_tmpdir, remove_tmpdir
 from tests.support.services import Containerd
 
 WALK = "find data -type f | sort | xargs cat > /dev/null"
 SEQUENTIAL = "big/seq.bin"  # read front to back after the walk: cached sequential throughput
 SEQUENTIAL_MIB = 256
+# lazysnap again after a restart, its layers complete: EROFS over local data blobs, no FUSE.
+LOCAL = "lazysnap (complete, local blobs)"
 MIN_BYTES, MAX_BYTES = 200, 4096
 
 
@@ -152,31 +158,76 @@ def mounted_view(cd: Containerd, snapshotter: str, target: Path) -> Iterator[Pat
 
 
 def measure(
-    images: ImageSet, mode: Mode, names: list[str], reps: int, passes: Callable[[Path, list[str]], Any]
-) -> dict[str, Any]:
-    """Walk times (and metadata ops/s) of the image's view through ``mode``'s snapshotter."""
-    with containerd_with(mode, "lzwk") as (cd, _):
+    images: ImageSet,
+    name: str,
+    mode: Mode,
+    names: list[str],
+    reps: int,
+    passes: Callable[[Path, list[str]], Any],
+) -> dict[str, dict[str, Any]]:
+    """Walk times (and metadata ops/s) of the image's view through ``mode``'s snapshotter, by
+    name: ``name``, and for lazysnap also ``LOCAL`` (after a restart, once every layer was
+    complete: EROFS directly over local data blobs)."""
+    results: dict[str, dict[str, Any]] = {}
+    with containerd_with(mode, "lzwk") as (cd, process):
         ref = images.ref(images.registry.host, mode.variant)
         pull(cd, mode, ref, timeout=600)
-        with mounted_view(cd, mode.snapshotter or "overlayfs", cd.workdir / "view") as root:
+        snapshotter = mode.snapshotter or "overlayfs"
+        with mounted_view(cd, snapshotter, cd.workdir / "view") as root:
             missing = [n for n in names if not (root / n).is_file()]
             if missing:
                 raise RuntimeError(f"{mode.name}: {len(missing)} files not in the view, e.g. {missing[:3]}")
             walk_once(root)  # unmeasured: a lazy layer fetches every chunk into its cache
             read_once(root / SEQUENTIAL)
-            seconds = [_timed(lambda: walk_once(root)) for _ in range(reps)]
-            ops = passes(root, names)
-            cold = [_timed(lambda: read_once(root / SEQUENTIAL)) for _ in range(reps)]
-            started = time.perf_counter()
-            read_once(root / SEQUENTIAL)  # again, without dropping the page cache
-            warm = time.perf_counter() - started
-        mb = (SEQUENTIAL_MIB << 20) / 1e6
-        return {
-            "walk_s": [round(s, 3) for s in seconds],
-            "ops_per_s": ops,
-            "sequential_mb_s": round(mb / statistics.median(cold), 1),
-            "sequential_warm_mb_s": round(mb / warm, 1),
-        }
+            results[name] = measure_view(root, names, reps, passes)
+        if isinstance(process, LazysnapDaemon):
+            restart_complete(process, cd)
+            with mounted_view(cd, snapshotter, cd.workdir / "view") as root:
+                results[LOCAL] = measure_view(root, names, reps, passes)
+    return results
+
+
+def restart_complete(daemon: LazysnapDaemon, cd: Containerd, timeout: float = 300) -> None:
+    """Once every lazy layer is complete and kept as a local data blob, restart lazysnap: it
+    mounts the layers again, over those blobs."""
+
+    def complete() -> bool:
+        layers = daemon.stats().get("layers") or {}
+        return bool(layers) and all(layer["background_done"] for layer in layers.values())
+
+    deadline = time.monotonic() + timeout
+    while not complete():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"lazy layers not complete after {timeout}s: {daemon.stats().get('layers')}")
+        time.sleep(0.2)
+    time.sleep(2)  # the blobs are written once complete
+    daemon.stop()
+    daemon.start()
+    layers = daemon.stats().get("layers") or {}
+    if not layers or not all(layer.get("local_blob") for layer in layers.values()):
+        raise RuntimeError(f"lazy layers not mounted over local blobs after a restart: {layers}")
+    while cd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls", check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError("containerd did not reconnect to the restarted lazysnap")
+        time.sleep(0.2)
+
+
+def measure_view(
+    root: Path, names: list[str], reps: int, passes: Callable[[Path, list[str]], Any]
+) -> dict[str, Any]:
+    seconds = [_timed(lambda: walk_once(root)) for _ in range(reps)]
+    ops = passes(root, names)
+    cold = [_timed(lambda: read_once(root / SEQUENTIAL)) for _ in range(reps)]
+    started = time.perf_counter()
+    read_once(root / SEQUENTIAL)  # again, without dropping the page cache
+    warm = time.perf_counter() - started
+    mb = (SEQUENTIAL_MIB << 20) / 1e6
+    return {
+        "walk_s": [round(s, 3) for s in seconds],
+        "ops_per_s": ops,
+        "sequential_mb_s": round(mb / statistics.median(cold), 1),
+        "sequential_warm_mb_s": round(mb / warm, 1),
+    }
 
 
 def run(
@@ -202,7 +253,9 @@ def run(
         with serve_registry() as registry:
             images = ImageSet(source, registry, workdir / source.slug, cache).build(["estargz"])
             names = source.names()
-            results = {name: measure(images, mode, names, reps, passes) for name, mode in modes.items()}
+            results: dict[str, dict[str, Any]] = {}
+            for name, mode in modes.items():
+                results.update(measure(images, name, mode, names, reps, passes))
     finally:
         remove_tmpdir(workdir)
     median = {name: statistics.median(r["walk_s"]) for name, r in results.items()}
