@@ -14,9 +14,9 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from snapshotter.formats import estargz, zstdchunked
+from snapshotter.formats import deflate_resume, estargz, zstdchunked
 from snapshotter.formats.bounds import DEFAULT_MAX_CHUNK_BYTES
-from snapshotter.formats.index import Chunk, Compression, FormatError, LayerIndex
+from snapshotter.formats.index import Chunk, Compression, FormatError, LayerIndex, ResumePoint
 from snapshotter.formats.toc import check_digest, index_from_toc_text
 
 # The 64-byte containers/storage footer plus its skippable-frame header is the largest footer;
@@ -209,14 +209,31 @@ def chunk_digest_ok(data: bytes, digest: str) -> bool:
     return digest == "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def inflate_prefix(compression: Compression, data: bytes, want: int) -> bytes:
+def inflate_prefix(
+    compression: Compression, data: bytes, want: int, resume: ResumePoint | None = None
+) -> bytes:
     """At most ``want`` uncompressed bytes from the start of the stream ``data`` (fewer only if
-    it ends cleanly before); the output bound holds whatever the stream claims."""
+    it ends cleanly before); the output bound holds whatever the stream claims. A GZIP_SPAN
+    stream is inflated from its checkpoint ``resume``."""
     if compression is Compression.GZIP:
         return estargz.gunzip_prefix(data, want)
     if compression is Compression.ZSTD:
         return zstdchunked.unzstd_prefix(data, want)
+    if compression is Compression.GZIP_SPAN:
+        if resume is None:
+            raise FormatError("a gzip span without its checkpoint")
+        window = _window(resume.window)
+        return deflate_resume.inflate_from(
+            data, resume.bit, window, want, member_start=resume.member_start
+        )
     return bytes(data[:want])
+
+
+def _window(frame: bytes) -> bytes:
+    """A checkpoint's window from its zstd frame (bounded: a window is at most 32 KiB)."""
+    if not frame:
+        return b""
+    return zstdchunked.unzstd_prefix(frame, deflate_resume.WINDOW_SIZE)
 
 
 def _where(chunk: Chunk) -> str:
@@ -232,9 +249,11 @@ def decode_stream(
     chunks: Sequence[Chunk],
     *,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    resume: ResumePoint | None = None,
 ) -> list[bytes]:
     """The verified bytes of each of ``chunks``, in order; they all lie in the one stream that
-    ``data`` (their shared compressed range) starts with.
+    ``data`` (their shared compressed range) starts with (for GZIP_SPAN, inflated from the
+    checkpoint ``resume``).
 
     The stream is inflated once, up to the end of the furthest chunk, however many chunks share
     it (ctr-remote's --estargz-min-chunk-size packs many small files into one stream), and never
@@ -250,7 +269,7 @@ def decode_stream(
             f"{_where(furthest)}: ends {want} bytes into its stream, beyond the "
             f"{max_chunk_bytes}-byte chunk limit"
         )
-    out = inflate_prefix(compression, data, want)
+    out = inflate_prefix(compression, data, want, resume)
     view = memoryview(out)
     pieces: list[bytes] = []
     for c in chunks:
