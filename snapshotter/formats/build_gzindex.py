@@ -331,7 +331,12 @@ def _verify_spans(
 
 
 def build_index(
-    blob: bytes, *, span: int = DEFAULT_SPAN, threads: int = 0, verify: bool = True, diff_id: str | None = None
+    blob: bytes,
+    *,
+    span: int = DEFAULT_SPAN,
+    threads: int = 0,
+    verify: bool = True,
+    diff_id: str | None = None,
 ) -> BuiltIndex:
     """The gzip index of the layer blob ``blob`` (a gzip-compressed tar), with a checkpoint about
     every ``span`` uncompressed bytes. ``threads``: rapidgzip's parallelism (0: one per core).
@@ -434,9 +439,7 @@ def _encode(
             cp.offset, cp.bit, len(cp.window), CHECKPOINT_MEMBER_START if cp.member_start else 0
         )
         windows += cp.window
-    head = BODY_HEAD.pack(
-        span, len(checkpoints), len(ordered), chunks, n_xattrs, len(strings), len(windows)
-    )
+    head = BODY_HEAD.pack(span, len(checkpoints), len(ordered), chunks, n_xattrs, len(strings), len(windows))
     body = bytes(head + records + windows + entries + digests + xattrs + strings)
     frame = zstandard.ZstdCompressor(level=BODY_ZSTD_LEVEL, write_content_size=True).compress(body)
     header = HEADER.pack(HEADER_MAGIC, VERSION, 0, len(body), layer, *sizes)

@@ -128,7 +128,9 @@ def inflate_from(data: bytes, bit: int, window: bytes, want: int, *, member_star
             inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
             pending = data
         else:
-            inflater = zlib.decompressobj(-zlib.MAX_WBITS, zdict=window) if window else zlib.decompressobj(-15)
+            inflater = (
+                zlib.decompressobj(-zlib.MAX_WBITS, zdict=window) if window else zlib.decompressobj(-15)
+            )
             pending = primed(data, bit)
         parts: list[bytes] = []
         have = 0

@@ -223,9 +223,7 @@ def inflate_prefix(
         if resume is None:
             raise FormatError("a gzip span without its checkpoint")
         window = _window(resume.window)
-        return deflate_resume.inflate_from(
-            data, resume.bit, window, want, member_start=resume.member_start
-        )
+        return deflate_resume.inflate_from(data, resume.bit, window, want, member_start=resume.member_start)
     return bytes(data[:want])
 
 

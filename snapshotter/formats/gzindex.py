@@ -41,9 +41,14 @@ ARTIFACT_TYPE = "application/vnd.lazysnap.gzip-index.v1"
 # ... holds one blob of this media type per indexed layer, annotated with the layer's digest.
 INDEX_MEDIA_TYPE = "application/vnd.lazysnap.gzip-index.v1+zstd"
 LAYER_ANNOTATION = "dev.lazysnap.gzip-index.layer"
-# Set by discovery (snapshotter.referrers) beside a layer's manifest annotations, never read from
-# a registry document: the index blob found for the layer, which pins and verifies it.
-INDEX_DIGEST_KEY = "dev.lazysnap.gzip-index.digest"
+# Set by discovery (snapshotter.gzdiscovery) beside a layer's manifest annotations, never taken
+# from a registry document (``without_discovery`` drops them): the index blob found for the layer
+# (its digest pins and verifies it), its size, the layer it is for, and the referrer artifact.
+DISCOVERY_PREFIX = "dev.lazysnap.gzip-index.found."
+INDEX_DIGEST_KEY = DISCOVERY_PREFIX + "digest"
+INDEX_SIZE_KEY = DISCOVERY_PREFIX + "size"
+INDEX_LAYER_KEY = DISCOVERY_PREFIX + "layer"
+INDEX_REFERRER_KEY = DISCOVERY_PREFIX + "referrer"
 GZIP_LAYER_TYPES = frozenset(
     {"application/vnd.oci.image.layer.v1.tar+gzip", "application/vnd.docker.image.rootfs.diff.tar.gzip"}
 )
@@ -94,6 +99,33 @@ def is_plain_gzip_layer(media_type: str) -> bool:
 def index_digest(annotations: Mapping[str, str]) -> str | None:
     """The digest of the index blob discovery found for the layer (None: no index)."""
     return annotations.get(INDEX_DIGEST_KEY) or None
+
+
+def without_discovery(annotations: Mapping[str, str]) -> dict[str, str]:
+    """``annotations`` less any discovery keys: an index counts only when discovery found it."""
+    return {k: v for k, v in annotations.items() if not k.startswith(DISCOVERY_PREFIX)}
+
+
+def claims(media_type: str, annotations: Mapping[str, str]) -> bool:
+    """A plain gzip layer for which discovery found an index."""
+    return is_plain_gzip_layer(media_type) and bool(index_digest(annotations))
+
+
+def locate(annotations: Mapping[str, str], max_bytes: int) -> IndexLocation:
+    """The index discovery found, from its keys; FormatError when they are malformed or the index
+    is larger than ``max_bytes`` (checked before it is fetched)."""
+    try:
+        size = int(annotations.get(INDEX_SIZE_KEY, ""))
+    except ValueError:
+        raise FormatError("gzip index: no valid size") from None
+    if not 0 < size <= max_bytes:
+        raise FormatError(f"gzip index of {size} bytes (the limit is {max_bytes})")
+    return IndexLocation(
+        layer=check_digest(annotations.get(INDEX_LAYER_KEY), "indexed layer"),
+        index=check_digest(annotations.get(INDEX_DIGEST_KEY), "gzip index digest"),
+        length=size,
+        referrer=annotations.get(INDEX_REFERRER_KEY, ""),
+    )
 
 
 @dataclass(frozen=True)
@@ -223,7 +255,9 @@ def parse_index(
         raise FormatError(f"index is {len(raw)} bytes, larger than the {max_bytes}-byte limit")
     got = "sha256:" + hashlib.sha256(raw).hexdigest()
     if got != expected_digest:
-        raise FormatError(f"index digest mismatch: the blob is {got}, the referrer manifest says {expected_digest}")
+        raise FormatError(
+            f"index digest mismatch: the blob is {got}, the referrer manifest says {expected_digest}"
+        )
     if len(raw) < HEADER_SIZE:
         raise FormatError(f"index of {len(raw)} bytes is shorter than its {HEADER_SIZE}-byte header")
     magic, version, flags, body_size, layer, layer_size, tar_size = HEADER.unpack_from(raw)
@@ -287,7 +321,7 @@ class _Decoder:
     def index(self) -> LayerIndex:
         if len(self.body) < BODY_HEAD.size:
             raise FormatError("index: body too short for its counts")
-        span, n_checkpoints, n_entries, n_digests, n_xattrs, n_strings, n_windows = BODY_HEAD.unpack(
+        _span, n_checkpoints, n_entries, n_digests, n_xattrs, n_strings, n_windows = BODY_HEAD.unpack(
             self._take(BODY_HEAD.size, "counts")
         )
         if n_checkpoints > MAX_CHECKPOINTS or n_entries > MAX_RECORDS or n_xattrs > MAX_RECORDS:
@@ -422,7 +456,9 @@ class _Decoder:
                 entry.digest = _EMPTY_DIGEST
             self.entries[name] = entry
         if next_digest * DIGEST_SIZE != len(digests):
-            raise FormatError(f"index: {len(digests) // DIGEST_SIZE - next_digest} chunk digests belong to no file")
+            raise FormatError(
+                f"index: {len(digests) // DIGEST_SIZE - next_digest} chunk digests belong to no file"
+            )
         if self.string_at != len(self.strings):
             raise FormatError(f"index: {len(self.strings) - self.string_at} string bytes belong to no entry")
 
