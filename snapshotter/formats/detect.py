@@ -209,22 +209,25 @@ def chunk_digest_ok(data: bytes, digest: str) -> bool:
     return digest == "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def inflate_prefix(
-    compression: Compression, data: bytes, want: int, resume: ResumePoint | None = None
-) -> bytes:
+def inflate_prefix(compression: Compression, data: bytes, want: int) -> bytes:
     """At most ``want`` uncompressed bytes from the start of the stream ``data`` (fewer only if
-    it ends cleanly before); the output bound holds whatever the stream claims. A GZIP_SPAN
-    stream is inflated from its checkpoint ``resume``."""
+    it ends cleanly before); the output bound holds whatever the stream claims."""
     if compression is Compression.GZIP:
         return estargz.gunzip_prefix(data, want)
     if compression is Compression.ZSTD:
         return zstdchunked.unzstd_prefix(data, want)
     if compression is Compression.GZIP_SPAN:
-        if resume is None:
-            raise FormatError("a gzip span without its checkpoint")
-        window = _window(resume.window)
-        return deflate_resume.inflate_from(data, resume.bit, window, want, member_start=resume.member_start)
+        raise FormatError("a gzip span is inflated from its checkpoint (inflate_span)")
     return bytes(data[:want])
+
+
+def inflate_span(data: bytes, resume: ResumePoint | None, want: int) -> bytes:
+    """At most ``want`` bytes of a gzip span (Compression.GZIP_SPAN) inflated from its checkpoint
+    ``resume``; bounded like ``inflate_prefix``."""
+    if resume is None:
+        raise FormatError("a gzip span without its checkpoint")
+    window = _window(resume.window)
+    return deflate_resume.inflate_from(data, resume.bit, window, want, member_start=resume.member_start)
 
 
 def _window(frame: bytes) -> bytes:
@@ -267,7 +270,10 @@ def decode_stream(
             f"{_where(furthest)}: ends {want} bytes into its stream, beyond the "
             f"{max_chunk_bytes}-byte chunk limit"
         )
-    out = inflate_prefix(compression, data, want, resume)
+    if compression is Compression.GZIP_SPAN:
+        out = inflate_span(data, resume, want)
+    else:
+        out = inflate_prefix(compression, data, want)
     view = memoryview(out)
     pieces: list[bytes] = []
     for c in chunks:
