@@ -647,9 +647,10 @@ class RemoteLayers:
         index = found.get(ref.digest)
         if index is None:
             why = f"; skipped: {'; '.join(skipped)}" if skipped else ""
+            # The reason plain layers always had: no lazily pullable metadata.
             raise NotLazyError(
-                "no-gzip-index",
-                f"{ref.digest}: a plain gzip layer and no gzip index of it is attached to "
+                "no-toc-digest",
+                f"{ref.digest}: a plain gzip layer, and no gzip index of it is attached to "
                 f"{manifest_digest} (lazysnap index --push){why}",
             )
         return index
