@@ -31,6 +31,7 @@ from tests.e2e.test_cri_pull import K8S_NAMESPACE, MakeStack, cri_stack, pull
 from tests.support import oci
 from tests.support.daemon import SNAPSHOTTER, LazysnapDaemon
 from tests.support.gzindex import parsed, rewrite, span_of
+from tests.support.lazy import wait_until
 from tests.support.mounts import lazy_layer_mounts
 from tests.support.proxy import CountingProxy
 from tests.support.scratch import tmpdir
@@ -224,3 +225,21 @@ def test_a_lying_checkpoint_fails_its_span_and_nothing_of_it_is_served(
     layers = daemon.stats()["layers"]
     assert isinstance(layers, dict) and sum(layer["verify_failures"] for layer in layers.values()) >= 2
     assert "chunk failed verification" in daemon.log_path.read_text(errors="replace")
+
+
+def test_a_restarted_daemon_mounts_indexed_layers_from_their_stored_index(
+    indexed: IndexedImage, proxy: CountingProxy, lazy_stack: tuple[LazysnapDaemon, Containerd]
+) -> None:
+    daemon, cd = lazy_stack
+    ref = f"{proxy.host}/{REPO}:{TAG}"
+    cd.rpull(ref)
+    first = read_text(cd, ref, 0)
+    assert first.returncode == 0, first.stderr
+    targets = sorted(lazy_layer_mounts(daemon.root))
+    daemon.stop()
+    proxy.stop()  # the registry is gone while the daemon restarts: the stored indexes suffice
+    daemon.start()
+    assert sorted(lazy_layer_mounts(daemon.root)) == targets
+    assert formats(daemon) == [gzindex.FORMAT] * LAYERS
+    # containerd's channel to the snapshotter may back off for a few seconds after the restart.
+    assert wait_until(lambda: read_text(cd, ref, 0).stdout == first.stdout, timeout=30)  # the chunk cache
