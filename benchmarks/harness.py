@@ -24,6 +24,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,6 +48,7 @@ from benchmarks.images import (
 from benchmarks.shaping_proxy import ShapingProxy, from_profile
 from snapshotter.admin import admin_socket, fetch_stats
 from snapshotter.contract import manager_pidfile
+from snapshotter.image import OciLayout
 from tests.support import mounts, oci
 from tests.support.daemon import LazysnapDaemon, write_config
 from tests.support.scratch import make_tmpdir, remove_tmpdir
@@ -64,6 +66,9 @@ OVERLAY_SNAPSHOTS = Path("io.containerd.snapshotter.v1.overlayfs") / "snapshots"
 PROFILED = "estargz-profiled"
 OPTIMIZED = "estargz-optimized"
 PER_WORKLOAD_VARIANTS = (PROFILED, OPTIMIZED)
+# The gzip image unchanged, with gzip indexes attached as a referrer (`lazysnap index --push`):
+# the same manifest under a tag of its own, indexed afresh in every benchmark's registry.
+GZIP_INDEX = "gzip-index"
 
 
 # --- workloads --------------------------------------------------------------------------------
@@ -213,6 +218,7 @@ class ImageSet:
         self.repo = f"bench/{source.slug}"
         self.sizes: dict[str, int] = {}
         self.layout: Path | None = None
+        self.index_summary: list[str] = []  # what `lazysnap index` said (GZIP_INDEX)
 
     def ref(self, host: str, variant: str) -> str:
         return f"{host}/{self.repo}:{variant}"
@@ -225,7 +231,11 @@ class ImageSet:
         with locked(self.cache):
             stamps = variant_stamps(layout)
             have = set(oci_layout.tags(layout))
-            todo = [v for v in wanted if v != "gzip" and (v not in have or stamps.get(v) != self._stamp(v))]
+            todo = [
+                v
+                for v in wanted
+                if v not in ("gzip", GZIP_INDEX) and (v not in have or stamps.get(v) != self._stamp(v))
+            ]
             if todo:
                 self._push(layout, "gzip")
                 pushed.add("gzip")
@@ -236,10 +246,32 @@ class ImageSet:
             if "nydus" in todo:
                 self._convert_nydus(layout)
         for variant in wanted:
-            if variant not in pushed:
+            if variant == GZIP_INDEX:
+                self._push_indexed(layout)
+            elif variant not in pushed:
                 self._push(layout, variant)
             self.sizes[variant] = oci_layout.image_size(layout, variant)
         return self
+
+    def _push_indexed(self, layout: Path) -> None:
+        """The gzip image as ``GZIP_INDEX`` (the same manifest), with its layers' gzip indexes
+        pushed by ``lazysnap index`` as a referrer (and the referrers tag: distribution 2.8)."""
+        store = OciLayout(layout)
+        with locked(self.cache):
+            store.tag(store.tagged("gzip"), GZIP_INDEX)
+        self._push(layout, GZIP_INDEX)
+        ref = self.ref(self.registry.host, GZIP_INDEX)
+        proc = subprocess.run(
+            [sys.executable, "-m", "snapshotter", "index", ref, "--push", "--hosts-dir", str(self.workdir)],
+            capture_output=True,
+            text=True,
+            timeout=3600,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"lazysnap index {ref} failed: {proc.stderr.strip()[-2000:]}")
+        self.index_summary = proc.stdout.strip().splitlines()[-3:]
+        print(f"[images] {self.source.slug}: {' / '.join(self.index_summary)}", flush=True)
 
     @staticmethod
     def _stamp(variant: str) -> str:

@@ -84,6 +84,7 @@ from typing import Any
 
 from benchmarks import micro, profiled, report, stargz_peer
 from benchmarks.harness import (
+    GZIP_INDEX,
     NYDUS_MODULE,
     OPTIMIZED,
     OVERLAYFS,
@@ -115,7 +116,7 @@ from tests.support.scratch import make_tmpdir, remove_tmpdir
 
 RESULTS = Path(__file__).parent / "results"
 IMAGES = ("model", "model-full", "python", "gcc", "redis", "sympy")
-LAZY_VARIANTS = ("estargz", "zstdchunked", "nydus", PROFILED)
+LAZY_VARIANTS = ("estargz", "zstdchunked", "nydus", GZIP_INDEX, PROFILED)
 STARGZ_MODES = {stargz_peer.NAME: "estargz", f"{stargz_peer.NAME}-profiled": OPTIMIZED}
 MODES = ("overlayfs", *(f"lazysnap-{v}" for v in LAZY_VARIANTS), *STARGZ_MODES)
 PEER_FORMATS = ("estargz", "zstdchunked", "nydus", "gzip")

@@ -51,6 +51,9 @@ class RemoteConfig:
     max_toc_bytes: int = 32 << 20
     # A FUSE manager with no lazy layer mounted and no daemon running exits after this long.
     manager_idle_exit_seconds: float = 60.0
+    # Serve plain tar+gzip layers lazily when the image has a gzip index attached as an OCI
+    # referrer (`lazysnap index --push`); the index is trusted as the repository's pushers are.
+    gzip_index: bool = True
 
 
 FS_BACKENDS = ("erofs", "fuse")

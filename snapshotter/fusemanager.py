@@ -261,6 +261,7 @@ def build_remote(
         reader_config=reader_config,
         max_toc_bytes=config.remote.max_toc_bytes,
         mount_timeout=config.remote.mount_timeout_seconds,
+        gzip_index=config.remote.gzip_index,
         recorder=(
             StartupRecorder(config.root / "profiles", config.profile.window_seconds)
             if config.profile.record

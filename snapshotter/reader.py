@@ -18,6 +18,7 @@ import bisect
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -98,6 +99,9 @@ class _Stream:
     offset: int
     size: int
     chunks: tuple[Chunk, ...]
+    # Chunks nobody asked for that come along because the whole stream is decoded anyway
+    # (``LayerIndex.whole_streams``): kept as fetched ahead, not as read.
+    along: frozenset[str] = frozenset()
 
 
 def _streams(chunks: Iterable[Chunk]) -> list[_Stream]:
@@ -171,6 +175,7 @@ class LayerReader:
         self._startup: list[Chunk] = self._startup_chunks() if self.config.prefetch else []
         self._startup_pos = 0
         self._rest: list[Chunk] = []  # built when the scheduler first asks
+        self._by_stream: dict[tuple[str, int, int], list[Chunk]] | None = None  # whole streams only
         self._rest_pos = 0
         self._rest_resume_at = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -455,14 +460,39 @@ class LayerReader:
         return result
 
     def _register(self, chunks: Iterable[Chunk]) -> list[_Stream]:
-        """Count these chunks as in flight (one future each) and group them by stream."""
-        streams = _streams(c for c in chunks if c.digest not in self._inflight)
+        """Count these chunks as in flight (one future each) and group them by stream; with
+        whole streams, the stream's other chunks not cached or in flight come along."""
+        asked = [c for c in chunks if c.digest not in self._inflight]
+        along: list[Chunk] = []
+        if self.index.whole_streams and asked:
+            along = self._stream_mates(asked)
+        streams = _streams([*asked, *along])
+        if along:
+            extra = {c.digest for c in along}
+            streams = [
+                dataclasses.replace(s, along=frozenset(c.digest for c in s.chunks) & extra) for s in streams
+            ]
         for s in streams:
             for c in s.chunks:
                 fut = self.loop.create_future()
                 fut.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
                 self._inflight[c.digest] = fut
         return streams
+
+    def _stream_mates(self, asked: list[Chunk]) -> list[Chunk]:
+        """The chunks sharing a stream with ``asked`` that are neither asked, cached nor in flight."""
+        if self._by_stream is None:
+            self._by_stream = {}
+            for c in self.all_chunks():
+                self._by_stream.setdefault((c.blob, c.compressed_offset, c.compressed_size), []).append(c)
+        wanted = {c.digest for c in asked}
+        keys = {(c.blob, c.compressed_offset, c.compressed_size) for c in asked}
+        mates: dict[str, Chunk] = {}
+        for key in keys:
+            for c in self._by_stream.get(key, ()):
+                if c.digest not in wanted and c.digest not in self._inflight and c.digest not in self.cache:
+                    mates.setdefault(c.digest, c)
+        return list(mates.values())
 
     def _fetch_on_demand(self, chunks: list[Chunk]) -> None:
         by_blob: dict[str, list[_Stream]] = {}
@@ -549,7 +579,7 @@ class LayerReader:
                 fut.set_result(decoded[c.digest])
         try:
             self.stats.cache_write_failures += await self.loop.run_in_executor(
-                self.executor, self._store, decoded, speculative
+                self.executor, self._store, decoded, speculative, stream.along
             )
         finally:
             for c in stream.chunks:
@@ -559,7 +589,12 @@ class LayerReader:
         """Every chunk of the stream, verified, from one pass over it (not one per chunk: many
         small files may share a stream, and each decode starts at the stream's beginning)."""
         try:
-            pieces = decode_stream(self.index.compression, raw, stream.chunks)
+            pieces = decode_stream(
+                self.index.compression,
+                raw,
+                stream.chunks,
+                resume=self.index.resume_points.get(stream.offset) if not stream.blob else None,
+            )
         except FormatError as exc:
             log.error(
                 "chunk failed verification; not served, not cached",
@@ -568,12 +603,15 @@ class LayerReader:
             raise
         return {c.digest: piece for c, piece in zip(stream.chunks, pieces, strict=True)}
 
-    def _store(self, decoded: dict[str, bytes], speculative: bool = False) -> int:
-        """Cache verified chunks; returns how many could not be written."""
+    def _store(
+        self, decoded: dict[str, bytes], speculative: bool = False, along: frozenset[str] = frozenset()
+    ) -> int:
+        """Cache verified chunks (``along``: fetched without being asked for); returns how many
+        could not be written."""
         failures = 0
         for digest, data in decoded.items():
             try:
-                self.cache.put(digest, data, speculative=speculative)
+                self.cache.put(digest, data, speculative=speculative or digest in along)
             except OSError as exc:  # a full disk degrades caching, never the read itself
                 failures += 1
                 log.warning("cannot cache chunk", extra={"layer": self.layer, "error": str(exc)})

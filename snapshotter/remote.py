@@ -34,7 +34,7 @@ from snapshotter.contract import (
     neighbour_digests,
 )
 from snapshotter.digest import file_stem
-from snapshotter.erofs.layout import LayoutError, plan_layout
+from snapshotter.erofs.layout import BlobLayout, LayoutError, plan_layout, tar_layout
 from snapshotter.erofs.writer import ImageError
 from snapshotter.erofslayers import BLOB_READAHEAD_BYTES, LOCAL_FLAG, ErofsLayers, LayerBlob
 from snapshotter.fetcher import (
@@ -48,10 +48,11 @@ from snapshotter.fetcher import (
     ResolvedImage,
     parse_reference,
 )
-from snapshotter.formats import registry
+from snapshotter.formats import gzindex, registry
 from snapshotter.formats.index import FormatError, LayerIndex
 from snapshotter.formats.registry import LayerFormat, Location
 from snapshotter.fuse.layerfs import FsObserver, LayerFS, MountedLayer
+from snapshotter.gzdiscovery import FoundIndex, find_indexes
 from snapshotter.layertree import LayerTree
 from snapshotter.mounts import mount_type, unmount
 from snapshotter.profile import StartupRecorder
@@ -82,6 +83,9 @@ def fetch_failure_reason(exc: FetchError) -> str:
     if isinstance(exc, DigestMismatchError):
         return "digest-mismatch"
     return "registry-unreachable"
+
+
+Discovered = tuple[dict[str, FoundIndex], list[str]]  # gzip indexes by layer, artifacts skipped
 
 
 class Indexed(NamedTuple):
@@ -143,8 +147,10 @@ class RemoteLayers:
         recorder: StartupRecorder | None = None,
         erofs: ErofsLayers | None = None,
         scheduler_config: SchedulerConfig | None = None,
+        gzip_index: bool = True,
     ) -> None:
         self.client = client
+        self.gzip_index = gzip_index  # look for referrer gzip indexes of plain gzip layers
         # The kernel backend (EROFS over data blobs); None: the per-file FUSE backend.
         self.erofs = erofs
         self.recorder = recorder  # startup profiles, when [profile] record is on
@@ -169,6 +175,10 @@ class RemoteLayers:
         # containerd prepares an image's layers one after another: resolve its manifest once.
         self._resolved: dict[str, tuple[float, asyncio.Task[ResolvedImage]]] = {}
         self._indexes: dict[str, asyncio.Task[Indexed]] = {}  # TOCs being fetched, by layer digest
+        # The gzip indexes attached to an image, looked up once per pulled manifest digest.
+        self._gzip_indexes: dict[
+            str, tuple[float, asyncio.Task[tuple[dict[str, FoundIndex], list[str]]]]
+        ] = {}
         # Of those, the ones fetched ahead for a neighbour: digest -> when the fetch started.
         self._speculative: dict[str, float] = {}
         # The blob tails fetched with each layer's metadata (its last chunks come with the footer
@@ -347,12 +357,7 @@ class RemoteLayers:
         """The layer's data blob: prioritized files first, in access order, and a readahead's
         worth of hole before the rest; or, while mounted images point into an earlier layout of
         it (``ErofsLayers.blob_layout``), that one."""
-        layout = erofs.blob_layout(
-            ref.digest,
-            tree,
-            lambda: plan_layout(tree, index.prefetch, separation=BLOB_READAHEAD_BYTES),
-            adopting=adopting,
-        )
+        layout = erofs.blob_layout(ref.digest, tree, lambda: self._plan(tree, index), adopting=adopting)
         blob = LayerBlob(layout, reader, on_first_read=on_first_read, observer=self.fs_observer)
         blob.local_path = erofs.local_blob(ref.digest, layout)
         return blob
@@ -392,6 +397,14 @@ class RemoteLayers:
             self.cache.release([c.digest for e in blob.reader.index.entries.values() for c in e.chunks])
         except Exception:
             log.exception("failed to keep a complete layer as a local blob", extra={"layer": digest})
+
+    @staticmethod
+    def _plan(tree: LayerTree, index: LayerIndex) -> BlobLayout:
+        """A plain tar layer's data blob is its uncompressed tar stream: neighbours in the blob are
+        neighbours in the compressed spans it is fetched by. Else startup files first."""
+        if index.tar_size:
+            return tar_layout(tree, index.tar_offsets, index.tar_size)
+        return plan_layout(tree, index.prefetch, separation=BLOB_READAHEAD_BYTES)
 
     async def _mount_index(
         self, ref: LayerRef, index: LayerIndex, mountpoint: Path, labels: Mapping[str, str]
@@ -624,8 +637,12 @@ class RemoteLayers:
         layer = next((layer for layer in image.layers if layer.digest == ref.digest), None)
         if layer is None:
             raise NotLazyError("layer-not-in-manifest", f"{ref.digest} is not a layer of {ref.reference}")
-        annotations = {**layer.annotations, **labels}
+        annotations = gzindex.without_discovery({**layer.annotations, **labels})
         fmt = registry.format_of(layer.media_type, annotations)
+        if fmt is None and gzindex.is_plain_gzip_layer(layer.media_type) and self.gzip_index:
+            found = await self._gzip_index_of(ref, image.manifest_digest)
+            annotations = {**annotations, **found.annotations()}
+            fmt = registry.format_of(layer.media_type, annotations)
         if fmt is None:
             media = layer.media_type
             why = (
@@ -657,10 +674,43 @@ class RemoteLayers:
             raise
         return Indexed(fmt, index)
 
+    async def _gzip_index_of(self, ref: LayerRef, manifest_digest: str) -> FoundIndex:
+        """The gzip index attached to the pulled manifest for this layer (discovery runs once per
+        manifest, for all its layers); NotLazyError saying why there is none."""
+        now = time.monotonic()
+        for old in [d for d, (when, _) in self._gzip_indexes.items() if now - when > RESOLVE_TTL_SECONDS]:
+            del self._gzip_indexes[old]
+        cached = self._gzip_indexes.get(manifest_digest)
+        if cached is not None:
+            task = cached[1]
+            if task.done() and (task.cancelled() or task.exception() is not None):
+                cached = None
+        if cached is None:
+            cached = (now, self.loop.create_task(find_indexes(self.client, ref.reference, manifest_digest)))
+            self._gzip_indexes[manifest_digest] = cached
+        try:
+            found, skipped = await asyncio.shield(cached[1])
+        except FetchError as exc:
+            raise NotLazyError(
+                fetch_failure_reason(exc), f"{ref.digest}: looking for a gzip index: {exc}"
+            ) from None
+        index = found.get(ref.digest)
+        if index is None:
+            why = f"; skipped: {'; '.join(skipped)}" if skipped else ""
+            # The reason plain layers always had: no lazily pullable metadata.
+            raise NotLazyError(
+                "no-toc-digest",
+                f"{ref.digest}: a plain gzip layer, and no gzip index of it is attached to "
+                f"{manifest_digest} (lazysnap index --push){why}",
+            )
+        return index
+
     async def _fetch_metadata(
         self, ref: LayerRef, fmt: LayerFormat, size: int, expected: str, annotations: Mapping[str, str]
     ) -> LayerIndex:
         """Fetch the layer's footer and metadata (TOC or bootstrap), verify, parse, keep them."""
+        if fmt.metadata_blob is not None:
+            return await self._fetch_metadata_blob(ref, fmt, size, expected, annotations)
         blob = self.client.blob(ref.reference, ref.digest, size)
         try:
             # One request for the footer and, for most layers, the whole metadata before it.
@@ -684,6 +734,26 @@ class RemoteLayers:
             self._tails[ref.digest] = (tail_start, tail[: location.offset - tail_start])
             while len(self._tails) > 2 * MAX_NEIGHBOURS:  # layers never mounted: forget the oldest
                 del self._tails[next(iter(self._tails))]
+        stored = StoredToc(ref.reference, size, expected, fmt.name, location, raw)
+        await self.loop.run_in_executor(self.mount_executor, self.tocs.save, ref.digest, stored)
+        return index
+
+    async def _fetch_metadata_blob(
+        self, ref: LayerRef, fmt: LayerFormat, size: int, expected: str, annotations: Mapping[str, str]
+    ) -> LayerIndex:
+        """A layer whose metadata is a blob of its own (a gzip index): fetch it whole, verify it
+        against the digest discovery pinned, parse, keep it."""
+        assert fmt.metadata_blob is not None
+        reason = "bad-gzip-index"
+        try:
+            location = fmt.locate(b"", size, annotations, self.max_toc_bytes)
+            digest, length = fmt.metadata_blob(location)
+            raw = await self.client.blob(ref.reference, digest, length).read_all()
+            index = await self._parse(fmt, raw, location, size, expected)
+        except FetchError as exc:
+            raise NotLazyError(fetch_failure_reason(exc), f"{ref.digest}: gzip index: {exc}") from None
+        except FormatError as exc:
+            raise NotLazyError(reason, f"{ref.digest}: {exc}") from None
         stored = StoredToc(ref.reference, size, expected, fmt.name, location, raw)
         await self.loop.run_in_executor(self.mount_executor, self.tocs.save, ref.digest, stored)
         return index

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 import errno
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -158,6 +158,24 @@ class BlobLayout:
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+def tar_layout(tree: LayerTree, offsets: Mapping[str, int], tar_size: int) -> BlobLayout:
+    """A plain tar layer's blob laid out as its uncompressed tar stream: each regular file where
+    its content is in the stream (``offsets``, by the name of the entry a tree node holds), in
+    512-byte blocks. LayoutError when a non-empty file has no offset."""
+    placed: dict[Node, int] = {}
+    for node in tree.by_name.values():
+        if node.is_file and node.entry.size > 0 and node not in placed:
+            offset = offsets.get(node.entry.name)
+            if offset is None:
+                raise LayoutError(f"{node.entry.name}: no place in the tar stream")
+            placed[node] = offset
+    return BlobLayout.from_offsets(
+        ((node.entry, offset) for node, offset in placed.items()),
+        blob_size=tar_size,
+        block_size=MIN_BLOCK_SIZE,
+    )
 
 
 def plan_layout(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from types import TracebackType
+from typing import Any
 from urllib.parse import urljoin
 
 import aiohttp
@@ -27,6 +28,9 @@ from snapshotter.fetcher.manifest import (
     ACCEPT,
     INDEX_TYPES,
     MAX_MANIFEST_BYTES,
+    MAX_REFERRERS,
+    OCI_INDEX,
+    Descriptor,
     ManifestError,
     Platform,
     ResolvedImage,
@@ -34,6 +38,8 @@ from snapshotter.fetcher.manifest import (
     load_document,
     matches_digest,
     parse_image_manifest,
+    parse_referrers,
+    referrers_tag,
     select_platform,
     string_map,
 )
@@ -42,6 +48,8 @@ from snapshotter.fetcher.sizing import RequestSizing
 from snapshotter.fetcher.transport import Retry, Transport, Where, check_status
 
 log = logging.getLogger(__name__)
+
+MAX_REFERRER_PAGES = 8  # pages of a referrers list followed through Link headers
 
 
 class RegistryClient:
@@ -170,6 +178,97 @@ class RegistryClient:
             annotations=annotations,
             manifest=body,
         )
+
+    async def manifest(
+        self, ref: str | Reference, digest: str | None = None
+    ) -> tuple[str, dict[str, Any], bytes]:
+        """The manifest or index ``digest`` of ``ref``'s repository, verified against the digest
+        (without one: what ``ref`` names, its tag or digest): its media type, document and bytes
+        (at most MAX_MANIFEST_BYTES). No platform is chosen: an index comes back as one."""
+        parsed = ref if isinstance(ref, Reference) else parse_reference(ref)
+        pinned = validate_digest(digest) if digest else parsed.digest
+        obj = pinned or parsed.object
+        where = Where(parsed.host, parsed.repository, obj)
+
+        async def attempt(endpoint: RegistryHost) -> tuple[str, dict[str, Any], bytes]:
+            media_type, body, header = await self._get_manifest(endpoint, parsed, obj, where)
+            got = self._check_digest(body, pinned, header, where)
+            kind, doc = self._load(media_type, body, where.host, got, parsed)
+            return kind, doc, body
+
+        capability = "pull" if pinned else "resolve"
+        return await self._transport.across(
+            self._transport.endpoints(parsed.host, capability, where), where, attempt
+        )
+
+    async def referrers(self, ref: str | Reference, subject: str) -> list[Descriptor]:
+        """The manifests whose ``subject`` is manifest ``subject`` of ``ref``'s repository (OCI
+        1.1 referrers API, ``GET /v2/<name>/referrers/<digest>``, following ``Link`` pages). A
+        registry without the API answers 404: then the referrers tag schema's image index is read
+        (tag ``sha256-<hex>``); none there either means no referrers. Each document is bounded
+        by MAX_MANIFEST_BYTES and the list by MAX_REFERRERS."""
+        parsed = ref if isinstance(ref, Reference) else parse_reference(ref)
+        subject = validate_digest(subject)
+        where = Where(parsed.host, parsed.repository, subject)
+        endpoints = self._transport.endpoints(parsed.host, "pull", where)
+        try:
+            return await self._transport.across(
+                endpoints, where, lambda e: self._referrers_at(e, parsed, where)
+            )
+        except ManifestNotFoundError:
+            pass  # no referrers API: the tag schema
+        tag = referrers_tag(subject)
+        tag_where = Where(parsed.host, parsed.repository, tag)
+        endpoints = self._transport.endpoints(parsed.host, "resolve", tag_where)
+
+        async def by_tag(endpoint: RegistryHost) -> list[Descriptor]:
+            media_type, body, _ = await self._get_manifest(endpoint, parsed, tag, tag_where)
+            try:
+                kind, doc = load_document(body, media_type)
+                if kind != OCI_INDEX:
+                    return []  # not a referrers list: the spec says to assume none
+                return parse_referrers(doc)
+            except ManifestError as e:
+                raise tag_where.error(InvalidResponseError, f"referrers tag: {e}") from None
+
+        try:
+            return await self._transport.across(endpoints, tag_where, by_tag)
+        except ManifestNotFoundError:
+            return []
+
+    async def _referrers_at(self, endpoint: RegistryHost, ref: Reference, where: Where) -> list[Descriptor]:
+        url: str | None = endpoint.api_url(ref.host, ref.repository, "referrers", where.digest)
+        found: list[Descriptor] = []
+        for _ in range(MAX_REFERRER_PAGES):
+            if url is None:
+                break
+            page_url = url
+
+            async def handler(
+                resp: aiohttp.ClientResponse, page_url: str = page_url
+            ) -> tuple[bytes, str | None]:
+                check_status(resp, where, ManifestNotFoundError)
+                body = await _read_limited(resp, MAX_MANIFEST_BYTES, where)
+                link = resp.links.get("next")
+                return body, urljoin(page_url, str(link["url"])) if link else None
+
+            body, url = await self._transport.request(
+                "GET",
+                page_url,
+                handler,
+                where=where,
+                endpoint=endpoint,
+                scope=ref.scope,
+                headers={"Accept": OCI_INDEX},
+            )
+            try:
+                _, doc = load_document(body, OCI_INDEX)
+                found.extend(parse_referrers(doc))
+            except ManifestError as e:
+                raise where.error(InvalidResponseError, f"referrers list: {e}") from None
+            if len(found) > MAX_REFERRERS:
+                break
+        return found[:MAX_REFERRERS]
 
     @staticmethod
     def _load(

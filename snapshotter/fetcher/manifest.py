@@ -63,6 +63,7 @@ class Descriptor:
     annotations: dict[str, str] = field(default_factory=dict, hash=False)
     urls: tuple[str, ...] = ()
     platform: Platform | None = None
+    artifact_type: str = ""  # OCI 1.1: what a referrer is (in a referrers list)
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,9 @@ def parse_descriptor(value: Any, where: str) -> Descriptor:
     urls = value.get("urls") or []
     if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
         raise ManifestError(f"{where}.urls must be a list of strings")
+    artifact_type = value.get("artifactType", "")
+    if not isinstance(artifact_type, str):
+        raise ManifestError(f"{where}.artifactType must be a string")
     platform = None
     raw = value.get("platform")
     if isinstance(raw, dict):
@@ -172,4 +176,28 @@ def parse_descriptor(value: Any, where: str) -> Descriptor:
         annotations=string_map(value.get("annotations"), f"{where}.annotations"),
         urls=tuple(urls),
         platform=platform,
+        artifact_type=artifact_type,
     )
+
+
+MAX_REFERRERS = 4096  # descriptors read from one referrers list (a list is bounded in bytes too)
+
+
+def parse_referrers(doc: dict[str, Any]) -> list[Descriptor]:
+    """The descriptors of a referrers list (an image index, from the referrers API or the
+    referrers tag schema); ManifestError when it is not one."""
+    entries = doc.get("manifests")
+    if not isinstance(entries, list):
+        raise ManifestError("referrers list has no 'manifests' list")
+    if len(entries) > MAX_REFERRERS:
+        raise ManifestError(f"referrers list of {len(entries)} entries (at most {MAX_REFERRERS} are read)")
+    return [parse_descriptor(entry, f"manifests[{i}]") for i, entry in enumerate(entries)]
+
+
+def referrers_tag(digest: str) -> str:
+    """The referrers tag schema's tag for a subject digest (OCI distribution spec 1.1): the
+    algorithm truncated to 32 characters, "-", the encoded part truncated to 64, with characters
+    a tag cannot hold replaced by "-"."""
+    algorithm, _, encoded = digest.partition(":")
+    tag = f"{algorithm[:32]}-{encoded[:64]}"
+    return "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "-" for c in tag)

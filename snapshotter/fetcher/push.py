@@ -319,6 +319,12 @@ class Pusher:
 
     async def put_manifest(self, ref: Reference, body: bytes, media_type: str) -> str:
         """PUT a manifest (or index) under ``ref``'s tag (or its digest); return its digest."""
+        return (await self.put_manifest_subject(ref, body, media_type))[0]
+
+    async def put_manifest_subject(self, ref: Reference, body: bytes, media_type: str) -> tuple[str, str]:
+        """``put_manifest``, and the registry's ``OCI-Subject`` header: the subject digest when it
+        processed the manifest's ``subject`` (it has the referrers API), else "" (the pusher must
+        then maintain the referrers tag schema)."""
         digest = digest_of(body)
         if ref.digest is not None and ref.digest != digest:
             raise DigestMismatchError(
@@ -330,25 +336,28 @@ class Pusher:
         where = Where(ref.host, ref.repository, digest)
         obj = ref.tag or digest
 
-        async def attempt(endpoint: RegistryHost) -> None:
+        async def attempt(endpoint: RegistryHost) -> str:
             url = endpoint.api_url(ref.host, ref.repository, "manifests", obj)
 
-            async def handler(resp: aiohttp.ClientResponse) -> None:
+            async def handler(resp: aiohttp.ClientResponse) -> str:
                 await _check(resp, where, f"store the manifest as {obj!r}", (200, 201, 202, 204))
                 said = resp.headers.get("Docker-Content-Digest", "")
                 if said and said != digest:
                     raise where.error(InvalidResponseError, f"registry stored the manifest as {said}")
+                return resp.headers.get("OCI-Subject", "")
 
             headers = {"Content-Type": media_type}
-            await self._send("PUT", url, handler, where, endpoint, push_scope(ref.repository), headers, body)
+            return await self._send(
+                "PUT", url, handler, where, endpoint, push_scope(ref.repository), headers, body
+            )
 
         endpoints = self._transport.endpoints(ref.host, "push", where)
         try:
-            await self._transport.across(endpoints, where, attempt)
+            subject = await self._transport.across(endpoints, where, attempt)
         except AuthError as e:
             raise where.error(AuthError, f"cannot push (is push access granted?): {e.reason}") from None
         self.stats.manifests += 1
-        return digest
+        return digest, subject
 
     # -- helpers ---------------------------------------------------------------------------------
 

@@ -14,9 +14,9 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from snapshotter.formats import estargz, zstdchunked
+from snapshotter.formats import deflate_resume, estargz, zstdchunked
 from snapshotter.formats.bounds import DEFAULT_MAX_CHUNK_BYTES
-from snapshotter.formats.index import Chunk, Compression, FormatError, LayerIndex
+from snapshotter.formats.index import Chunk, Compression, FormatError, LayerIndex, ResumePoint
 from snapshotter.formats.toc import check_digest, index_from_toc_text
 
 # The 64-byte containers/storage footer plus its skippable-frame header is the largest footer;
@@ -216,7 +216,25 @@ def inflate_prefix(compression: Compression, data: bytes, want: int) -> bytes:
         return estargz.gunzip_prefix(data, want)
     if compression is Compression.ZSTD:
         return zstdchunked.unzstd_prefix(data, want)
+    if compression is Compression.GZIP_SPAN:
+        raise FormatError("a gzip span is inflated from its checkpoint (inflate_span)")
     return bytes(data[:want])
+
+
+def inflate_span(data: bytes, resume: ResumePoint | None, want: int) -> bytes:
+    """At most ``want`` bytes of a gzip span (Compression.GZIP_SPAN) inflated from its checkpoint
+    ``resume``; bounded like ``inflate_prefix``."""
+    if resume is None:
+        raise FormatError("a gzip span without its checkpoint")
+    window = _window(resume.window)
+    return deflate_resume.inflate_from(data, resume.bit, window, want, member_start=resume.member_start)
+
+
+def _window(frame: bytes) -> bytes:
+    """A checkpoint's window from its zstd frame (bounded: a window is at most 32 KiB)."""
+    if not frame:
+        return b""
+    return zstdchunked.unzstd_prefix(frame, deflate_resume.WINDOW_SIZE)
 
 
 def _where(chunk: Chunk) -> str:
@@ -232,9 +250,11 @@ def decode_stream(
     chunks: Sequence[Chunk],
     *,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    resume: ResumePoint | None = None,
 ) -> list[bytes]:
     """The verified bytes of each of ``chunks``, in order; they all lie in the one stream that
-    ``data`` (their shared compressed range) starts with.
+    ``data`` (their shared compressed range) starts with (for GZIP_SPAN, inflated from the
+    checkpoint ``resume``).
 
     The stream is inflated once, up to the end of the furthest chunk, however many chunks share
     it (ctr-remote's --estargz-min-chunk-size packs many small files into one stream), and never
@@ -250,7 +270,10 @@ def decode_stream(
             f"{_where(furthest)}: ends {want} bytes into its stream, beyond the "
             f"{max_chunk_bytes}-byte chunk limit"
         )
-    out = inflate_prefix(compression, data, want)
+    if compression is Compression.GZIP_SPAN:
+        out = inflate_span(data, resume, want)
+    else:
+        out = inflate_prefix(compression, data, want)
     view = memoryview(out)
     pieces: list[bytes] = []
     for c in chunks:

@@ -38,6 +38,9 @@ class Compression(Enum):
     GZIP = "gzip"
     ZSTD = "zstd"
     NONE = "none"
+    # A span of one gzip stream (indexed gzip layers): inflated from the checkpoint the span starts
+    # at (``LayerIndex.resume_points``), not from a stream header.
+    GZIP_SPAN = "gzip-span"
 
 
 # slots: an index holds up to millions of these (a ~100-byte Chunk instead of ~250 with a __dict__).
@@ -65,6 +68,21 @@ class Chunk:
     blob: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class ResumePoint:
+    """Where inflating resumes inside a gzip stream: a checkpoint of an indexed gzip layer.
+
+    The compressed stream of the chunks that start here begins at the byte holding the
+    checkpoint's first bit; the deflate block starts at bit ``bit`` (0-7, least significant first)
+    of that byte. ``window``: a zstd frame of the (up to 32 KiB of) uncompressed bytes before the
+    checkpoint that back-references may reach, b"" when none is needed. ``member_start``: the
+    stream begins with a gzip member header instead (no bit offset, no window)."""
+
+    bit: int
+    window: bytes = b""
+    member_start: bool = False
+
+
 @dataclass(slots=True)
 class Entry:
     """One path of the layer, with tar-like attributes. ``name`` is normalized: no leading "./" or
@@ -89,7 +107,7 @@ class Entry:
 class LayerIndex:
     """A parsed, validated layer."""
 
-    format: str  # "estargz", "stargz" (legacy footer), "zstdchunked", "nydus"
+    format: str  # "estargz", "stargz" (legacy footer), "zstdchunked", "nydus", "gzindex"
     compression: Compression
     entries: dict[str, Entry]  # by normalized name, in the format's order; includes parents
     # Prioritized files (eStargz: entries before .prefetch.landmark), in access order.
@@ -102,3 +120,12 @@ class LayerIndex:
     blob_size: int = 0
     # Other blobs that chunks refer to (``Chunk.blob``), digest -> size; empty for stargz formats.
     blobs: dict[str, int] = field(default_factory=dict)
+    # Compression.GZIP_SPAN: the checkpoint each stream starts at, by its compressed offset.
+    resume_points: dict[int, ResumePoint] = field(default_factory=dict)
+    # Streams are large and shared by many chunks (the spans of an indexed gzip layer): a fetched
+    # stream is decoded whole and every chunk in it kept, not only the chunks asked for.
+    whole_streams: bool = False
+    # Plain tar layers (indexed gzip): where each regular file's content starts in the layer's
+    # uncompressed tar stream (``tar_size`` bytes), so a data blob can be laid out as that stream.
+    tar_offsets: dict[str, int] = field(default_factory=dict)
+    tar_size: int = 0

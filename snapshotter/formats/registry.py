@@ -6,7 +6,9 @@ format is one module (its parser) plus one ``LayerFormat`` in ``FORMATS``.
 
 A format's metadata (an eStargz/zstd:chunked TOC, a Nydus-like bootstrap) is found from the blob's
 tail (footer), fetched as ``[location.offset, location.offset + location.length)``, verified
-against a digest rooted in the image manifest and parsed into a ``LayerIndex``.
+against a digest rooted in the image manifest and parsed into a ``LayerIndex``. An indexed plain
+gzip layer's metadata is a blob of its own (``metadata_blob``), found among the image's referrers
+and verified against the digest the referrer artifact gives.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from snapshotter.formats import detect, nydus
+from snapshotter.formats import detect, gzindex, nydus
 from snapshotter.formats.index import Compression, FormatError, LayerIndex
 
 
@@ -51,6 +53,9 @@ class LayerFormat:
     location_from_json: Callable[[Mapping[str, Any]], Location]
     # The longest footer: the tail fetched first must hold at least this much.
     footer_bytes: int
+    # When the metadata is not in the layer blob: (location) -> the blob holding it (digest, size),
+    # read whole; ``locate`` then gets no tail.
+    metadata_blob: Callable[[Any], tuple[str, int]] | None = None
 
 
 def _stargz_claims(media_type: str, annotations: Mapping[str, str]) -> bool:
@@ -103,8 +108,29 @@ NYDUS = LayerFormat(
     footer_bytes=nydus.FOOTER_SIZE,
 )
 
-# Asked in order: a Nydus-like layer may also carry stargz-looking annotations, never the reverse.
-FORMATS: tuple[LayerFormat, ...] = (NYDUS, STARGZ)
+GZINDEX = LayerFormat(
+    name=gzindex.FORMAT,  # an unchanged tar+gzip layer with a referrer index (docs/GZIP-INDEX.md)
+    lazy_only=False,
+    claims=gzindex.claims,
+    expected_digest=gzindex.index_digest,
+    locate=lambda _tail, _size, annotations, max_bytes: gzindex.locate(annotations, max_bytes),
+    parse=lambda raw, location, size, expected, max_bytes, max_chunk: gzindex.parse_index(
+        raw,
+        location,
+        blob_size=size,
+        expected_digest=expected,
+        max_bytes=max_bytes,
+        max_chunk_bytes=max_chunk,
+    ),
+    location_to_json=dataclasses.asdict,
+    location_from_json=lambda value: gzindex.IndexLocation(**value),
+    footer_bytes=0,
+    metadata_blob=lambda location: (location.index, location.length),
+)
+
+# Asked in order: a Nydus-like layer may also carry stargz-looking annotations, never the reverse;
+# an eStargz layer is a tar+gzip layer too, and its own TOC wins over any index.
+FORMATS: tuple[LayerFormat, ...] = (NYDUS, STARGZ, GZINDEX)
 
 
 def format_of(media_type: str, annotations: Mapping[str, str]) -> LayerFormat | None:

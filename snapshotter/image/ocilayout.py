@@ -278,6 +278,19 @@ class OciLayout:
         index.setdefault("schemaVersion", 2)
         _atomic_write(self.path / "index.json", canonical_json(index))
 
+    def add_referrer(self, entry: Mapping[str, Any]) -> None:
+        """List a referrer artifact's manifest (already written as a blob) in index.json, untagged,
+        as OCI layout tools look for referrers; nothing when it is listed already."""
+        if not self.has_blob(str(entry["digest"])):
+            raise LayoutError(f"{self.path}: cannot list {entry['digest']}: blob not written")
+        index = self.index()
+        manifests = index.get("manifests", [])
+        if any(isinstance(e, dict) and e.get("digest") == entry["digest"] for e in manifests):
+            return
+        index["manifests"] = [*manifests, dict(entry)]
+        index.setdefault("schemaVersion", 2)
+        _atomic_write(self.path / "index.json", canonical_json(index))
+
     def tagged(self, tag: str) -> Descriptor:
         """The index entry named ``tag`` (a manifest or an index), as index.json describes it."""
         self.check()

@@ -38,6 +38,7 @@ class SourceImage:
     config: Descriptor
     layers: tuple[Descriptor, ...]
     annotations: dict[str, str] = field(default_factory=dict, hash=False)
+    size: int = 0  # of the manifest's bytes (what a descriptor of it says)
 
 
 class ImageSource(Protocol):
@@ -87,7 +88,9 @@ class RegistrySource:
 
     async def resolve(self) -> SourceImage:
         got = await self._client.resolve(self.location.ref)
-        return SourceImage(got.manifest_digest, got.media_type, got.config, got.layers, got.annotations)
+        return SourceImage(
+            got.manifest_digest, got.media_type, got.config, got.layers, got.annotations, len(got.manifest)
+        )
 
     async def read_blob(self, desc: Descriptor) -> bytes:
         return await self._client.blob(self.location.ref, desc.digest, desc.size).read_all()
@@ -100,7 +103,9 @@ class LayoutSource:
 
     async def resolve(self) -> SourceImage:
         got = await asyncio.to_thread(self._layout.resolve, self.location.tag)
-        return SourceImage(got.digest, got.media_type, got.config, got.layers, got.annotations)
+        return SourceImage(
+            got.digest, got.media_type, got.config, got.layers, got.annotations, len(got.manifest)
+        )
 
     async def read_blob(self, desc: Descriptor) -> bytes:
         return await asyncio.to_thread(self._layout.read_blob, desc.digest, desc.size)

@@ -114,11 +114,12 @@ def test_cli_modes_and_peers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         ("overlayfs", "gzip", "overlayfs"),
         ("lazysnap-estargz", "estargz", "lazysnap"),
         ("lazysnap-zstdchunked", "zstdchunked", "lazysnap"),
+        ("lazysnap-gzip-index", "gzip-index", "lazysnap"),
         ("lazysnap-estargz-profiled", "estargz-profiled", "lazysnap"),
         ("a", "estargz", "peer"),
         ("b", "zstdchunked", "peer"),
     ]
-    assert modes[5].config == "root = '{root}'\n" and modes[5].snapshotter == "b"
+    assert modes[6].config == "root = '{root}'\n" and modes[6].snapshotter == "b"
     assert "lazysnap-nydus skipped" in notes[0]
     # The built-in peer could not be built: said once, for both of its modes.
     assert notes[1:] == ["stargz peer skipped: golang-go not installed"]

@@ -514,3 +514,46 @@ def test_a_re_read_right_after_a_stall_fails_at_once(layer: Layer) -> None:
     with pytest.raises(ReadError, match="fetch failed moments ago"):
         reader.read(entry, 0, 100)
     assert layer.blob.arrived == 1  # no second request
+
+
+def make_gzindex_layer(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> Layer:
+    """The same files as a plain gzip layer with a gzip index of 64 KiB spans."""
+    import gzip
+
+    from snapshotter.formats.build_gzindex import build_index
+    from tests.support.gzindex import parsed
+
+    blob = gzip.compress(layer_tar(), 6, mtime=0)
+    built = build_index(blob, span=64 << 10, threads=1)
+    index = parsed(built.data, built.layer, len(blob))
+    return Layer(index, MemoryBlob(blob), ChunkCache(tmp_path / "cache", 1 << 30), loop)
+
+
+def test_a_gzip_index_layer_reads_right_and_decodes_each_span_once(
+    tmp_path: Path, loop: asyncio.AbstractEventLoop
+) -> None:
+    layer = make_gzindex_layer(tmp_path, loop)
+    assert layer.index.whole_streams and len(layer.index.resume_points) > 5
+    reader = layer.reader()
+    rnd = random.Random(2)
+    for name, data in FILES.items():
+        entry = layer.index.entries[name]
+        assert layer.read_file(reader, name, step=rnd.choice([4096, 65536, 1 << 20])) == data
+        off = rnd.randrange(0, len(data))
+        assert reader.read(entry, off, 5000) == data[off : off + 5000]
+    # Every span was fetched once: the chunks nobody asked for came along with the first read of
+    # their span and were kept (as fetched ahead).
+    spans = {(c.compressed_offset, c.compressed_size) for e in layer.index.entries.values() for c in e.chunks}
+    assert layer.blob.bytes_served <= sum(size for _, size in spans)
+    assert reader.stats.chunk_refetches == 0
+
+
+def test_small_files_of_one_span_cost_one_fetch(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    layer = make_gzindex_layer(tmp_path, loop)
+    reader = layer.reader()
+    main, config = layer.index.entries["app/main.py"], layer.index.entries["etc/config.json"]
+    assert main.chunks[0].compressed_offset == config.chunks[-1].compressed_offset  # same span
+    assert reader.read(main, 0, 100) == FILES["app/main.py"][:100]
+    served = layer.blob.bytes_served
+    assert reader.read(config, 0, 100) == FILES["etc/config.json"]
+    assert layer.blob.bytes_served == served
