@@ -185,6 +185,7 @@ class FaultProxy:
         self.include_manifests = include_manifests
         self.redirect = redirect
         self.stall_seconds = stall_seconds
+        self.path_contains = ""  # when set, only requests whose path contains it are eligible
         self.min_credential_age = min_credential_age
         self.codes_5xx: tuple[int, ...] = (500, 502, 503)  # what ``http_5xx`` answers, drawn by the RNG
         self.port = 0
@@ -387,6 +388,8 @@ class FaultProxy:
             or _STORE_PATH.match(path)
             or (self.include_manifests and _MANIFEST_PATH.match(path))
         ):
+            return False
+        if self.path_contains and self.path_contains not in path:
             return False
         ua = request.headers.get("User-Agent", "")
         return self.target_user_agent is None or self.target_user_agent in ua
