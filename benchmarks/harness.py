@@ -630,6 +630,8 @@ def _lazy_summary(stats: Mapping[str, Any]) -> dict[str, object]:
         "lazy_mounts": stats.get("lazy_mounts"),
         "not_lazy": stats.get("not_lazy"),
         "fetched_by_reason": fetched,
+        **({"eager": stats["eager"]} if "eager" in stats else {}),
+        "links": stats.get("links"),
     }
 
 

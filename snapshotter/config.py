@@ -167,7 +167,7 @@ class FallbackConfig:
     # Layers that cannot be lazy: "off" leaves them to containerd; "eager" fetches the image's
     # layers in parallel and unpacks them as they arrive (needs the remote labels, as lazy does).
     mode: str = "off"
-    layers_at_once: int = 3  # layers fetched and unpacked at the same time
+    layers_at_once: int = 4  # layers fetched and unpacked at the same time
     window_bytes: int = 32 << 20  # per layer: bytes fetched ahead of its unpacking (memory)
     min_free_bytes: int = 1 << 30  # free disk space under the root an eager pull leaves
     timeout_seconds: float = 1800.0  # a layer not unpacked this long after asked for is given up

@@ -17,6 +17,8 @@ hashes it) and checks both digests; nothing is trusted before it returned.
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 import zlib
 from collections.abc import Callable
 from typing import IO, cast
@@ -164,13 +166,15 @@ class LayerStream:
                             raise StreamError(f"{self.digest}: empty gzip stream")
                         return b""
                 self._gzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                self._gzip_input = rest + self._gzip_input
+                self._gzip_input = rest
             if not self._gzip_input:
                 self._gzip_input = self._compressed.part()
                 if not self._gzip_input:
                     raise StreamError(f"{self.digest}: the gzip stream ends inside a member")
             data = self._gzip.decompress(self._gzip_input, n)
-            self._gzip_input = self._gzip.unconsumed_tail
+            # At a member's end what is left is in unused_data (and may still be in
+            # unconsumed_tail too): take it from unused_data only.
+            self._gzip_input = b"" if self._gzip.eof else self._gzip.unconsumed_tail
             if data:
                 return data
 
@@ -190,3 +194,64 @@ class LayerStream:
             raise DigestError(
                 f"layer {self.digest} has DiffID {got_diff}, the image config says {self.diff_id}"
             )
+
+
+class ReadAhead:
+    """Runs a ``LayerStream`` in a thread of its own, up to ``depth`` reads of ``chunk`` bytes ahead
+    of the consumer: decompressing and hashing (which release the GIL) overlap with unpacking.
+    ``finish`` waits for the stream's end and its digest checks. Used from one consumer thread."""
+
+    def __init__(self, stream: LayerStream, *, chunk: int = 1 << 20, depth: int = 8) -> None:
+        self._stream = stream
+        self._chunk = chunk
+        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(depth)
+        self._closed = threading.Event()
+        self._buffer = b""
+        self._ended = False
+        self._thread = threading.Thread(target=self._produce, name="lazysnap-eager-inflate", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: bytes | BaseException | None) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            while data := self._stream.read(self._chunk):
+                if not self._put(data):
+                    return
+            self._stream.finish()
+        except BaseException as exc:  # handed to the consumer
+            self._put(exc)
+            return
+        self._put(None)
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` uncompressed bytes; b"" at the end of the stream."""
+        while not self._buffer and not self._ended:
+            item = self._queue.get()
+            if item is None:
+                self._ended = True
+            elif isinstance(item, BaseException):
+                self._ended = True
+                raise item
+            else:
+                self._buffer = item
+        data, self._buffer = self._buffer[:n], self._buffer[n:]
+        return data
+
+    def finish(self) -> None:
+        """Read to the end of the stream; raises what the stream raised (a digest mismatch...)."""
+        while self.read(self._chunk):
+            pass
+        self._thread.join()
+
+    def close(self) -> None:
+        """Stop the producer (it ends at its next read or hand-over)."""
+        self._closed.set()
+        self._thread.join()

@@ -51,7 +51,7 @@ from typing import Any
 from snapshotter.contract import TARGET_REF_LABEL, LayerRef, NotLazyError
 from snapshotter.digest import InvalidDigestError, validate_digest
 from snapshotter.eager.apply import Applied, LayerError, apply_layer, copy_up_parents
-from snapshotter.eager.decompress import DigestError, LayerStream, StreamError, compression_of
+from snapshotter.eager.decompress import DigestError, LayerStream, ReadAhead, StreamError, compression_of
 from snapshotter.eager.download import DownloadError, LayerDownload
 from snapshotter.eager.tarreader import SparseError, TarError, TarReader
 from snapshotter.fetcher import BlobReader, Descriptor, FetchError, ResolvedImage
@@ -483,10 +483,11 @@ class EagerFills:
                         f"{digest}: {free} bytes left free under {fs}, below fallback.min_free_bytes",
                     )
 
+        ahead = ReadAhead(stream)  # decompression and hashing overlap with unpacking
         try:
-            tar = TarReader(stream.read)
+            tar = TarReader(ahead.read)
             applied = apply_layer(tar, os.fsencode(fs), overlay=layer.index > 0, on_written=written)
-            stream.finish()
+            ahead.finish()
         except DownloadError as exc:
             raise _FillError("eager-fetch-failed", f"{digest}: {exc}") from None
         except DigestError as exc:
@@ -500,6 +501,9 @@ class EagerFills:
             if exc.errno == 28:  # ENOSPC
                 raise _FillError("eager-disk-full", f"{digest}: {exc}") from None
             raise _FillError("eager-bad-layer", f"{digest}: {exc}") from None
+        finally:
+            download.close()  # a producer waiting for bytes stops
+            ahead.close()
         return applied
 
     def _move_into_place(

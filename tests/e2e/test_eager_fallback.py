@@ -65,7 +65,7 @@ class _Tar:
 
     def __init__(self, fmt: int) -> None:
         self.buf = io.BytesIO()
-        self.tar = tarfile.open(fileobj=self.buf, mode="w", format=fmt)
+        self.tar = tarfile.open(fileobj=self.buf, mode="w", format=fmt)  # noqa: SIM115 - closed in bytes()
 
     def add(self, info: tarfile.TarInfo, data: bytes = b"", **pax: str) -> None:
         if pax:
