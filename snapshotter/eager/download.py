@@ -132,6 +132,12 @@ class LayerDownload:
         self.loop.call_soon_threadsafe(self.scheduler.remove_feeder, self)
 
     @property
+    def taken(self) -> int:
+        """Bytes the reader has taken."""
+        with self._lock:
+            return self._read_offset
+
+    @property
     def buffered(self) -> int:
         """Bytes fetched and waiting for the reader."""
         with self._lock:

@@ -79,7 +79,7 @@ NOT_FILLABLE = frozenset(
 
 @dataclass(frozen=True)
 class EagerConfig:
-    layers_at_once: int = 3
+    layers_at_once: int = 4
     window_bytes: int = 32 << 20  # per layer: fetched ahead of its unpacker
     min_free_bytes: int = 1 << 30
     timeout_seconds: float = 1800.0  # a Prepare waits at most this long for its layer

@@ -86,6 +86,7 @@ def test_pax_records_override_the_header() -> None:
         "linkpath": "",  # empty: the header's own value stays
     }
     ((header, body),) = entries(make_tar((info, b"x")))
+    assert body == b"x"
     assert header.name == b"a/" + b"x" * 200
     assert header.mtime_ns == 1_600_000_000_123_456_789  # nine digits kept, the rest cut
     assert header.atime_ns == -1_500_000_000
