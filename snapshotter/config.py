@@ -168,7 +168,7 @@ class FallbackConfig:
     # layers in parallel and unpacks them as they arrive (needs the remote labels, as lazy does).
     mode: str = "off"
     layers_at_once: int = 4  # layers fetched and unpacked at the same time
-    window_bytes: int = 32 << 20  # per layer: bytes fetched ahead of its unpacking (memory)
+    window_bytes: int = 16 << 20  # per layer: bytes fetched ahead of its unpacking (memory)
     min_free_bytes: int = 1 << 30  # free disk space under the root an eager pull leaves
     timeout_seconds: float = 1800.0  # a layer not unpacked this long after asked for is given up
     unclaimed_seconds: float = 120.0  # an unpacked layer no Prepare asked for is removed after this

@@ -80,7 +80,7 @@ NOT_FILLABLE = frozenset(
 @dataclass(frozen=True)
 class EagerConfig:
     layers_at_once: int = 4
-    window_bytes: int = 32 << 20  # per layer: fetched ahead of its unpacker
+    window_bytes: int = 16 << 20  # per layer: fetched ahead of its unpacker
     min_free_bytes: int = 1 << 30
     timeout_seconds: float = 1800.0  # a Prepare waits at most this long for its layer
     unclaimed_seconds: float = 120.0  # a staged layer nobody asked for is dropped after this
@@ -127,9 +127,10 @@ class _Layer:
 
 @dataclass
 class _Session:
-    """One image being filled: its manifest digest, where its blobs are, its layers."""
+    """One image being filled: its key (repository and manifest digest), where its blobs are,
+    its layers."""
 
-    manifest_digest: str
+    key: str
     reference: str
     layers: list[_Layer]
     by_chain: dict[str, int] = field(default_factory=dict)
@@ -228,8 +229,7 @@ class EagerFills:
         if index is None:
             raise _FillError(
                 "eager-not-in-image",
-                f"chain {target} is not a layer of {ref.reference} ({session.manifest_digest}) "
-                "as this registry serves it now",
+                f"chain {target} is not a layer of {session.key} as this registry serves it now",
             )
         layer = session.layers[index]
         if layer.descriptor.digest != ref.digest:
@@ -298,10 +298,11 @@ class EagerFills:
             image = await self._resolve(ref)
         except NotLazyError as exc:
             raise _FillError(f"eager-{exc.reason}", exc.detail) from None
-        task = self._sessions.get(image.manifest_digest)
+        key = _session_key(image)
+        task = self._sessions.get(key)
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             task = self.loop.create_task(self._new_session(ref, image))
-            self._sessions[image.manifest_digest] = task
+            self._sessions[key] = task
         return await asyncio.shield(task)
 
     async def _new_session(self, ref: LayerRef, image: ResolvedImage) -> _Session:
@@ -331,7 +332,7 @@ class EagerFills:
             _Layer(i, descriptor, diff_id, chain)
             for i, (descriptor, diff_id, chain) in enumerate(zip(image.layers, diff_ids, chains, strict=True))
         ]
-        session = _Session(image.manifest_digest, ref.reference, layers)
+        session = _Session(_session_key(image), ref.reference, layers)
         session.by_chain = {layer.chain_id: layer.index for layer in reversed(layers)}
         return session
 
@@ -395,7 +396,7 @@ class EagerFills:
 
     def _forget_if_idle(self, session: _Session) -> None:
         if all(layer.task is None for layer in session.layers):
-            self._sessions.pop(session.manifest_digest, None)
+            self._sessions.pop(session.key, None)
 
     def _drop(self, layer: _Layer) -> None:
         """Stop a layer's work if it runs, remove what it staged, and forget it (a later pull
@@ -520,6 +521,12 @@ class EagerFills:
         os.chmod(fs, stat.S_IMODE(st.st_mode))
         os.rename(fs, mountpoint)
         os.rmdir(staged)
+
+
+def _session_key(image: ResolvedImage) -> str:
+    """Images are filled per repository and manifest: the same manifest in another repository
+    is read from there."""
+    return f"{image.reference.host}/{image.reference.repository}@{image.manifest_digest}"
 
 
 def _remove_staged(staged: Path) -> None:

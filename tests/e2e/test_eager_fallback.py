@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from tests.support.services import (
     require_privileges,
     run_in_container,
 )
-from tests.support.treecompare import differences, listed_dirs
+from tests.support.treecompare import differences, listed_dirs, tree
 
 OCI_TAR = "application/vnd.oci.image.layer.v1.tar"
 MTIME = 1577836800
@@ -251,6 +252,14 @@ def test_rpull_unpacks_every_layer_as_containerd_does(
     for n, (mine, other, raw) in enumerate(zip(ours, theirs, image.layer_tars, strict=True)):
         assert differences(mine, other, listed_dirs(raw)) == [], f"layer {n + 1}"
     assert not any((daemon.root / "eager").iterdir())  # nothing staged is left
+    # What was compared is what the test image is about (not, say, two empty directories).
+    first, second = tree(ours[0]), tree(ours[1])
+    assert first["dev/null"]["rdev"] == (1, 3) and first["data/file.txt"]["xattrs"] == {"user.test": b"abc"}
+    assert first["escape.txt"]["sha256"] and "data/tempfile" not in first
+    assert first["data/hard2"]["links"] == ["data/hard1", "data/hard2"]
+    assert stat.S_ISCHR(second["data/gone.txt"]["type"]) and second["data/gone.txt"]["rdev"] == (0, 0)
+    assert second["data/olddir"]["xattrs"] == {"trusted.overlay.opaque": b"y"}
+    assert second["lower/keep"]["owner"] == (7, 7) and second["lower/keep"]["mode"] == 0o700
 
     # A container runs on the filled layers: what it sees is the merged tree.
     out = run_in_container(cd, ref, "/bin/cat", "/etc/motd", "/data/file.txt", snapshotter=SNAPSHOTTER)

@@ -41,6 +41,9 @@ round-robin over the enabled kinds that apply to the request (weights = the per-
 rotation for registry requests and one for ``/_store`` requests, so that every kind of a mix comes
 up once per rotation. ``enable(kind, False)`` switches one kind off at runtime.
 
+``path_contains``, when set, makes only requests whose path contains it eligible (say, one blob's
+digest: a registry that fails for one layer).
+
 ``away(seconds)`` refuses every connection (stops listening and aborts open connections) for a
 while, then listens again on the same port; ``go_away()`` / ``come_back()`` do it by hand.
 
