@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snapshotter.eager.tarreader import TarHeader, TarReader
+from snapshotter.eager.tarreader import TarError, TarHeader, TarReader
 from snapshotter.mounts import remove_tree
 
 WHITEOUT_PREFIX = b".wh."
@@ -374,7 +374,14 @@ def apply_layer(
     LayerError fail the layer; the directory is then the caller's to remove."""
     applier = _Applier(root.rstrip(b"/"), overlay, on_written)
     while (header := tar.next()) is not None:
-        applier.entry(header, tar)
+        try:
+            applier.entry(header, tar)
+        except TarError:
+            raise  # (a ValueError too) the stream's own error, reported as it is
+        except (OverflowError, ValueError) as exc:
+            # An owner or device number the kernel cannot take (the tar allows 64 bits), or a name
+            # the system calls refuse.
+            raise LayerError(f"{header.name[:200]!r}: {exc}") from None
     applier.finish()
     return applier.result
 

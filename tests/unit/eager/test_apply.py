@@ -283,3 +283,29 @@ def test_clean_and_root_path_follow_go_and_continuity(tmp_path: Path) -> None:
     assert root_path(base, b"abs/x") == base + b"/real/x"
     assert root_path(base, b"rel/x") == base + b"/real/x"
     assert root_path(base, b"missing/../../x") == base + b"/x"
+
+
+def gnu_layer(*entries: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    """GNU format: numbers too large for octal are written base-256 (devices, owners)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for info, data in entries:
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        layer(entry("big-uid", data=b"x", uid=1 << 40)),
+        layer(entry("low-gid", data=b"x", gid=-5)),
+        layer(entry("dir", tarfile.DIRTYPE, uid=1 << 33)),
+        layer(entry(".wh.gone", uid=1 << 40)),
+        gnu_layer(entry("dev", tarfile.CHRTYPE, devmajor=1 << 40, devminor=1)),
+        gnu_layer(entry("dev", tarfile.BLKTYPE, devmajor=1, devminor=-(1 << 40))),
+    ],
+    ids=["uid-too-large", "gid-below-minus-one", "dir-uid", "whiteout-uid", "devmajor", "devminor"],
+)
+def test_numbers_the_kernel_cannot_take_fail_the_layer(root: Path, data: bytes) -> None:
+    with pytest.raises(LayerError):
+        apply(root, data)
