@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from snapshotter.eager import apply as apply_module
 from snapshotter.eager.apply import OPAQUE_XATTR, LayerError, apply_layer, clean, copy_up_parents, root_path
 from snapshotter.eager.tarreader import TarReader
 
@@ -309,3 +310,13 @@ def gnu_layer(*entries: tuple[tarfile.TarInfo, bytes]) -> bytes:
 def test_numbers_the_kernel_cannot_take_fail_the_layer(root: Path, data: bytes) -> None:
     with pytest.raises(LayerError):
         apply(root, data)
+
+
+def test_the_names_kept_while_applying_are_bounded(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Directory and file names are kept until the layer ends (times, opaque directories, the
+    lower layers' attributes): a layer of too many long names is left to containerd."""
+    monkeypatch.setattr(apply_module, "MAX_TRACKED_BYTES", 64 << 10)
+    names = [entry(f"d{i}/" + "n" * 200 + f"{i}", data=b"") for i in range(400)]
+    with pytest.raises(LayerError, match="names"):
+        apply(root, layer(*names), overlay=False)
+    assert apply(root.parent / "small", layer(*names[:50]), overlay=True) is not None
