@@ -235,10 +235,10 @@ class EagerFills:
             raise _FillError("eager-stopping", "the FUSE manager is stopping")
         mountpoint = self._check_mountpoint(mountpoint)
         started = time.monotonic()
-        # One deadline for all that may wait on the registry (manifest, config, the layer), within
-        # the client's (the lazy mount's timeout + this + a margin): a client that gave up would
-        # ask again and find the layer on its way there. The move into place is local and is not
-        # interrupted (a rename half done is worse than a late one).
+        # One deadline for all that may wait on the registry (manifest, config, the layer), inside
+        # the client's (the lazy mount's timeout + this + a margin), so that the client hears the
+        # answer rather than giving up on a fill that goes on. The move into place is local and is
+        # not interrupted (the staged tree must not be removed under it).
         timeout = self.config.timeout_seconds
         try:
             async with asyncio.timeout(timeout):
