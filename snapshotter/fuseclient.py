@@ -33,6 +33,9 @@ from snapshotter.ownership import process_exists
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_SECONDS = 30.0
+# A mount request waits for the lazy mount's and the eager fill's timeouts (the manager keeps to
+# them) and this much more.
+MOUNT_MARGIN_SECONDS = 30.0
 MANAGER_RUNNING_EXIT = 3  # `lazysnap fuse-manager` exit status: another manager serves the root
 
 
@@ -165,20 +168,25 @@ class FuseManagerClient:
 
     def mount(self, labels: Mapping[str, str], mountpoint: Path, lowerdirs: Sequence[Path] = ()) -> Served:
         """Mount lazily (or fill eagerly) or raise NotLazyError, as ``RemoteLayers.mount``; a
-        manager that is gone is started again once."""
+        manager that is gone is started again once. With the eager fallback, one that did not
+        answer in time is not asked again: it keeps to the timeouts this waits for, and asking
+        again would start the download again."""
         body = mount_request(labels, mountpoint, lowerdirs)
-        timeout = self.mount_timeout + self.fill_timeout + 30
+        timeout = self.mount_timeout + self.fill_timeout + MOUNT_MARGIN_SECONDS
         required = requires_lazy_mount(labels)  # no download can stand in for such a layer
         try:
             answer = self._post("/mount", body, timeout)
         except AdminError as exc:  # the manager answered, with an error
             raise NotLazyError("fuse-manager-error", str(exc), required=required) from None
+        except TimeoutError as exc:
+            if self.fill_timeout <= 0:  # (a lazy mount only: asking again costs little)
+                answer = self._post_again(body, timeout, required)
+            else:
+                raise NotLazyError(
+                    "fuse-manager-timeout", f"no answer within {timeout}s: {exc}", required=required
+                ) from None
         except OSError:
-            try:
-                self.ensure_running()
-                answer = self._post("/mount", body, timeout)
-            except OSError as exc:
-                raise NotLazyError("fuse-manager-unavailable", str(exc), required=required) from None
+            answer = self._post_again(body, timeout, required)
         refused = answer.get("not_lazy")
         if refused:
             raise NotLazyError.from_wire(refused, required=required)
@@ -188,6 +196,14 @@ class FuseManagerClient:
             raise NotLazyError(
                 "fuse-manager-error", f"unknown answer {answer!r}", required=required
             ) from None
+
+    def _post_again(self, body: object, timeout: float, required: bool) -> dict[str, Any]:
+        """The mount request once more, the manager started again if it is gone."""
+        try:
+            self.ensure_running()
+            return self._post("/mount", body, timeout)
+        except OSError as exc:
+            raise NotLazyError("fuse-manager-unavailable", str(exc), required=required) from None
 
     def check(self, mountpoint: Path) -> bool:
         try:

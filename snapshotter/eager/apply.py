@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snapshotter.eager.tarreader import TarHeader, TarReader
+from snapshotter.eager.tarreader import TarError, TarHeader, TarReader
 from snapshotter.mounts import remove_tree
 
 WHITEOUT_PREFIX = b".wh."
@@ -49,6 +49,11 @@ OPAQUE_MARKER = b".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 MAX_SYMLINKS = 255
 MAX_ENTRIES = 1_000_000  # a layer with more entries is left to containerd (bounded memory here)
+# Names kept until a layer ends (listed directories, what a first layer unpacked, resolved parents,
+# implicit directories), counted with a rough per-name cost: a layer needing more is left to
+# containerd (names may be 64 KiB long each, so MAX_ENTRIES alone does not bound them).
+MAX_TRACKED_BYTES = 256 << 20
+_NAME_COST = 100  # the Python objects around a name, roughly
 COPY_BYTES = 1 << 20
 _MAX_TIME_NS = (1 << 63) - 1
 
@@ -154,6 +159,14 @@ class _Applier:
         # Parent paths known to resolve to an existing directory: their resolution. Anything that
         # removes or replaces a path may change resolutions, and clears it.
         self.resolved_dirs: dict[bytes, bytes] = {}
+        self.kept_bytes = 0  # names kept, but for resolved_dirs
+        self.resolved_bytes = 0
+
+    def keep(self, *names: bytes) -> None:
+        """Count names kept until the end of the layer; LayerError past MAX_TRACKED_BYTES."""
+        self.kept_bytes += sum(len(name) + _NAME_COST for name in names)
+        if self.kept_bytes + self.resolved_bytes > MAX_TRACKED_BYTES:
+            raise LayerError(f"the layer's names take more than {MAX_TRACKED_BYTES} bytes to keep")
 
     def rel(self, path: bytes) -> bytes:
         return path[len(self.root) + 1 :]
@@ -175,7 +188,10 @@ class _Applier:
             return  # containerd: "resolved to root", ignored
         if parent != self.root:
             self.mkparent(parent)
-            self.resolved_dirs[parent_name] = parent  # an existing directory now
+            if parent_name not in self.resolved_dirs:
+                self.resolved_bytes += len(parent_name) + len(parent) + 2 * _NAME_COST
+                self.keep()
+                self.resolved_dirs[parent_name] = parent  # an existing directory now
         self.validate_whiteout(path)
         if not self.convert_whiteout(header, path):
             return
@@ -187,11 +203,13 @@ class _Applier:
             self.remove_all(path)
         self.create(path, header, tar)
         if header.typeflag == b"5":
+            self.keep(name)
             self.dirs.append((name, *_times(header)))
             implicit = self.result.implicit_dirs
             if self.rel(path) in implicit:
                 implicit[self.rel(path)] = True
         if not self.overlay:
+            self.keep(path)
             self.unpacked.add(path)
 
     def mkparent(self, path: bytes) -> None:
@@ -213,6 +231,7 @@ class _Applier:
             os.mkdir(directory, 0o755)
             os.chmod(directory, 0o755)
             if self.overlay:  # lower layers lend it their attributes (copy_up_parents)
+                self.keep(directory)
                 self.result.implicit_dirs[self.rel(directory)] = False
 
     def validate_whiteout(self, path: bytes) -> None:
@@ -265,6 +284,7 @@ class _Applier:
         except FileNotFoundError:
             return
         self.resolved_dirs.clear()
+        self.resolved_bytes = 0
         rel = self.rel(path)
         for known in [d for d in self.result.implicit_dirs if d == rel or d.startswith(rel + b"/")]:
             del self.result.implicit_dirs[known]
@@ -374,7 +394,14 @@ def apply_layer(
     LayerError fail the layer; the directory is then the caller's to remove."""
     applier = _Applier(root.rstrip(b"/"), overlay, on_written)
     while (header := tar.next()) is not None:
-        applier.entry(header, tar)
+        try:
+            applier.entry(header, tar)
+        except TarError:
+            raise  # (a ValueError too) the stream's own error, reported as it is
+        except (OverflowError, ValueError) as exc:
+            # An owner or device number the kernel cannot take (the tar allows 64 bits), or a name
+            # the system calls refuse.
+            raise LayerError(f"{header.name[:200]!r}: {exc}") from None
     applier.finish()
     return applier.result
 

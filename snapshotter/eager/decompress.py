@@ -37,6 +37,9 @@ GZIP_MAGIC = b"\x1f\x8b\x08"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_ZSTD_WINDOW = 128 << 20  # zstd's own default limit (window log 27)
 _ZSTD_READ = 128 << 10
+# zlib copies the input it did not consume (unconsumed_tail) at every call: it is fed this much at
+# a time, not a whole piece of up to 8 MiB, so that copy stays small.
+_GZIP_FEED = 256 << 10
 
 
 class StreamError(Exception):
@@ -66,14 +69,16 @@ class _Compressed:
     def __init__(self, parts: Callable[[], bytes], digest: str) -> None:
         self._parts = parts
         self._hash = _hasher(digest)
-        self._pending = b""
+        self._pending = b""  # handed out up to _pending_at: small reads do not copy the rest
+        self._pending_at = 0
         self.count = 0
         self.ended = False
 
     def part(self) -> bytes:
         """The next piece of the stream (b"" at its end)."""
-        if self._pending:
-            data, self._pending = self._pending, b""
+        if self._pending_at < len(self._pending):
+            data = self._pending if self._pending_at == 0 else self._pending[self._pending_at :]
+            self._pending, self._pending_at = b"", 0
             return data
         if self.ended:
             return b""
@@ -86,14 +91,21 @@ class _Compressed:
         return data
 
     def unread(self, data: bytes) -> None:
-        self._pending = data + self._pending
+        """Hand ``data`` out again before anything else."""
+        if self._pending_at < len(self._pending):
+            data += self._pending[self._pending_at :]
+        self._pending, self._pending_at = data, 0
 
     def read(self, n: int = -1) -> bytes:
-        data = self.part()
-        if 0 <= n < len(data):
-            self.unread(data[n:])
-            data = data[:n]
-        return data
+        if n < 0 or self._pending_at >= len(self._pending):
+            data = self.part()
+            if 0 <= n < len(data):
+                self._pending, self._pending_at = data, n
+                data = data[:n]
+            return data
+        start = self._pending_at
+        self._pending_at = min(len(self._pending), start + n)
+        return self._pending[start : self._pending_at]
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
@@ -111,7 +123,8 @@ class LayerStream:
         self.uncompressed_bytes = 0
         self._kind = "none" if compression == "none" else ""  # "" until the first bytes tell
         self._gzip: zlib._Decompress | None = None
-        self._gzip_input = b""
+        self._gzip_input = b""  # a compressed piece, decompressed up to _gzip_at
+        self._gzip_at = 0
         self._zstd: zstandard.ZstdDecompressionReader | None = None
 
     @property
@@ -157,24 +170,22 @@ class LayerStream:
         """Members one after another (Go's multistream reader): after one ends, another may
         start; the stream must not end inside one."""
         while True:
-            if self._gzip is None or self._gzip.eof:
-                rest = self._gzip.unused_data if self._gzip is not None else b""
-                if not rest and not self._gzip_input:
-                    rest = self._compressed.part()
-                    if not rest:
-                        if self._gzip is None:
-                            raise StreamError(f"{self.digest}: empty gzip stream")
-                        return b""
-                self._gzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                self._gzip_input = rest
-            if not self._gzip_input:
-                self._gzip_input = self._compressed.part()
+            if self._gzip_at >= len(self._gzip_input):
+                self._gzip_input, self._gzip_at = self._compressed.part(), 0
                 if not self._gzip_input:
+                    if self._gzip is None:
+                        raise StreamError(f"{self.digest}: empty gzip stream")
+                    if self._gzip.eof:
+                        return b""
                     raise StreamError(f"{self.digest}: the gzip stream ends inside a member")
-            data = self._gzip.decompress(self._gzip_input, n)
-            # At a member's end what is left is in unused_data (and may still be in
-            # unconsumed_tail too): take it from unused_data only.
-            self._gzip_input = b"" if self._gzip.eof else self._gzip.unconsumed_tail
+            if self._gzip is None or self._gzip.eof:
+                self._gzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            feed = memoryview(self._gzip_input)[self._gzip_at : self._gzip_at + _GZIP_FEED]
+            data = self._gzip.decompress(feed, n)
+            # What it did not take: at a member's end in unused_data (the next member starts
+            # there), else in unconsumed_tail.
+            left = self._gzip.unused_data if self._gzip.eof else self._gzip.unconsumed_tail
+            self._gzip_at += len(feed) - len(left)
             if data:
                 return data
 
@@ -206,7 +217,8 @@ class ReadAhead:
         self._chunk = chunk
         self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(depth)
         self._closed = threading.Event()
-        self._buffer = b""
+        self._buffer = b""  # handed out up to _buffer_at: small reads do not copy the rest
+        self._buffer_at = 0
         self._ended = False
         self._thread = threading.Thread(target=self._produce, name="lazysnap-eager-inflate", daemon=True)
         self._thread.start()
@@ -233,7 +245,9 @@ class ReadAhead:
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` uncompressed bytes; b"" at the end of the stream."""
-        while not self._buffer and not self._ended:
+        while self._buffer_at >= len(self._buffer):
+            if self._ended:
+                return b""
             item = self._queue.get()
             if item is None:
                 self._ended = True
@@ -241,8 +255,11 @@ class ReadAhead:
                 self._ended = True
                 raise item
             else:
-                self._buffer = item
-        data, self._buffer = self._buffer[:n], self._buffer[n:]
+                self._buffer, self._buffer_at = item, 0
+        start = self._buffer_at
+        whole = start == 0 and n >= len(self._buffer)  # the whole chunk is handed out without a copy
+        data = self._buffer if whole else self._buffer[start : start + n]
+        self._buffer_at = start + len(data)
         return data
 
     def finish(self) -> None:

@@ -67,9 +67,11 @@ class LayerDownload:
             if self._closed or self._error is not None or self._next_offset >= self.size:
                 return None
             room = self._read_offset + self.window - self._next_offset
-            want = max(max_bytes, self.min_piece)
-            if room < min(want, self.size - self._next_offset):
+            if room <= 0:
                 return None  # the reader is behind: no more until it catches up
+            # The scheduler's piece (up to 8 MiB) may be larger than the window: cut it to fit, or
+            # a window smaller than a piece would never start.
+            want = min(max(max_bytes, self.min_piece), room)
             start = self._next_offset
             end = min(self.size, start + want)
             self._next_offset = end

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -178,15 +179,23 @@ class EagerFills:
         self.staging.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     async def close(self) -> None:
+        """Stop every fill; a layer being moved into its snapshot finishes or stops before its
+        rename (``_move_into_place``), and the staging directory goes once the threads ended."""
         self._closed = True
         for session_task in list(self._sessions.values()):
             if not session_task.done() or session_task.cancelled() or session_task.exception():
                 session_task.cancel()
                 continue
             for layer in session_task.result().layers:
-                self._drop(layer)
+                if not layer.claimed:  # a claimed one is in a move's hands: removed after it
+                    self._drop(layer)
         self._sessions.clear()
         await self.loop.run_in_executor(None, self._shutdown)
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close`` was called (no new fill starts, none is handed over)."""
+        return self._closed
 
     def _shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -199,6 +208,7 @@ class EagerFills:
             if task.done() and not task.cancelled() and task.exception() is None:
                 active += sum(1 for layer in task.result().layers if layer.task and not layer.task.done())
         return {
+            "sessions": len(self._sessions),
             "fills": self.fills,
             "failures": dict(self.failures),
             "active_layers": active,
@@ -223,54 +233,30 @@ class EagerFills:
     async def _fill(self, ref: LayerRef, target: str, mountpoint: Path, lowerdirs: Sequence[Path]) -> None:
         if self._closed:
             raise _FillError("eager-stopping", "the FUSE manager is stopping")
-        self._check_mountpoint(mountpoint)
-        session = await self._session(ref)
-        index = session.by_chain.get(target)
-        if index is None:
-            raise _FillError(
-                "eager-not-in-image",
-                f"chain {target} is not a layer of {session.key} as this registry serves it now",
-            )
-        layer = session.layers[index]
-        if layer.descriptor.digest != ref.digest:
-            raise _FillError(
-                "eager-not-in-image", f"chain {target} is layer {layer.descriptor.digest}, not {ref.digest}"
-            )
-        if layer.claimed:
-            raise _FillError("eager-claimed", f"{ref.digest} is being handed to another snapshot")
-        self._start(session, index)
-        task = layer.task
-        assert task is not None
+        mountpoint = self._check_mountpoint(mountpoint)
         started = time.monotonic()
+        # One deadline for all that may wait on the registry (manifest, config, the layer), inside
+        # the client's (the lazy mount's timeout + this + a margin), so that the client hears the
+        # answer rather than giving up on a fill that goes on. The move into place is local and is
+        # not interrupted (the staged tree must not be removed under it).
+        timeout = self.config.timeout_seconds
         try:
-            staged, applied = await asyncio.wait_for(asyncio.shield(task), self.config.timeout_seconds)
+            async with asyncio.timeout(timeout):
+                session = await self._session(ref)
+                layer, staged, applied = await self._claim(session, ref, target)
         except TimeoutError:
-            self._drop(layer)
-            waited = self.config.timeout_seconds
-            raise _FillError("eager-timeout", f"{ref.digest} not unpacked within {waited}s") from None
-        except _FillError:
-            self._drop(layer)
-            raise
-        except asyncio.CancelledError:
-            if not task.cancelled():
-                raise  # this Prepare was cancelled
-            raise _FillError("eager-cancelled", f"{ref.digest}: its fill was stopped") from None
-        if layer.claimed or layer.task is not task:  # another Prepare of the same layer took it
-            raise _FillError("eager-claimed", f"{ref.digest} was handed to another snapshot")
-        layer.claimed = True
+            raise _FillError("eager-timeout", f"{ref.digest} not unpacked within {timeout}s") from None
         try:
-            self._drop_below(session, index)
-            await self.loop.run_in_executor(
-                self._executor, self._move_into_place, staged, applied, mountpoint, lowerdirs
-            )
+            self._drop_below(session, layer.index)
+            await self._move(staged, applied, mountpoint, lowerdirs)
         except OSError as exc:
             raise _FillError(
                 "eager-internal", f"{ref.digest}: moving the unpacked layer into place: {exc}"
             ) from None
         finally:
             layer.claimed = False
-            self._drop(layer)
-            self._forget_if_idle(session)
+            self._release(session, layer)
+        index = layer.index
         self.fills += 1
         self.bytes_unpacked += applied.bytes_written
         log.info(
@@ -286,10 +272,74 @@ class EagerFills:
             },
         )
 
-    def _check_mountpoint(self, mountpoint: Path) -> None:
-        """Only a snapshot's ``fs`` directory under this root may be replaced."""
-        if mountpoint.name != "fs" or mountpoint.parent.parent != self.root / "snapshots":
+    async def _move(
+        self, staged: Path, applied: Applied, mountpoint: Path, lowerdirs: Sequence[Path]
+    ) -> None:
+        """``_move_into_place`` in a worker thread. A cancelled Prepare still waits for the thread:
+        until it ended, the staged tree is in its hands and must not be removed."""
+        move = self.loop.run_in_executor(
+            self._executor, self._move_into_place, staged, applied, mountpoint, lowerdirs
+        )
+        try:
+            await asyncio.shield(move)
+        except asyncio.CancelledError:
+            while not move.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([move])
+            if not move.cancelled():
+                move.exception()  # retrieved: the cancellation is what this Prepare reports
+            raise
+
+    async def _claim(self, session: _Session, ref: LayerRef, target: str) -> tuple[_Layer, Path, Applied]:
+        """Start the layer the Prepare's ``target`` chain names (and those above it), wait until
+        it is unpacked and claim it for this Prepare: (layer, staging directory, what was applied)."""
+        try:
+            index = session.by_chain.get(target)
+            if index is None:
+                raise _FillError(
+                    "eager-not-in-image",
+                    f"chain {target} is not a layer of {session.key} as this registry serves it now",
+                )
+            layer = session.layers[index]
+            if layer.descriptor.digest != ref.digest:
+                raise _FillError(
+                    "eager-not-in-image",
+                    f"chain {target} is layer {layer.descriptor.digest}, not {ref.digest}",
+                )
+            if layer.claimed:
+                raise _FillError("eager-claimed", f"{ref.digest} is being handed to another snapshot")
+            self._start(session, index)
+        except _FillError:
+            self._forget_if_idle(session)  # nothing may have started for it
+            raise
+        task = layer.task
+        assert task is not None
+        try:
+            staged, applied = await asyncio.shield(task)
+        except BaseException as exc:
+            # Whatever failed (the layer, a bug, the deadline) is not kept for the next Prepare.
+            if layer.task is task:  # (not a new run another Prepare started meanwhile)
+                self._release(session, layer)
+            if isinstance(exc, asyncio.CancelledError) and task.cancelled():
+                raise _FillError("eager-cancelled", f"{ref.digest}: its fill was stopped") from None
+            raise
+        if layer.claimed or layer.task is not task:  # another Prepare of the same layer took it
+            raise _FillError("eager-claimed", f"{ref.digest} was handed to another snapshot")
+        layer.claimed = True
+        return layer, staged, applied
+
+    def _check_mountpoint(self, mountpoint: Path) -> Path:
+        """Only a snapshot's empty ``fs`` directory under this root may be replaced: its resolved
+        path. An ``fs`` that is not empty was filled already (a Prepare asked again)."""
+        resolved = mountpoint.resolve()
+        if resolved.name != "fs" or resolved.parent.parent != self.root.resolve() / "snapshots":
             raise _FillError("eager-internal", f"{mountpoint} is not a snapshot directory of {self.root}")
+        try:
+            if os.listdir(resolved):
+                raise _FillError("eager-not-empty", f"{mountpoint} is not empty")
+        except OSError as exc:
+            raise _FillError("eager-internal", f"{mountpoint}: {exc}") from None
+        return resolved
 
     # --- sessions -------------------------------------------------------------------------------
 
@@ -359,6 +409,7 @@ class EagerFills:
         for layer in wanted:
             layer.task = self.loop.create_task(self._run(session, layer))
             layer.task.add_done_callback(functools.partial(self._finished, session, layer))
+        self._arm_expiries(session)  # layers above the ones started wait for them again
 
     def _check_space(self, layers: list[_Layer]) -> None:
         need = sum(layer.descriptor.size for layer in layers)
@@ -374,8 +425,26 @@ class EagerFills:
         """A layer's work ended: unless someone claims it soon, drop it."""
         if not task.cancelled():
             task.exception()  # retrieved: a failure is reported to the Prepare that asks
-        if layer.task is task and not layer.claimed and not self._closed:
-            layer.expiry = self.loop.call_later(self.config.unclaimed_seconds, self._expire, session, layer)
+        self._arm_expiries(session)
+
+    def _arm_expiries(self, session: _Session) -> None:
+        """Layers whose work ended are dropped unless claimed within ``unclaimed_seconds``, counted
+        from when no layer below them is left running or waiting to be claimed: containerd asks
+        for a layer only once the one below it is committed, so a small upper layer finished
+        early waits as long as a big lower one downloads (its time starts again then)."""
+        lower_pending = False
+        for layer in session.layers:
+            task = layer.task
+            if task is None:
+                continue
+            if lower_pending or layer.claimed or not task.done() or self._closed:
+                if layer.expiry is not None:
+                    layer.expiry.cancel()
+                    layer.expiry = None
+            elif layer.expiry is None:
+                expire = functools.partial(self._expire, session, layer)
+                layer.expiry = self.loop.call_later(self.config.unclaimed_seconds, expire)
+            lower_pending = True
 
     def _expire(self, session: _Session, layer: _Layer) -> None:
         layer.expiry = None
@@ -384,7 +453,13 @@ class EagerFills:
                 "dropping an eagerly unpacked layer nobody asked for",
                 extra={"layer": layer.descriptor.digest},
             )
+        self._release(session, layer)
+
+    def _release(self, session: _Session, layer: _Layer) -> None:
+        """Drop a layer (not claimed) and see what that changes for the others of its session."""
+        if not layer.claimed:
             self._drop(layer)
+        self._arm_expiries(session)
         self._forget_if_idle(session)
 
     def _drop_below(self, session: _Session, index: int) -> None:
@@ -411,7 +486,8 @@ class EagerFills:
             return
         if not task.done():
             task.cancel()  # the unpacking thread stops at its next read (the download is closed)
-        elif not task.cancelled() and task.exception() is None:
+        elif not task.cancelled() and task.exception() is None and not self._closed:
+            # (once closed, the staging directory goes as a whole when the threads ended)
             staged, _ = task.result()
             self.loop.run_in_executor(self._executor, _remove_staged, staged)
 
@@ -467,8 +543,6 @@ class EagerFills:
         """Fetch, decompress, unpack and verify one layer into ``staged/fs`` (a worker thread)."""
         digest = layer.descriptor.digest
         fs = staged / "fs"
-        staged.mkdir(mode=0o700)
-        fs.mkdir(mode=0o755)
         stream = LayerStream(download.read, compression, digest, layer.diff_id)
         since_check = 0
 
@@ -486,6 +560,8 @@ class EagerFills:
 
         ahead = ReadAhead(stream)  # decompression and hashing overlap with unpacking
         try:
+            staged.mkdir(mode=0o700)
+            fs.mkdir(mode=0o755)
             tar = TarReader(ahead.read)
             applied = apply_layer(tar, os.fsencode(fs), overlay=layer.index > 0, on_written=written)
             ahead.finish()
@@ -499,7 +575,7 @@ class EagerFills:
         except (StreamError, TarError, LayerError) as exc:
             raise _FillError("eager-bad-layer", f"{digest}: {exc}") from None
         except OSError as exc:
-            if exc.errno == 28:  # ENOSPC
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise _FillError("eager-disk-full", f"{digest}: {exc}") from None
             raise _FillError("eager-bad-layer", f"{digest}: {exc}") from None
         finally:
@@ -519,6 +595,8 @@ class EagerFills:
             raise OSError(f"{mountpoint} is not an empty directory")
         os.chown(fs, st.st_uid, st.st_gid)
         os.chmod(fs, stat.S_IMODE(st.st_mode))
+        if self._closed:  # close() leaves this tree alone; the snapshot gets nothing
+            raise _FillError("eager-stopping", f"the FUSE manager stopped before {mountpoint} was filled")
         os.rename(fs, mountpoint)
         os.rmdir(staged)
 

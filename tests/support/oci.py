@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from snapshotter.eager import chain_ids  # (containerd's committed snapshot names; re-exported)
 from snapshotter.fetcher import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Descriptor
 from snapshotter.formats.build import MEDIA_TYPE_GZIP as MEDIA_TYPE_LAYER_GZIP
 from snapshotter.image import OciLayout, image_config
@@ -161,14 +162,6 @@ def gzip_bytes(data: bytes) -> bytes:
 def sha256_digest(data: bytes) -> str:
     """``sha256:<hex>`` of ``data``."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def chain_ids(diff_ids: Sequence[str]) -> list[str]:
-    """Chain IDs (containerd's committed snapshot names) for a list of diff IDs."""
-    out: list[str] = []
-    for d in diff_ids:
-        out.append(d if not out else sha256_digest(f"{out[-1]} {d}".encode()))
-    return out
 
 
 # --------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from snapshotter.eager import apply as apply_module
 from snapshotter.eager.apply import OPAQUE_XATTR, LayerError, apply_layer, clean, copy_up_parents, root_path
 from snapshotter.eager.tarreader import TarReader
 
@@ -283,3 +284,39 @@ def test_clean_and_root_path_follow_go_and_continuity(tmp_path: Path) -> None:
     assert root_path(base, b"abs/x") == base + b"/real/x"
     assert root_path(base, b"rel/x") == base + b"/real/x"
     assert root_path(base, b"missing/../../x") == base + b"/x"
+
+
+def gnu_layer(*entries: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    """GNU format: numbers too large for octal are written base-256 (devices, owners)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for info, data in entries:
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        layer(entry("big-uid", data=b"x", uid=1 << 40)),
+        layer(entry("low-gid", data=b"x", gid=-5)),
+        layer(entry("dir", tarfile.DIRTYPE, uid=1 << 33)),
+        layer(entry(".wh.gone", uid=1 << 40)),
+        gnu_layer(entry("dev", tarfile.CHRTYPE, devmajor=1 << 40, devminor=1)),
+        gnu_layer(entry("dev", tarfile.BLKTYPE, devmajor=1, devminor=-(1 << 40))),
+    ],
+    ids=["uid-too-large", "gid-below-minus-one", "dir-uid", "whiteout-uid", "devmajor", "devminor"],
+)
+def test_numbers_the_kernel_cannot_take_fail_the_layer(root: Path, data: bytes) -> None:
+    with pytest.raises(LayerError):
+        apply(root, data)
+
+
+def test_the_names_kept_while_applying_are_bounded(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Directory and file names are kept until the layer ends (times, opaque directories, the
+    lower layers' attributes): a layer of too many long names is left to containerd."""
+    monkeypatch.setattr(apply_module, "MAX_TRACKED_BYTES", 64 << 10)
+    names = [entry(f"d{i}/" + "n" * 200 + f"{i}", data=b"") for i in range(400)]
+    with pytest.raises(LayerError, match="names"):
+        apply(root, layer(*names), overlay=False)
+    assert apply(root.parent / "small", layer(*names[:50]), overlay=True) is not None

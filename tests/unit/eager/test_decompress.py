@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 from collections.abc import Callable
+from typing import Any, SupportsIndex, cast
 
 import pytest
 import zstandard
 
-from snapshotter.eager.decompress import DigestError, LayerStream, StreamError, compression_of
+from snapshotter.eager.decompress import DigestError, LayerStream, ReadAhead, StreamError, compression_of
 from tests.support.memory import peak_growth
 
 
@@ -147,3 +149,97 @@ def test_reads_are_bounded_by_what_is_asked() -> None:
     assert len(first) == 1000
     assert len(first) + len(read_all(stream, 65536)) == 32 << 20  # read_all checks every read
     stream.finish()
+
+
+# Read sizes a tar reader mixes: headers (512), small files, large copies, odd sizes.
+READ_SIZES = [512, 1, 511, 4096, 70_000, 3, 512, 1 << 20, 513]
+
+
+def read_mixed(read: Callable[[int], bytes]) -> bytes:
+    out = bytearray()
+    for n in itertools.cycle(READ_SIZES):
+        chunk = read(n)
+        if not chunk:
+            return bytes(out)
+        assert len(chunk) <= n
+        out += chunk
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        gzip.compress,
+        lambda raw: b"".join(gzip.compress(raw[i : i + 7000]) for i in range(0, len(raw), 7000)),
+        lambda raw: b"".join(
+            zstandard.ZstdCompressor().compress(raw[i : i + 9000]) for i in range(0, len(raw), 9000)
+        ),
+        lambda raw: raw,
+    ],
+    ids=["gzip", "gzip-members", "zstd-frames", "tar"],
+)
+@pytest.mark.parametrize("piece", [1, 777, 100_000, 1 << 22])
+def test_small_and_large_reads_across_piece_boundaries(encode: Callable[[bytes], bytes], piece: int) -> None:
+    blob = encode(RAW)
+    stream = LayerStream(parts(blob, piece), "detect", digest(blob), digest(RAW))
+    assert read_mixed(stream.read) == RAW
+    stream.finish()
+    assert stream.compressed_bytes == len(blob)
+
+
+def test_read_ahead_hands_over_small_and_large_reads_across_its_chunks() -> None:
+    blob = gzip.compress(RAW)
+    stream = LayerStream(parts(blob, 5000), "detect", digest(blob), digest(RAW))
+    ahead = ReadAhead(stream, chunk=10_000, depth=2)
+    try:
+        assert read_mixed(ahead.read) == RAW
+        ahead.finish()
+    finally:
+        ahead.close()
+
+
+class CountingBytes(bytes):
+    """Bytes that count what slicing them copies (and whose slices count too)."""
+
+    copied = 0
+
+    def __getitem__(self, key: SupportsIndex | slice) -> Any:
+        result = bytes.__getitem__(self, key)
+        if isinstance(key, slice):
+            CountingBytes.copied += len(result)
+            return CountingBytes(result)
+        return result
+
+
+class CountingStream:
+    """A LayerStream stand-in: ``pieces`` pieces of ``size`` bytes, then the end."""
+
+    def __init__(self, pieces: int, size: int) -> None:
+        self.left = pieces
+        self.size = size
+
+    def read(self, n: int) -> bytes:
+        if not self.left:
+            return b""
+        self.left -= 1
+        return CountingBytes(bytes([self.left % 256]) * self.size)
+
+    def finish(self) -> None:
+        pass
+
+
+def test_read_ahead_copies_each_byte_once_however_small_the_reads() -> None:
+    """A tar reader takes 512-byte headers and small files: handing them out must not copy what
+    is left of the buffered chunk at every read (quadratic)."""
+    pieces, size = 4, 1 << 20
+    CountingBytes.copied = 0
+    ahead = ReadAhead(cast(LayerStream, CountingStream(pieces, size)), chunk=size)
+    try:
+        total = 0
+        while chunk := ahead.read(512):
+            total += len(chunk)
+        ahead.finish()
+    finally:
+        ahead.close()
+    assert total == pieces * size
+    assert CountingBytes.copied <= pieces * size  # each byte handed out is copied at most once

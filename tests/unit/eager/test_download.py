@@ -99,3 +99,30 @@ def test_close_wakes_a_waiting_reader() -> None:
         thread.join(10)
         assert not thread.is_alive() and failed
         blob.stall.set()
+
+
+def test_a_window_smaller_than_the_schedulers_piece_still_downloads() -> None:
+    """The scheduler may offer 8 MiB pieces while [fallback] window_bytes is 1 MiB: pieces are cut
+    to the window instead of waiting for room that never comes."""
+    window = MiB
+
+    async def make(blob: WindowCheckingBlob) -> LayerDownload:
+        config = SchedulerConfig(min_piece_bytes=8 * MiB, max_piece_bytes=8 * MiB)
+        d = LayerDownload(blob, len(blob.data), FetchScheduler(loop, config), loop, window=window)
+        blob.download = d
+        d.start()
+        return d
+
+    with running_loop() as loop:
+        blob = WindowCheckingBlob(DATA[: 5 * MiB + 123])
+        d = asyncio.run_coroutine_threadsafe(make(blob), loop).result(5)
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(read_to_end(d)), daemon=True)
+        reader.start()
+        try:
+            assert wait_until(lambda: not reader.is_alive(), timeout=20)
+        finally:
+            d.close()  # a reader still waiting stops
+            reader.join(10)
+    assert got == [DATA[: 5 * MiB + 123]]
+    assert max(blob.ahead) <= window

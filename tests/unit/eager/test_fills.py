@@ -10,6 +10,7 @@ import io
 import json
 import os
 import tarfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 
 from snapshotter.contract import TARGET_REF_LABEL, LayerRef, NotLazyError
 from snapshotter.eager import EagerConfig, EagerFills, chain_ids
+from snapshotter.eager import fills as fills_module
 from snapshotter.fetcher import OCI_MANIFEST, BlobReader, Descriptor, ResolvedImage, parse_reference
 from snapshotter.scheduler import FetchScheduler
 from tests.support.lazy import MemoryBlob, running_loop, wait_until
@@ -31,12 +33,14 @@ def digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def layer_tar(files: dict[str, bytes]) -> bytes:
+def layer_tar(files: dict[str, bytes], **attrs: Any) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
+            for key, value in attrs.items():
+                setattr(info, key, value)
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
@@ -57,8 +61,10 @@ class Image:
     digests: list[str]
 
 
-def make_image(layers: list[dict[str, bytes]], *, wrong_diff_id: int | None = None) -> Image:
-    tars = [layer_tar(files) for files in layers]
+def make_image(
+    layers: list[dict[str, bytes]], *, wrong_diff_id: int | None = None, tars: list[bytes] | None = None
+) -> Image:
+    tars = tars or [layer_tar(files) for files in layers]
     blobs_data = [gzip.compress(t, mtime=0) for t in tars]
     diff_ids = [digest(t) for t in tars]
     if wrong_diff_id is not None:
@@ -89,6 +95,13 @@ class Harness:
         self.root, self.loop, self.image = root, loop, image
         self.lazy: set[str] = set()
         scheduler = asyncio.run_coroutine_threadsafe(self._scheduler(), loop).result(5)
+        self.scheduler_error: Exception | None = None  # raised once by the next scheduler lookup
+
+        def scheduler_of(ref: LayerRef) -> FetchScheduler:
+            error, self.scheduler_error = self.scheduler_error, None
+            if error is not None:
+                raise error
+            return scheduler
 
         async def resolve(ref: LayerRef) -> ResolvedImage:
             return image.resolved
@@ -101,7 +114,7 @@ class Harness:
             loop,
             resolve=resolve,
             blob=blob,
-            scheduler=lambda ref: scheduler,
+            scheduler=scheduler_of,
             lazy_capable=lambda d: d.digest in self.lazy,
             config=EagerConfig(**config),
         )
@@ -113,15 +126,40 @@ class Harness:
 
     def prepare(self, index: int, chain: str | None = None) -> Path:
         """What the snapshotter does before asking: a new snapshot with an empty fs directory."""
+        fs = self.new_snapshot()
+        self.fill_at(fs, index, chain)
+        return fs
+
+    def new_snapshot(self) -> Path:
         fs = self.root / "snapshots" / str(len(self.dirs) + 1) / "fs"
         fs.mkdir(parents=True)
         self.dirs.append(fs)
+        return fs
+
+    def fill_at(self, fs: Path, index: int, chain: str | None = None) -> None:
         labels = {TARGET_REF_LABEL: chain or self.image.chains[index]}
         ref = LayerRef(REFERENCE, self.image.digests[index])
-        lowerdirs = list(reversed(self.dirs[:-1]))
+        lowerdirs = [d for d in reversed(self.dirs) if d != fs]
         fill = self.fills.fill(ref, labels, fs, lowerdirs)
         asyncio.run_coroutine_threadsafe(fill, self.loop).result(60)
-        return fs
+
+    def prepare_in_thread(self, index: int) -> tuple[threading.Thread, list[BaseException]]:
+        """``prepare`` in a thread of its own; what it raised lands in the list."""
+        fs = self.new_snapshot()
+        failed: list[BaseException] = []
+
+        def fill() -> None:
+            try:
+                self.fill_at(fs, index)
+            except BaseException as exc:
+                failed.append(exc)
+
+        thread = threading.Thread(target=fill, daemon=True)
+        thread.start()
+        return thread, failed
+
+    def on_loop(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def staged(self) -> list[str]:
         return sorted(p.name for p in (self.root / "eager").iterdir())
@@ -171,7 +209,9 @@ def test_a_wrong_diff_id_fails_the_layer_and_leaves_its_directory_empty(run: Cal
         h.prepare(1)
     assert refused.value.reason == "eager-diffid-mismatch" and image.digests[1] in refused.value.detail
     assert os.listdir(h.dirs[1]) == []
-    assert wait_until(lambda: h.staged() == [])  # layer 3, unpacked ahead and never asked for, too
+    # layer 3, unpacked ahead and never asked for, goes too (once it is there)
+    assert wait_until(lambda: h.staged() == ["3"] or h.fills.stats()["active_layers"] > 0)
+    assert wait_until(lambda: h.staged() == [])
     assert h.fills.stats()["failures"] == {"eager-diffid-mismatch": 1}
 
 
@@ -215,9 +255,137 @@ def test_layers_that_will_be_lazy_are_not_fetched_ahead(run: Callable[..., Harne
     assert requests_for(image, 1) == 0
 
 
+def unpacked_ahead(h: Harness, count: int) -> bool:
+    """Every layer started has finished, ``count`` of them staged."""
+    return h.fills.stats()["active_layers"] == 0 and len(h.staged()) == count
+
+
 def test_layers_nobody_asks_for_are_removed(run: Callable[..., Harness]) -> None:
     image = make_image(LAYERS)
     h = run(image, unclaimed_seconds=0.2)
+    stall = image.blobs[image.digests[2]].stall
+    stall.clear()  # the top layer waits, so that it cannot be gone before it was looked for
     h.prepare(0)
-    assert wait_until(lambda: requests_for(image, 2) > 0)
+    assert wait_until(lambda: len(h.staged()) == 2)
+    h.loop.call_soon_threadsafe(stall.set)
+    assert wait_until(lambda: unpacked_ahead(h, 2) or h.staged() == [])
     assert wait_until(lambda: h.staged() == [])
+    assert h.fills.stats()["sessions"] == 0
+
+
+def test_closing_while_a_layer_moves_into_place_hands_over_nothing(
+    run: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manager stops while a Prepare's layer is being moved into its snapshot: the staged
+    tree is not removed under the move, and the move stops before the rename."""
+    entered, release = threading.Event(), threading.Event()
+    copy_up_parents = fills_module.copy_up_parents
+
+    def held(*args: Any) -> None:
+        entered.set()
+        release.wait(30)
+        copy_up_parents(*args)
+
+    monkeypatch.setattr(fills_module, "copy_up_parents", held)
+    image = make_image(LAYERS)
+    h = run(image)
+    thread, failed = h.prepare_in_thread(0)
+    try:
+        assert entered.wait(30)
+        closing = asyncio.run_coroutine_threadsafe(h.fills.close(), h.loop)
+        assert wait_until(lambda: h.fills.closed)
+    finally:
+        release.set()
+        thread.join(30)
+    closing.result(30)
+    assert len(failed) == 1 and isinstance(failed[0], NotLazyError), failed
+    assert failed[0].reason == "eager-stopping"
+    assert os.listdir(h.dirs[0]) == []
+    assert not (h.root / "eager").exists()
+
+
+def test_upper_layers_are_kept_while_a_lower_one_still_downloads(run: Callable[..., Harness]) -> None:
+    """Small upper layers finish long before a big lower one: nobody can ask for them before
+    the lower one is handed over, so their time to be claimed starts only then."""
+    image = make_image(LAYERS)
+    unclaimed = 8.0  # seconds the test thread has for each Prepare: ample on a loaded machine
+    h = run(image, unclaimed_seconds=unclaimed)
+    stall = image.blobs[image.digests[0]].stall
+    stall.clear()
+    thread, failed = h.prepare_in_thread(0)
+    assert wait_until(lambda: len(h.staged()) == 3 and h.fills.stats()["active_layers"] == 1)
+    # A loop timer past unclaimed_seconds: an expiry armed when the upper layers finished (before
+    # this timer) fires first.
+    h.on_loop(asyncio.sleep(unclaimed * 1.25))
+    h.loop.call_soon_threadsafe(stall.set)
+    thread.join(60)
+    assert not failed, failed
+    assert files(h.prepare(1)) == {"etc/b": b"b", "var/big": bytes(2 << 20)}
+    assert files(h.prepare(2)) == {"etc/c": b"c"}
+    assert all(image.blobs[d].bytes_served == len(image.blobs[d].data) for d in image.digests)  # once
+
+
+def test_a_snapshot_directory_not_empty_is_refused_before_fetching(run: Callable[..., Harness]) -> None:
+    """A Prepare asked again (its client gave up waiting) finds the layer already there."""
+    image = make_image(LAYERS)
+    h = run(image)
+    fs = h.new_snapshot()
+    (fs / "left").write_bytes(b"x")
+    with pytest.raises(NotLazyError) as refused:
+        h.fill_at(fs, 0)
+    assert refused.value.reason == "eager-not-empty"
+    assert sum(len(b.requests) for b in image.blobs.values()) == 0
+
+
+def test_the_deadline_covers_the_image_config(run: Callable[..., Harness]) -> None:
+    image = make_image(LAYERS)
+    config = image.blobs[image.resolved.config.digest]
+    config.stall.clear()
+    h = run(image, timeout_seconds=0.5)
+    try:
+        with pytest.raises(NotLazyError) as refused:
+            h.prepare(0)
+    finally:
+        h.loop.call_soon_threadsafe(config.stall.set)
+    assert refused.value.reason == "eager-timeout"
+    assert files(h.prepare(0, image.chains[0]))["etc/a"] == b"a"  # a later Prepare starts afresh
+
+
+def test_an_unexpected_error_is_not_kept_for_the_next_prepare(run: Callable[..., Harness]) -> None:
+    image = make_image(LAYERS)
+    h = run(image)
+    h.scheduler_error = RuntimeError("a bug")
+    with pytest.raises(RuntimeError, match="a bug"):
+        h.prepare(0)
+    assert os.listdir(h.dirs[0]) == []
+    assert files(h.prepare(0, image.chains[0]))["etc/a"] == b"a"
+
+
+def test_owners_out_of_range_fail_the_layer_as_a_bad_layer(run: Callable[..., Harness]) -> None:
+    tars = [layer_tar({"etc/a": b"a"}, uid=1 << 40)]
+    image = make_image([{}], tars=tars)
+    h = run(image)
+    with pytest.raises(NotLazyError) as refused:
+        h.prepare(0)
+    assert refused.value.reason == "eager-bad-layer" and "etc/a" in refused.value.detail
+    assert os.listdir(h.dirs[0]) == []
+    assert wait_until(lambda: h.staged() == [])
+
+
+def test_only_snapshot_directories_of_the_root_are_filled(run: Callable[..., Harness]) -> None:
+    image = make_image(LAYERS)
+    h = run(image)
+    outside = h.root / "snapshots" / ".." / "fs"
+    outside.mkdir(parents=True)
+    with pytest.raises(NotLazyError) as refused:
+        h.fill_at(outside, 0)
+    assert refused.value.reason == "eager-internal" and "not a snapshot directory" in refused.value.detail
+
+
+def test_a_session_whose_fill_fails_before_any_layer_starts_is_forgotten(run: Callable[..., Harness]) -> None:
+    image = make_image(LAYERS)
+    h = run(image)
+    h.lazy.update(image.digests)
+    with pytest.raises(NotLazyError):
+        h.prepare(0, chain=digest(b"another image's chain"))
+    assert h.fills.stats()["sessions"] == 0
