@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import functools
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,10 +54,13 @@ from snapshotter.formats.registry import LayerFormat, Location
 from snapshotter.fuse.layerfs import FsObserver, LayerFS, MountedLayer
 from snapshotter.gzdiscovery import FoundIndex, find_indexes
 from snapshotter.layertree import LayerTree
+from snapshotter.lookups import Lookups
 from snapshotter.mounts import mount_type, unmount
 from snapshotter.profile import StartupRecorder
 from snapshotter.reader import LayerReader, ReaderConfig
 from snapshotter.scheduler import FetchScheduler, SchedulerConfig
+from snapshotter.startupsets import LAYER as LAYER_STARTUP
+from snapshotter.startupsets import StartupSet, StartupSets
 from snapshotter.tocstore import StoredToc, TocStore
 
 log = logging.getLogger(__name__)
@@ -130,6 +133,8 @@ class _Mounted:
     index: LayerIndex
     reader: LayerReader
     mount: LayerMount
+    startup_source: str = LAYER_STARTUP  # what chose the startup set (startupsets.LOCAL, SHARED)
+    startup_files: int = 0  # the profile's files in this layer
 
 
 class RemoteLayers:
@@ -148,6 +153,7 @@ class RemoteLayers:
         erofs: ErofsLayers | None = None,
         scheduler_config: SchedulerConfig | None = None,
         gzip_index: bool = True,
+        shared_profiles: bool = True,
     ) -> None:
         self.client = client
         self.gzip_index = gzip_index  # look for referrer gzip indexes of plain gzip layers
@@ -165,6 +171,10 @@ class RemoteLayers:
         # Pools of their own: mounting waits on the loop, chunk decoding must never queue behind it.
         self.mount_executor = ThreadPoolExecutor(8, thread_name_prefix="lazysnap-mount")
         self.chunk_executor = ThreadPoolExecutor(8, thread_name_prefix="lazysnap-chunk")
+        # Each image's startup working set: a profile recorded here, else one shared in the registry.
+        self.startup_sets = StartupSets(
+            client, loop, self.mount_executor, recorder=recorder, shared=shared_profiles
+        )
         # One fetch scheduler per registry host, shared by every layer and image fetched from it.
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self.schedulers: dict[str, FetchScheduler] = {}
@@ -173,12 +183,10 @@ class RemoteLayers:
             threading.Lock
         )
         # containerd prepares an image's layers one after another: resolve its manifest once.
-        self._resolved: dict[str, tuple[float, asyncio.Task[ResolvedImage]]] = {}
+        self._resolved: Lookups[ResolvedImage] = Lookups(loop, RESOLVE_TTL_SECONDS)
         self._indexes: dict[str, asyncio.Task[Indexed]] = {}  # TOCs being fetched, by layer digest
         # The gzip indexes attached to an image, looked up once per pulled manifest digest.
-        self._gzip_indexes: dict[
-            str, tuple[float, asyncio.Task[tuple[dict[str, FoundIndex], list[str]]]]
-        ] = {}
+        self._gzip_indexes: Lookups[Discovered] = Lookups(loop, RESOLVE_TTL_SECONDS)
         # Of those, the ones fetched ahead for a neighbour: digest -> when the fetch started.
         self._speculative: dict[str, float] = {}
         # The blob tails fetched with each layer's metadata (its last chunks come with the footer
@@ -271,6 +279,7 @@ class RemoteLayers:
             **blobs,  # the blob server's counters (EROFS backend): reads in flight, resent requests
             "lazy_mounts": self.lazy_mounts,
             "not_lazy": dict(self.not_lazy),
+            "profiles": self.startup_sets.stats(),  # the startup sets layers were mounted with
             "registry": dict(self.client.transport.counters),
             "links": {host: scheduler.snapshot() for host, scheduler in self.schedulers.items()},
             "cache": {
@@ -290,6 +299,9 @@ class RemoteLayers:
                     "blob_size": m.index.blob_size,
                     "files": len(m.index.entries),
                     "prefetch_files": len(m.index.prefetch),
+                    # local / shared: an image profile chose startup_files; layer: the format's list
+                    "startup_source": m.startup_source,
+                    "startup_files": m.startup_files,
                     "read_errors": m.mount.read_errors,
                     "local_blob": m.mount.local,  # served by the kernel from a local copy alone
                     **m.reader.stats.snapshot(),
@@ -303,14 +315,24 @@ class RemoteLayers:
     async def _mount(self, labels: Mapping[str, str], mountpoint: Path) -> None:
         ref = layer_ref(labels)
         self._fetch_neighbours(ref, labels)
-        fmt, index = await self._index(ref, labels)
+        startup: StartupSet | None = None
+        if self.reader_config.prefetch and (self.recorder is not None or self.startup_sets.shared):
+            (fmt, index), startup = await self.startup_sets.for_image(
+                ref.reference, lambda: self._manifest_digest(ref), self._index(ref, labels)
+            )
+        else:
+            fmt, index = await self._index(ref, labels)
         try:
-            await self._mount_index(ref, index, mountpoint, labels)
+            await self._mount_index(ref, index, mountpoint, labels, startup)
         except NotLazyError as exc:
             exc.required = fmt.lazy_only
             raise
 
-    def _reader(self, ref: LayerRef, index: LayerIndex) -> LayerReader:
+    async def _manifest_digest(self, ref: LayerRef) -> str:
+        """The digest of the image manifest the layer is pulled with."""
+        return ref.manifest_digest or (await self._resolve(ref)).manifest_digest
+
+    def _reader(self, ref: LayerRef, index: LayerIndex, startup: list[str] | None = None) -> LayerReader:
         oversized = max((c.size for e in index.entries.values() for c in e.chunks), default=0)
         if oversized > self.max_chunk_bytes:
             raise NotLazyError("chunk-too-large", f"{ref.digest}: a chunk of {oversized} bytes")
@@ -324,6 +346,7 @@ class RemoteLayers:
             scheduler=self._scheduler(ref),
             config=self.reader_config,
             executor=self.chunk_executor,
+            startup_files=startup,
         )
 
     def _scheduler(self, ref: LayerRef) -> FetchScheduler:
@@ -341,7 +364,13 @@ class RemoteLayers:
         if self.recorder is None:
             return None
         self.loop.call_later(self.recorder.window + 1, self._flush_profiles)
-        return self.recorder.layer_mounted(ref.reference)
+        manifest = ref.manifest_digest
+        if not manifest:  # resolved by now when the startup set was looked up
+            with contextlib.suppress(InvalidReferenceError):
+                task = self._resolved.peek(str(parse_reference(ref.reference)))
+                if task is not None and task.done() and not task.cancelled() and task.exception() is None:
+                    manifest = task.result().manifest_digest
+        return self.recorder.layer_mounted(ref.reference, manifest)
 
     def _layer_blob(
         self,
@@ -407,9 +436,16 @@ class RemoteLayers:
         return plan_layout(tree, index.prefetch, separation=BLOB_READAHEAD_BYTES)
 
     async def _mount_index(
-        self, ref: LayerRef, index: LayerIndex, mountpoint: Path, labels: Mapping[str, str]
+        self,
+        ref: LayerRef,
+        index: LayerIndex,
+        mountpoint: Path,
+        labels: Mapping[str, str],
+        startup: StartupSet | None = None,
     ) -> None:
-        reader = self._reader(ref, index)
+        # An image profile replaces the layer's own prefetch list: it says what this image reads.
+        startup_files = startup.in_layer(index.entries.__contains__) if startup is not None else None
+        reader = self._reader(ref, index, startup_files)
         tree = await self.loop.run_in_executor(self.mount_executor, LayerTree, index)
         on_first_read = self._first_reads(ref)
         mount: LayerMount
@@ -446,7 +482,9 @@ class RemoteLayers:
             except OSError as exc:
                 raise NotLazyError("fuse-mount-failed", str(exc)) from None
             mount = FuseMount(fuse)
-        self._mounts[mountpoint] = _Mounted(ref, index, reader, mount)
+        source = startup.source if startup is not None else LAYER_STARTUP
+        self._mounts[mountpoint] = _Mounted(ref, index, reader, mount, source, len(startup_files or ()))
+        self.startup_sets.counted(startup)
         self.lazy_mounts += 1
         tail = self._tails.pop(ref.digest, None)
         if tail is not None and not mount.local:
@@ -522,20 +560,9 @@ class RemoteLayers:
             raise NotLazyError("bad-labels", str(exc)) from None
         if ref.manifest_digest:
             parsed = dataclasses.replace(parsed, digest=ref.manifest_digest)
-        key = str(parsed)
-        now = time.monotonic()
-        for old in [r for r, (when, _) in self._resolved.items() if now - when > RESOLVE_TTL_SECONDS]:
-            del self._resolved[old]
-        cached = self._resolved.get(key)
-        if cached is not None:
-            task = cached[1]
-            if task.done() and (task.cancelled() or task.exception() is not None):
-                cached = None
-        if cached is None:
-            cached = (now, self.loop.create_task(self.client.resolve(parsed)))
-            self._resolved[key] = cached
+        task = self._resolved.task(str(parsed), lambda: self.client.resolve(parsed))
         try:
-            return await asyncio.shield(cached[1])
+            return await asyncio.shield(task)
         except FetchError as exc:
             raise NotLazyError(fetch_failure_reason(exc), f"{ref.reference}: {exc}") from None
 
@@ -677,19 +704,11 @@ class RemoteLayers:
     async def _gzip_index_of(self, ref: LayerRef, manifest_digest: str) -> FoundIndex:
         """The gzip index attached to the pulled manifest for this layer (discovery runs once per
         manifest, for all its layers); NotLazyError saying why there is none."""
-        now = time.monotonic()
-        for old in [d for d, (when, _) in self._gzip_indexes.items() if now - when > RESOLVE_TTL_SECONDS]:
-            del self._gzip_indexes[old]
-        cached = self._gzip_indexes.get(manifest_digest)
-        if cached is not None:
-            task = cached[1]
-            if task.done() and (task.cancelled() or task.exception() is not None):
-                cached = None
-        if cached is None:
-            cached = (now, self.loop.create_task(find_indexes(self.client, ref.reference, manifest_digest)))
-            self._gzip_indexes[manifest_digest] = cached
+        task = self._gzip_indexes.task(
+            manifest_digest, lambda: find_indexes(self.client, ref.reference, manifest_digest)
+        )
         try:
-            found, skipped = await asyncio.shield(cached[1])
+            found, skipped = await asyncio.shield(task)
         except FetchError as exc:
             raise NotLazyError(
                 fetch_failure_reason(exc), f"{ref.digest}: looking for a gzip index: {exc}"
