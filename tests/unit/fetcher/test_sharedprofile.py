@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from snapshotter import sharedprofile
-from snapshotter.fetcher import OCI_MANIFEST
+from snapshotter.fetcher import OCI_INDEX, OCI_MANIFEST
 from snapshotter.fetcher.manifest import referrers_tag
 from snapshotter.profile import StartupRecorder
 from snapshotter.sharedprofile import (
@@ -99,8 +99,8 @@ def attach(
 
 def listed(reg: FakeRegistry, entries: list[dict[str, Any]]) -> None:
     """The referrers tag schema's list of MANIFEST (the fake registry has no referrers API)."""
-    doc = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries}
-    reg.add_manifest(REPO, doc["mediaType"], doc, referrers_tag(MANIFEST))
+    doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
+    reg.add_manifest(REPO, OCI_INDEX, doc, referrers_tag(MANIFEST))
 
 
 async def test_discovery_uses_only_a_profile_pinned_to_the_pulled_manifest(registry: FakeRegistry) -> None:
