@@ -74,6 +74,12 @@ SPECULATIVE_TTL_SECONDS = 120.0
 SPECULATIVE_BUDGET_BYTES = 256 << 20
 INDEX_BYTES_PER_ENTRY = 2048
 RESOLVE_TTL_SECONDS = 60.0
+# The hole between a data blob's startup files and the rest. The kernel reads a blob ahead by more
+# than its readahead setting past the last startup file (EROFS's readahead and the blob file's
+# add up): with one BLOB_READAHEAD_BYTES of hole, a container that read a startup file to its
+# end still fetched the whole next file on demand (tests/e2e/test_shared_profile.py). A hole is
+# free: it is read as zeros, never fetched.
+STARTUP_SEPARATION_BYTES = 4 * BLOB_READAHEAD_BYTES
 TAIL_FETCH_BYTES = 256 << 10  # footer + TOC of a layer of up to a few thousand files
 
 
@@ -382,11 +388,15 @@ class RemoteLayers:
         on_first_read: Callable[[str], None] | None,
         *,
         adopting: bool = False,
+        startup_files: list[str] | None = None,
     ) -> LayerBlob:
-        """The layer's data blob: prioritized files first, in access order, and a readahead's
-        worth of hole before the rest; or, while mounted images point into an earlier layout of
-        it (``ErofsLayers.blob_layout``), that one."""
-        layout = erofs.blob_layout(ref.digest, tree, lambda: self._plan(tree, index), adopting=adopting)
+        """The layer's data blob: its startup set (the image's profile's files, else its
+        prioritized files) first, in access order, and a readahead's worth of hole before the
+        rest; or, while mounted images point into an earlier layout of it
+        (``ErofsLayers.blob_layout``), that one."""
+        layout = erofs.blob_layout(
+            ref.digest, tree, lambda: self._plan(tree, index, startup_files), adopting=adopting
+        )
         blob = LayerBlob(layout, reader, on_first_read=on_first_read, observer=self.fs_observer)
         blob.local_path = erofs.local_blob(ref.digest, layout)
         return blob
@@ -428,12 +438,14 @@ class RemoteLayers:
             log.exception("failed to keep a complete layer as a local blob", extra={"layer": digest})
 
     @staticmethod
-    def _plan(tree: LayerTree, index: LayerIndex) -> BlobLayout:
+    def _plan(tree: LayerTree, index: LayerIndex, startup_files: list[str] | None = None) -> BlobLayout:
         """A plain tar layer's data blob is its uncompressed tar stream: neighbours in the blob are
-        neighbours in the compressed spans it is fetched by. Else startup files first."""
+        neighbours in the compressed spans it is fetched by. Else startup files first (so that
+        the kernel's readahead past them reads a hole, not files nobody asked for)."""
         if index.tar_size:
             return tar_layout(tree, index.tar_offsets, index.tar_size)
-        return plan_layout(tree, index.prefetch, separation=BLOB_READAHEAD_BYTES)
+        order = startup_files if startup_files is not None else index.prefetch
+        return plan_layout(tree, order, separation=STARTUP_SEPARATION_BYTES)
 
     async def _mount_index(
         self,
@@ -451,7 +463,9 @@ class RemoteLayers:
         mount: LayerMount
         if self.erofs is not None:
             erofs = self.erofs
-            blob = self._layer_blob(erofs, ref, tree, index, reader, on_first_read)
+            blob = self._layer_blob(
+                erofs, ref, tree, index, reader, on_first_read, startup_files=startup_files
+            )
             mounting = self.loop.run_in_executor(
                 self.mount_executor, erofs.mount, ref.digest, tree, blob, mountpoint, labels
             )
