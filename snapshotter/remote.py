@@ -322,7 +322,12 @@ class RemoteLayers:
         ref = layer_ref(labels)
         self._fetch_neighbours(ref, labels)
         startup: StartupSet | None = None
-        if self.reader_config.prefetch and (self.recorder is not None or self.startup_sets.shared):
+        # A layer whose metadata this node kept was mounted here before (a restart, a remount, an
+        # image sharing it): its startup set was fetched then, and the registry must not be
+        # needed to mount it again.
+        wanted = self.recorder is not None or self.startup_sets.shared
+        mounted_before = ref.digest not in self._indexes and self.tocs.has(ref.digest)  # not fetched ahead
+        if wanted and self.reader_config.prefetch and not mounted_before:
             (fmt, index), startup = await self.startup_sets.for_image(
                 ref.reference, lambda: self._manifest_digest(ref), self._index(ref, labels)
             )

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LOOKUP_TTL_SECONDS = 60.0
-WAIT_SECONDS = 10.0  # a profile look-up may delay a mount this long after its metadata is ready
+WAIT_SECONDS = 5.0  # a profile look-up may delay a mount this long after its metadata is ready
 
 LOCAL = "local"
 SHARED = "shared"
