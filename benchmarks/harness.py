@@ -379,6 +379,16 @@ def lazysnap_mode(variant: str, **overrides: dict[str, object]) -> Mode:
     return Mode(f"lazysnap-{variant}", variant, "lazysnap", lazysnap_overrides=dict(overrides))
 
 
+EAGER = "lazysnap-eager"
+
+
+def eager_mode(**overrides: dict[str, object]) -> Mode:
+    """lazysnap pulling the plain gzip image with the eager fallback: every layer fetched in
+    parallel and unpacked by lazysnap as it arrives."""
+    sections = {**overrides, "fallback": {**overrides.get("fallback", {}), "mode": "eager"}}
+    return Mode(EAGER, "gzip", "lazysnap", lazysnap_overrides=sections)
+
+
 class SnapshotterProcess(Protocol):
     address: Path
     root: Path
@@ -674,6 +684,8 @@ def _lazy_summary(stats: Mapping[str, Any]) -> dict[str, object]:
         "lazy_mounts": stats.get("lazy_mounts"),
         "not_lazy": stats.get("not_lazy"),
         "fetched_by_reason": fetched,
+        **({"eager": stats["eager"]} if "eager" in stats else {}),
+        "links": stats.get("links"),
     }
 
 

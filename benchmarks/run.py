@@ -9,6 +9,8 @@ dropped), modes interleaved within a repetition:
   lazysnap-zstdchunked  lazysnap, image converted to zstd:chunked by ctr-remote
   lazysnap-nydus        lazysnap, Nydus-like image (snapshotter.formats.build_nydus; skipped
                         with a note when this checkout does not have it)
+  lazysnap-eager        lazysnap, the plain gzip image with the eager fallback ([fallback] mode =
+                        "eager"): layers fetched in parallel and unpacked by lazysnap as they arrive
   lazysnap-estargz-profiled
                         lazysnap, eStargz converted by `lazysnap convert --prefetch-files` with
                         the workload's startup profile, recorded by lazysnap in a first run
@@ -84,6 +86,7 @@ from typing import Any
 
 from benchmarks import micro, profiled, report, stargz_peer
 from benchmarks.harness import (
+    EAGER,
     GZIP_INDEX,
     NYDUS_MODULE,
     OPTIMIZED,
@@ -98,6 +101,7 @@ from benchmarks.harness import (
     as_json,
     cold_run,
     disk_shortfall,
+    eager_mode,
     gcc_workload,
     image_tag,
     lazysnap_mode,
@@ -118,7 +122,7 @@ RESULTS = Path(__file__).parent / "results"
 IMAGES = ("model", "model-full", "python", "gcc", "redis", "sympy")
 LAZY_VARIANTS = ("estargz", "zstdchunked", "nydus", GZIP_INDEX, PROFILED)
 STARGZ_MODES = {stargz_peer.NAME: "estargz", f"{stargz_peer.NAME}-profiled": OPTIMIZED}
-MODES = ("overlayfs", *(f"lazysnap-{v}" for v in LAZY_VARIANTS), *STARGZ_MODES)
+MODES = ("overlayfs", *(f"lazysnap-{v}" for v in LAZY_VARIANTS), EAGER, *STARGZ_MODES)
 PEER_FORMATS = ("estargz", "zstdchunked", "nydus", "gzip")
 BIG_SHARD_MIB = 2048
 
@@ -208,6 +212,9 @@ def build_modes(args: argparse.Namespace, notes: list[str]) -> list[Mode]:
             raise SystemExit(f"unknown mode {name!r}; choose from {', '.join(MODES)} (peers: --peer)")
         if name == "overlayfs":
             modes.append(OVERLAYFS)
+            continue
+        if name == EAGER:
+            modes.append(eager_mode(**lazysnap_overrides))
             continue
         if name in STARGZ_MODES:
             if not peer_tried:

@@ -165,6 +165,42 @@ class CriConfig:
                 )
 
 
+FALLBACK_MODES = ("off", "eager")
+
+
+@dataclass(frozen=True)
+class FallbackConfig:
+    # Layers that cannot be lazy: "off" leaves them to containerd; "eager" fetches the image's
+    # layers in parallel and unpacks them as they arrive (needs the remote labels, as lazy does).
+    mode: str = "off"
+    layers_at_once: int = 4  # layers fetched and unpacked at the same time
+    window_bytes: int = 16 << 20  # per layer: bytes fetched ahead of its unpacking (memory)
+    min_free_bytes: int = 1 << 30  # free disk space under the root an eager pull leaves
+    timeout_seconds: float = 1800.0  # a layer not unpacked this long after asked for is given up
+    unclaimed_seconds: float = 120.0  # an unpacked layer no Prepare asked for is removed after this
+
+    def validate(self, where: str) -> None:
+        if self.mode not in FALLBACK_MODES:
+            modes = ", ".join(FALLBACK_MODES)
+            raise ConfigError(f"{where}fallback.mode: {self.mode!r} is not one of {modes}")
+        if not 1 <= self.layers_at_once <= 64:
+            raise ConfigError(
+                f"{where}fallback.layers_at_once: {self.layers_at_once} is not between 1 and 64"
+            )
+        if self.window_bytes < 1 << 20:
+            raise ConfigError(f"{where}fallback.window_bytes: {self.window_bytes} is less than 1 MiB")
+        if self.min_free_bytes < 0:
+            raise ConfigError(
+                f"{where}fallback.min_free_bytes: must not be negative, got {self.min_free_bytes}"
+            )
+        for key, value in (
+            ("timeout_seconds", self.timeout_seconds),
+            ("unclaimed_seconds", self.unclaimed_seconds),
+        ):
+            if value <= 0:
+                raise ConfigError(f"{where}fallback.{key}: must be greater than 0, got {value}")
+
+
 @dataclass(frozen=True)
 class Config:
     root: Path = Path("/var/lib/lazysnap")
@@ -177,6 +213,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     read: ReadConfig = field(default_factory=ReadConfig)
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
     cri: CriConfig = field(default_factory=CriConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -193,6 +230,7 @@ class Config:
         self.log.validate(where)
         self.fs.validate(where)
         self.fetch.validate(where)
+        self.fallback.validate(where)
         self.cri.validate(where)
         self.metrics.validate(where)
         positive = {
@@ -221,7 +259,16 @@ class Config:
 def manager_fingerprint(config: Config) -> str:
     """A digest of the settings the FUSE manager runs with: a daemon restarted with other ones
     can tell that the running manager does not use them yet."""
-    owned = (config.root, config.remote, config.fs, config.fetch, config.cache, config.prefetch, config.read)
+    owned = (
+        config.root,
+        config.remote,
+        config.fs,
+        config.fetch,
+        config.cache,
+        config.prefetch,
+        config.read,
+        config.fallback,
+    )
     return hashlib.sha256(repr((*owned, config.profile, config.cri)).encode()).hexdigest()[:16]
 
 

@@ -8,7 +8,9 @@ process) fetches, verifies and mounts. Between them there is only this module:
   remote-snapshot handshake; the reference and digest labels say what to fetch; ``REMOTE_LABEL``
   marks a committed lazy snapshot so it is mounted again after a restart);
 - ``LazyMounts``, the four calls the snapshotter makes, and ``NotLazyError``, the one answer that
-  means "not lazily; containerd downloads it" (or, when ``required``, "no one can");
+  means "not lazily; containerd downloads it" (or, when ``required``, "no one can"); ``mount``
+  answers ``Served``: the layer is *mounted* lazily at the directory, or (the eager fallback) the
+  directory was *filled* with the unpacked, verified layer, to be committed as a plain snapshot;
 - the FUSE manager's socket, pid file and the wire form of those calls.
 
 Nothing here imports the lazy side; importing it loads no FUSE, HTTP or format code.
@@ -16,7 +18,8 @@ Nothing here imports the lazy side; importing it loads no FUSE, HTTP or format c
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,12 +66,21 @@ class NotLazyError(Exception):
         )
 
 
+class Served(enum.Enum):
+    """How ``LazyMounts.mount`` provided a layer at the directory it was given."""
+
+    MOUNTED = "mounted"  # a lazy layer is mounted there: commit it as a remote snapshot
+    FILLED = "filled"  # the directory now holds the unpacked layer: commit it as a plain snapshot
+
+
 class LazyMounts(Protocol):
     """What the snapshotter asks of lazy layers: ``RemoteLayers`` in the FUSE manager, or the
     daemon's client of it (``FuseManagerClient``). Calls block; make them from worker threads."""
 
-    def mount(self, labels: Mapping[str, str], mountpoint: Path) -> None:
-        """Mount the layer the labels name at ``mountpoint`` (idempotent), or NotLazyError."""
+    def mount(self, labels: Mapping[str, str], mountpoint: Path, lowerdirs: Sequence[Path] = ()) -> Served:
+        """Provide the layer the labels name at ``mountpoint`` (idempotent for lazy mounts), or
+        NotLazyError. ``lowerdirs``: the directories of the snapshot's parent chain, nearest first
+        (an eager fill gives the directories it creates their attributes, as containerd does)."""
 
     def check(self, mountpoint: Path) -> bool:
         """Whether the lazy layer at ``mountpoint`` is mounted and served."""
@@ -160,16 +172,29 @@ def manager_pidfile(root: Path) -> Path:
     return root / "fuse.pid"
 
 
-def mount_request(labels: Mapping[str, str], mountpoint: Path) -> dict[str, Any]:
-    """``POST /mount`` body."""
-    return {"labels": dict(labels), "mountpoint": str(mountpoint)}
+def mount_request(
+    labels: Mapping[str, str], mountpoint: Path, lowerdirs: Sequence[Path] = ()
+) -> dict[str, Any]:
+    """``POST /mount`` body. The answer is ``{"served": "mounted" | "filled"}`` (an older manager
+    answers ``{}``: mounted) or ``{"not_lazy": {...}}``."""
+    return {"labels": dict(labels), "mountpoint": str(mountpoint), "lowerdirs": [str(p) for p in lowerdirs]}
 
 
-def parse_mount_request(body: Any) -> tuple[dict[str, str], Path]:
-    """The labels and mountpoint of a ``POST /mount`` body; ValueError when malformed."""
+def parse_mount_request(body: Any) -> tuple[dict[str, str], Path, list[Path]]:
+    """The labels, mountpoint and lower directories of a ``POST /mount`` body; ValueError when
+    malformed."""
     if not isinstance(body, dict) or not isinstance(body.get("labels"), dict):
         raise ValueError("mount request needs a labels object and a mountpoint")
     mountpoint = body.get("mountpoint")
     if not isinstance(mountpoint, str) or not mountpoint.startswith("/"):
         raise ValueError("mount request needs an absolute mountpoint")
-    return {str(k): str(v) for k, v in body["labels"].items()}, Path(mountpoint)
+    lowerdirs = body.get("lowerdirs", [])
+    if not isinstance(lowerdirs, list) or not all(isinstance(p, str) and p[:1] == "/" for p in lowerdirs):
+        raise ValueError("mount request lowerdirs must be a list of absolute paths")
+    labels = {str(k): str(v) for k, v in body["labels"].items()}
+    return labels, Path(mountpoint), [Path(p) for p in lowerdirs]
+
+
+def served_from_answer(answer: Mapping[str, Any]) -> Served:
+    """``Served`` from a ``POST /mount`` answer that was not a refusal; ValueError if unknown."""
+    return Served(answer.get("served", Served.MOUNTED.value))

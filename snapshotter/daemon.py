@@ -73,6 +73,7 @@ async def serve(
                 config.root,
                 manager_command(config, config_path, log_level, fs_backend),
                 mount_timeout=config.remote.mount_timeout_seconds,
+                fill_timeout=config.fallback.timeout_seconds if config.fallback.mode == "eager" else 0.0,
                 fingerprint=manager_fingerprint(config),
             )
             try:

@@ -26,7 +26,7 @@ from snapshotter.admin import (
     prune_cache,
     set_log_level,
 )
-from snapshotter.contract import NotLazyError, manager_socket, mount_request
+from snapshotter.contract import NotLazyError, Served, manager_socket, mount_request, served_from_answer
 from snapshotter.formats.registry import requires_lazy_mount
 from snapshotter.ownership import process_exists
 
@@ -43,6 +43,7 @@ class FuseManagerClient:
         command: Sequence[str],
         *,
         mount_timeout: float = 60.0,
+        fill_timeout: float = 0.0,
         fingerprint: str = "",
         output: Path | None = None,
     ) -> None:
@@ -50,6 +51,7 @@ class FuseManagerClient:
         self.command = list(command)  # how to start a manager for this root
         self.output = output  # where a manager started here logs (appended); None: where we log
         self.mount_timeout = mount_timeout
+        self.fill_timeout = fill_timeout  # the eager fallback may fill a layer for this long
         self.fingerprint = fingerprint  # of the settings a manager started now would run with
         self._spawn_lock = threading.Lock()
         self.spawned: subprocess.Popen[bytes] | None = None  # the manager this process started
@@ -161,11 +163,11 @@ class FuseManagerClient:
 
     # --- what the snapshotter asks --------------------------------------------------------------
 
-    def mount(self, labels: Mapping[str, str], mountpoint: Path) -> None:
-        """Mount lazily or raise NotLazyError, as ``RemoteLayers.mount``; a manager that is gone
-        is started again once."""
-        body = mount_request(labels, mountpoint)
-        timeout = self.mount_timeout + 30
+    def mount(self, labels: Mapping[str, str], mountpoint: Path, lowerdirs: Sequence[Path] = ()) -> Served:
+        """Mount lazily (or fill eagerly) or raise NotLazyError, as ``RemoteLayers.mount``; a
+        manager that is gone is started again once."""
+        body = mount_request(labels, mountpoint, lowerdirs)
+        timeout = self.mount_timeout + self.fill_timeout + 30
         required = requires_lazy_mount(labels)  # no download can stand in for such a layer
         try:
             answer = self._post("/mount", body, timeout)
@@ -180,6 +182,12 @@ class FuseManagerClient:
         refused = answer.get("not_lazy")
         if refused:
             raise NotLazyError.from_wire(refused, required=required)
+        try:
+            return served_from_answer(answer)
+        except ValueError:
+            raise NotLazyError(
+                "fuse-manager-error", f"unknown answer {answer!r}", required=required
+            ) from None
 
     def check(self, mountpoint: Path) -> bool:
         try:

@@ -16,8 +16,9 @@ readers, the FUSE servers, the startup profiles, the metrics of FUSE operations 
 configured, the CRI image-service proxy whose pull secrets the registry client uses.
 
 Endpoints (JSON), besides the admin routes of ``snapshotter.admin``: ``POST /mount`` {labels,
-mountpoint} → {} or {not_lazy: {reason, detail, required}}; ``POST /unmount`` {mountpoint};
-``GET /check?mountpoint=``; ``POST /forget-unused`` {digests}; ``GET /version``.
+mountpoint, lowerdirs} → {served: "mounted" | "filled"} or {not_lazy: {reason, detail,
+required}}; ``POST /unmount`` {mountpoint}; ``GET /check?mountpoint=``; ``POST /forget-unused``
+{digests}; ``GET /version``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from snapshotter.cache import ChunkCache
 from snapshotter.config import Config, manager_fingerprint
 from snapshotter.contract import NotLazyError, manager_pidfile, manager_socket, parse_mount_request
 from snapshotter.cri import ImageServiceProxy, PullSecrets
+from snapshotter.eager import EagerConfig
 from snapshotter.erofs.mount import kernel_support
 from snapshotter.erofslayers import ErofsLayers
 from snapshotter.fetcher import CredentialStore, HostsConfig, RegistryClient, default_docker_config
@@ -164,14 +166,14 @@ def manager_app(
 
     async def mount(request: web.Request) -> web.Response:
         try:
-            labels, mountpoint = parse_mount_request(await request.json())
+            labels, mountpoint, lowerdirs = parse_mount_request(await request.json())
         except ValueError as exc:
             raise web.HTTPBadRequest(text=str(exc)) from None
         try:
-            await loop.run_in_executor(calls, remote.mount, labels, mountpoint)
+            served = await loop.run_in_executor(calls, remote.mount, labels, mountpoint, lowerdirs)
         except NotLazyError as exc:
             return web.json_response({"not_lazy": exc.to_wire()})
-        return web.json_response({})
+        return web.json_response({"served": served.value})
 
     async def unmount(request: web.Request) -> web.Response:
         body = await request.json()
@@ -254,7 +256,7 @@ def build_remote(
         idle_seconds=config.fetch.idle_seconds,
     )
     cache = ChunkCache(config.root / "cache", config.cache.max_bytes)
-    return RemoteLayers(
+    remote = RemoteLayers(
         client,
         cache,
         loop,
@@ -271,6 +273,20 @@ def build_remote(
         ),
         erofs=choose_backend(config),
         scheduler_config=scheduler_config,
+    )
+    if config.fallback.mode == "eager":
+        remote.enable_eager(config.root, eager_config(config))
+    return remote
+
+
+def eager_config(config: Config) -> EagerConfig:
+    fallback = config.fallback
+    return EagerConfig(
+        layers_at_once=fallback.layers_at_once,
+        window_bytes=fallback.window_bytes,
+        min_free_bytes=fallback.min_free_bytes,
+        timeout_seconds=fallback.timeout_seconds,
+        unclaimed_seconds=fallback.unclaimed_seconds,
     )
 
 

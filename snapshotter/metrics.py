@@ -88,6 +88,12 @@ class _StatsCollector(Collector):
         for reason, count in sorted(s["not_lazy"].items()):
             not_lazy.add_metric([reason], count)
         yield not_lazy
+        if "eager" in s:
+            yield CounterMetricFamily(
+                "lazysnap_eager_layers",
+                "Layers unpacked by lazysnap's eager fallback since start",
+                value=s["eager"]["fills"],
+            )
         cache = s["cache"]
         yield GaugeMetricFamily(
             "lazysnap_cache_bytes", "Bytes of verified chunks in the cache", value=cache["bytes"]

@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,16 +30,19 @@ from snapshotter.contract import (
     TARGET_REF_LABEL,
     LayerRef,
     NotLazyError,
+    Served,
     layer_ref,
     neighbour_digests,
 )
 from snapshotter.digest import file_stem
+from snapshotter.eager import EagerConfig, EagerFills, fillable
 from snapshotter.erofs.layout import BlobLayout, LayoutError, plan_layout, tar_layout
 from snapshotter.erofs.writer import ImageError
 from snapshotter.erofslayers import BLOB_READAHEAD_BYTES, LOCAL_FLAG, ErofsLayers, LayerBlob
 from snapshotter.fetcher import (
     AuthError,
     BlobNotFoundError,
+    Descriptor,
     DigestMismatchError,
     FetchError,
     InvalidReferenceError,
@@ -201,21 +204,25 @@ class RemoteLayers:
         self.not_lazy = collections.Counter[str]()  # reason -> layers pulled normally
         self._closed = False
         self.lazy_mounts = 0
+        self.eager: EagerFills | None = None  # the eager fallback, when [fallback] mode = "eager"
 
     # --- called from snapshotter worker threads -------------------------------------------------
 
-    def mount(self, labels: Mapping[str, str], mountpoint: Path) -> None:
-        """Mount the layer lazily at ``mountpoint`` (idempotent) or raise NotLazyError (recorded
-        and logged). Never raises anything else: any failure means "pull it normally"."""
+    def mount(self, labels: Mapping[str, str], mountpoint: Path, lowerdirs: Sequence[Path] = ()) -> Served:
+        """Mount the layer lazily at ``mountpoint`` (idempotent), or with the eager fallback fill
+        it there, or raise NotLazyError (recorded and logged). Never raises anything else: any
+        failure means "pull it normally"."""
         layer = labels.get(TARGET_REF_LABEL, "")
         with self._mount_locks[mountpoint]:
             if self.check(mountpoint):
-                return
+                return Served.MOUNTED
             self._drop(mountpoint)  # a dead mount of ours or of an earlier process
             future = asyncio.run_coroutine_threadsafe(self._mount(labels, mountpoint), self.loop)
             try:
                 future.result(self.mount_timeout)
             except NotLazyError as exc:
+                if self.eager is not None and fillable(exc):
+                    return self._fill_eagerly(labels, mountpoint, lowerdirs, exc)
                 self._not_lazy(exc, layer)
                 raise
             except TimeoutError:
@@ -234,6 +241,51 @@ class RemoteLayers:
                 )
                 self._not_lazy(err, layer)
                 raise err from None
+        return Served.MOUNTED
+
+    def enable_eager(self, root: Path, config: EagerConfig) -> None:
+        """Turn on the eager fallback: layers that cannot be lazy are unpacked here (staged under
+        ``root``/eager) and handed over through the handshake. Call before serving."""
+        self.eager = EagerFills(
+            root,
+            self.loop,
+            resolve=self._resolve,
+            blob=self.client.blob,
+            scheduler=self._scheduler,
+            lazy_capable=self._lazy_capable,
+            config=config,
+        )
+        self.eager.clear_staging()
+
+    @staticmethod
+    def _lazy_capable(layer: Descriptor) -> bool:
+        """Whether a layer of an image will (very likely) be mounted lazily: the eager fallback
+        does not fetch such layers ahead."""
+        return registry.format_of(layer.media_type, layer.annotations) is not None
+
+    def _fill_eagerly(
+        self, labels: Mapping[str, str], mountpoint: Path, lowerdirs: Sequence[Path], why: NotLazyError
+    ) -> Served:
+        """The eager fallback for a layer that cannot be lazy (``why``): fill ``mountpoint`` with
+        it, or NotLazyError saying why neither worked (recorded and logged)."""
+        assert self.eager is not None
+        layer = labels.get(TARGET_REF_LABEL, "")
+        try:
+            ref = layer_ref(labels)
+            future = asyncio.run_coroutine_threadsafe(
+                self.eager.fill(ref, dict(labels), mountpoint, lowerdirs), self.loop
+            )
+            future.result()  # the fill has its own timeout
+        except NotLazyError as exc:
+            err = NotLazyError(exc.reason, f"{exc.detail} (not lazy: {why.reason}: {why.detail})")
+            self._not_lazy(err, layer)
+            raise err from None
+        except Exception as exc:
+            log.exception("unexpected error in the eager fallback", extra={"layer": layer})
+            err = NotLazyError("eager-internal", f"{type(exc).__name__}: {exc}")
+            self._not_lazy(err, layer)
+            raise err from None
+        return Served.FILLED
 
     def _not_lazy(self, exc: NotLazyError, layer: str) -> None:
         self.not_lazy[exc.reason] += 1
@@ -286,6 +338,7 @@ class RemoteLayers:
             "lazy_mounts": self.lazy_mounts,
             "not_lazy": dict(self.not_lazy),
             "profiles": self.startup_sets.stats(),  # the startup sets layers were mounted with
+            **({"eager": self.eager.stats()} if self.eager is not None else {}),
             "registry": dict(self.client.transport.counters),
             "links": {host: scheduler.snapshot() for host, scheduler in self.schedulers.items()},
             "cache": {
@@ -811,6 +864,8 @@ class RemoteLayers:
         """Stop serving. ``handover``: leave the EROFS mounts and the blob connection (kept by the
         fd holder) to the next manager, which resumes them; else unmount every lazy layer."""
         self._closed = True
+        if self.eager is not None:
+            await self.eager.close()
         if handover and self.erofs is not None:
             await self.loop.run_in_executor(
                 self.mount_executor, functools.partial(self.erofs.stop, handover=True)

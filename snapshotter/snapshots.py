@@ -25,6 +25,7 @@ from snapshotter.contract import (
     TARGET_REF_LABEL,
     LazyMounts,
     NotLazyError,
+    Served,
     layer_digest,
 )
 from snapshotter.diskusage import disk_usage
@@ -69,9 +70,12 @@ class Snapshotter:
       unpacker, per layer) asks the lazy side to mount the layer at the new snapshot's directory;
       if it can, the snapshot is committed here under the label's chain ID, marked with
       ``REMOTE_LABEL``, and the answer is AlreadyExists, so containerd neither downloads nor
-      unpacks the layer. If it cannot, the Prepare answers like any other and containerd fills
-      the directory itself — unless the layer is in a format only lazysnap can read, which fails
-      the Prepare with the reason.
+      unpacks the layer. With the eager fallback the lazy side may instead *fill* the directory
+      with the layer, unpacked and verified; then the snapshot is committed under the chain ID
+      as a plain snapshot (no ``REMOTE_LABEL``) and the answer is AlreadyExists too. If it can do
+      neither, the Prepare answers like any other and containerd fills the directory itself —
+      unless the layer is in a format only lazysnap can read, which fails the Prepare with the
+      reason.
     - Lazy layers stay mounted while the daemon runs and are mounted again at start; a snapshot
       whose lazy lower layer cannot be mounted answers Unavailable.
     """
@@ -141,9 +145,11 @@ class Snapshotter:
         if existing is not None and existing.kind == Kind.COMMITTED and existing.parent == parent:
             raise AlreadyExistsError(f"target snapshot {target!r} already exists")
         mounts = self._create(Kind.ACTIVE, key, parent, labels)
-        sid = self.store.get_info(key).id
+        snap = self.store.get_snapshot(key)
+        sid = snap.id
+        lowerdirs = [self.fs_path(p) for p in snap.parent_ids]
         try:
-            self.remote.mount(labels, self.fs_path(sid))
+            served = self.remote.mount(labels, self.fs_path(sid), lowerdirs)
         except NotLazyError as exc:
             if not exc.required:
                 return mounts
@@ -152,6 +158,8 @@ class Snapshotter:
                 f"layer {layer_digest(labels) or target} is in a format only lazysnap reads "
                 f"(Nydus-like), and mounting it lazily failed: {exc}"
             ) from None
+        if served is Served.FILLED:
+            self._commit_filled(key, target, labels, sid)
         committed_labels = {**labels, REMOTE_LABEL: REMOTE_LABEL_VALUE}
         try:
             self.store.commit(key, target, committed_labels, Usage())
@@ -161,6 +169,16 @@ class Snapshotter:
             raise
         self._remote_labels[sid] = committed_labels
         raise AlreadyExistsError(f"target snapshot {target!r} already exists (mounted lazily)")
+
+    def _commit_filled(self, key: str, target: str, labels: Mapping[str, str], sid: int) -> None:
+        """The lazy side unpacked the layer into the snapshot's directory (eager fallback): commit
+        it as containerd's own Commit would, and tell containerd the layer exists."""
+        try:
+            self.store.commit(key, target, labels, disk_usage(self.fs_path(sid)))
+        except Exception:
+            self.remove(key)
+            raise
+        raise AlreadyExistsError(f"target snapshot {target!r} already exists (unpacked by lazysnap)")
 
     def restore_remote(self) -> None:
         """Mount again the lazy layers the store knows (after a restart or crash), and forget the

@@ -50,6 +50,12 @@ def format_status(stats: dict[str, Any]) -> str:
             f"registry {host}: rtt {link['rtt_ms']} ms, {link['bandwidth_mbps']} Mbit/s; "
             f"fetched {moved or 'nothing yet'}"
         )
+    eager = stats.get("eager")
+    if eager is not None:
+        lines.append(
+            f"eager fallback: {eager['fills']} layers unpacked by lazysnap since start "
+            f"({human_size(eager['fetched_bytes'])} fetched, {eager['active_layers']} under way)"
+        )
     if stats["not_lazy"]:
         reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(stats["not_lazy"].items()))
         lines.append(f"layers pulled normally since start: {reasons}")

@@ -25,7 +25,6 @@ from typing import Any
 import zstandard
 
 from snapshotter.formats.build import _clean
-from snapshotter.formats.build_nydus import _TAR_TYPES, _hardlink_target, _mtime_ns, _text, _u32, _xattrs
 from snapshotter.formats.deflate_resume import WINDOW_SIZE, inflate_from
 from snapshotter.formats.gzindex import (
     BODY_HEAD,
@@ -37,7 +36,6 @@ from snapshotter.formats.gzindex import (
     HEADER_MAGIC,
     MAX_SPAN,
     MIN_SPAN,
-    TYPE_CODES,
     VERSION,
     XATTR,
     Checkpoint,
@@ -46,7 +44,8 @@ from snapshotter.formats.gzindex import (
     chunk_pieces,
     spans,
 )
-from snapshotter.formats.index import Entry, EntryType, FormatError
+from snapshotter.formats.index import TYPE_CODES, Entry, EntryType, FormatError
+from snapshotter.formats.tarentry import TAR_TYPES, entry_from_tar, text
 from snapshotter.formats.toc import normalize_name, parent_name
 
 WINDOW_ZSTD_LEVEL = 12  # 32 KiB windows, mostly zeros: 19 is 10x slower for 1% less
@@ -232,31 +231,6 @@ class _Member:
     tar_offset: int
 
 
-def _entry(info: tarfile.TarInfo, name: str, done: dict[str, Entry]) -> Entry:
-    typ = EntryType.REG if info.isreg() else _TAR_TYPES[info.type]
-    entry = Entry(
-        name=name,
-        type=typ,
-        mode=info.mode & 0o7777,
-        uid=_u32(info.uid, "uid", name),
-        gid=_u32(info.gid, "gid", name),
-        mtime_ns=_mtime_ns(info),
-        xattrs=_xattrs(info, name),
-    )
-    if typ is EntryType.REG:
-        entry.size = info.size
-    elif typ in (EntryType.CHAR, EntryType.BLOCK):
-        entry.dev_major = _u32(info.devmajor, "devmajor", name)
-        entry.dev_minor = _u32(info.devminor, "devminor", name)
-    elif typ is EntryType.SYMLINK:
-        entry.link_name = _text(info.linkname)
-        if not entry.link_name:
-            raise FormatError(f"entry {name!r}: symlink without linkName")
-    elif typ is EntryType.HARDLINK:
-        entry.link_name = _hardlink_target(info, name, done)
-    return entry
-
-
 def _read_members(tee: _Tee, pieces: _Pieces) -> dict[str, _Member]:
     """The layer's entries by name (a later duplicate replaces an earlier one, as an unpacker
     does), hashing file contents as the stream goes by."""
@@ -265,12 +239,12 @@ def _read_members(tee: _Tee, pieces: _Pieces) -> dict[str, _Member]:
     try:
         with tarfile.open(fileobj=io.BufferedReader(tee, _READ_SIZE), mode="r|") as tar:
             for info in tar:
-                if info.issparse() or not (info.isreg() or info.type in _TAR_TYPES):
+                if info.issparse() or not (info.isreg() or info.type in TAR_TYPES):
                     raise FormatError(f"entry {info.name!r}: unsupported tar entry type {info.type!r}")
-                name = normalize_name(_text(_clean(info.name)))
+                name = normalize_name(text(_clean(info.name)))
                 if name == "" and not info.isdir():
                     raise FormatError(f"entry {info.name!r}: the layer root must be a directory")
-                entry = _entry(info, name, done)
+                entry = entry_from_tar(info, name, done)
                 done[name] = entry
                 members.pop(name, None)
                 members[name] = _Member(name, entry, info.offset_data if info.isreg() else 0)

@@ -12,17 +12,14 @@ docs/FORMAT.md specifies the bytes.
 from __future__ import annotations
 
 import hashlib
-import re
 import struct
-import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 
 import zstandard
 
 from snapshotter.formats.build import BuiltBlob, _clean, _maybe_decompress, _Member, _read_tar
-from snapshotter.formats.index import Entry, EntryType, FormatError
+from snapshotter.formats.index import TYPE_CODES, Entry, EntryType, FormatError
 from snapshotter.formats.nydus import (
     BLOB,
     BOOTSTRAP_DIGEST_ANNOTATION,
@@ -34,121 +31,27 @@ from snapshotter.formats.nydus import (
     ENTRY,
     HEADER,
     HEADER_SIZE,
-    INT64_MIN,
     MEDIA_TYPE,
     TABLE_LIMITS,
     TABLE_NAMES,
-    TYPE_CODES,
     VERSION,
     XATTR,
     check_chunk_size,
     pack_footer,
 )
-from snapshotter.formats.toc import INT64_MAX, normalize_name, parent_name
+from snapshotter.formats.tarentry import entry_from_tar, text
+from snapshotter.formats.toc import normalize_name, parent_name
 
 DEFAULT_ZSTD_LEVEL = 3
-_U32_MAX = (1 << 32) - 1
-_XATTR_PREFIX = "SCHILY.xattr."
-_TAR_TYPES = {
-    tarfile.DIRTYPE: EntryType.DIR,
-    tarfile.SYMTYPE: EntryType.SYMLINK,
-    tarfile.LNKTYPE: EntryType.HARDLINK,
-    tarfile.CHRTYPE: EntryType.CHAR,
-    tarfile.BLKTYPE: EntryType.BLOCK,
-    tarfile.FIFOTYPE: EntryType.FIFO,
-}
-# tarfile keeps undecodable name bytes as lone surrogates; the eStargz TOC (Go JSON) turns each
-# into U+FFFD, and so do we, so that names are valid UTF-8 and match the TOC's.
-_SURROGATES = re.compile("[\ud800-\udfff]")
-_NS = Decimal(10**9)
 _EMPTY = memoryview(b"")
 
 
-# -- tar entries → index entries ---------------------------------------------------------------
-
-
-def _text(raw: str) -> str:
-    return _SURROGATES.sub("\ufffd", raw)
-
-
-def _u32(value: int, what: str, name: str) -> int:
-    if not 0 <= value <= _U32_MAX:
-        raise FormatError(f"entry {name!r}: {what} {value} does not fit in 32 bits")
-    return value
-
-
-def _mtime_ns(info: tarfile.TarInfo) -> int:
-    """mtime in ns; exact from a PAX record (tarfile's float would lose the nanoseconds). A time
-    int64 ns cannot hold is recorded as 0, as the eStargz TOC drops times it cannot format."""
-    try:
-        seconds = Decimal(info.pax_headers.get("mtime", info.mtime))
-    except (InvalidOperation, ValueError, TypeError):
-        return 0
-    if not seconds.is_finite() or abs(seconds) > (1 << 63) // 10**9:
-        return 0
-    ns = int(seconds * _NS)
-    return ns if INT64_MIN <= ns <= INT64_MAX else 0
-
-
-def _xattrs(info: tarfile.TarInfo, name: str) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    for key, value in sorted(info.pax_headers.items()):
-        if key.startswith(_XATTR_PREFIX):
-            try:
-                # tarfile decoded the value with surrogateescape: this restores the exact bytes.
-                out[key[len(_XATTR_PREFIX) :]] = value.encode("utf-8", "surrogateescape")
-            except UnicodeEncodeError:
-                raise FormatError(f"entry {name!r}: xattr {key!r} is not encodable") from None
-    return out
-
-
-def _hardlink_target(info: tarfile.TarInfo, name: str, done: Mapping[str, Entry]) -> str:
-    """The regular file a hardlink names; like the TOC, chains resolve to the file."""
-    if not info.linkname:
-        raise FormatError(f"entry {name!r}: hardlink without linkName")
-    target = done.get(normalize_name(_text(info.linkname)))
-    if target is None:
-        raise FormatError(
-            f"entry {name!r}: hardlink to {info.linkname!r}, which is missing or later in the layer"
-        )
-    if target.type is EntryType.HARDLINK:
-        return target.link_name
-    if target.type is not EntryType.REG:
-        raise FormatError(
-            f"entry {name!r}: hardlink to {info.linkname!r}, which is a {target.type.value}, not a file"
-        )
-    return target.name
-
-
 def _entry(m: _Member, name: str, done: Mapping[str, Entry]) -> Entry:
-    info = m.info
-    typ = EntryType.REG if info.isreg() else _TAR_TYPES[info.type]
-    if name == "" and typ is not EntryType.DIR:
-        raise FormatError(f"entry {info.name!r}: the layer root must be a directory")
-    entry = Entry(
-        name=name,
-        type=typ,
-        mode=info.mode & 0o7777,
-        uid=_u32(info.uid, "uid", name),
-        gid=_u32(info.gid, "gid", name),
-        mtime_ns=_mtime_ns(info),
-        xattrs=_xattrs(info, name),
-    )
-    if typ is EntryType.REG:
-        entry.size = info.size
-        if len(m.payload) != info.size:
-            raise FormatError(
-                f"entry {name!r}: tar entry is truncated ({len(m.payload)} of {info.size} bytes)"
-            )
-    elif typ in (EntryType.CHAR, EntryType.BLOCK):
-        entry.dev_major = _u32(info.devmajor, "devmajor", name)
-        entry.dev_minor = _u32(info.devminor, "devminor", name)
-    elif typ is EntryType.SYMLINK:
-        entry.link_name = _text(info.linkname)
-        if not entry.link_name:
-            raise FormatError(f"entry {name!r}: symlink without linkName")
-    elif typ is EntryType.HARDLINK:
-        entry.link_name = _hardlink_target(info, name, done)
+    if name == "" and not m.info.isdir():
+        raise FormatError(f"entry {m.info.name!r}: the layer root must be a directory")
+    entry = entry_from_tar(m.info, name, done)
+    if entry.type is EntryType.REG and len(m.payload) != m.info.size:
+        raise FormatError(f"entry {name!r}: tar entry is truncated ({len(m.payload)} of {m.info.size} bytes)")
     return entry
 
 
@@ -167,7 +70,7 @@ def _read_layer(tar: bytes) -> _Layer:
     layer = _Layer("sha256:" + hashlib.sha256(plain).hexdigest(), len(plain))
     members: dict[str, _Member] = {}
     for m in _read_tar(plain):
-        name = normalize_name(_text(m.info.name))
+        name = normalize_name(text(m.info.name))
         if name in members:  # two names that differ only in undecodable bytes
             raise FormatError(f"entry {name!r}: duplicate entry in the layer")
         members[name] = m

@@ -22,7 +22,11 @@ import zstandard
 from snapshotter.formats.bounds import DEFAULT_MAX_CHUNK_BYTES, compressed_bound
 from snapshotter.formats.deflate_resume import WINDOW_SIZE
 from snapshotter.formats.index import (
+    DEVICE_TYPES,
+    EMPTY_DIGEST,
+    MODE_BITS,
     NO_XATTRS,
+    TYPES_BY_CODE,
     Chunk,
     Compression,
     Entry,
@@ -75,20 +79,6 @@ CHECKPOINT_MEMBER_START = 1
 ENTRY = struct.Struct("<BBHIIIqQQIIIII")
 XATTR = struct.Struct("<II")  # key length, value length
 DIGEST_SIZE = 32
-
-TYPE_CODES: dict[EntryType, int] = {
-    EntryType.REG: 1,
-    EntryType.DIR: 2,
-    EntryType.SYMLINK: 3,
-    EntryType.HARDLINK: 4,
-    EntryType.CHAR: 5,
-    EntryType.BLOCK: 6,
-    EntryType.FIFO: 7,
-}
-_TYPES_BY_CODE = {code: t for t, code in TYPE_CODES.items()}
-_DEVICES = (EntryType.CHAR, EntryType.BLOCK)
-_MODE_BITS = 0o7777
-_EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
 
 
 def is_plain_gzip_layer(media_type: str) -> bool:
@@ -416,14 +406,14 @@ class _Decoder:
             (code, flags, reserved, mode, uid, gid, mtime, size, tar_offset,
              major, minor, name_length, link_length, xattr_count) = rec  # fmt: skip
             name = self._name(i, self._string(name_length, f"entry {i} name"))
-            typ = _TYPES_BY_CODE.get(code)
+            typ = TYPES_BY_CODE.get(code)
             if typ is None:
                 raise FormatError(f"entry {name!r}: unknown entry type {code}")
             if i == 0 and typ is not EntryType.DIR:
                 raise FormatError("entry '': the layer root must be a directory")
             if flags or reserved:
                 raise FormatError(f"entry {name!r}: unknown flags {flags} or non-zero reserved field")
-            if mode & ~_MODE_BITS:
+            if mode & ~MODE_BITS:
                 raise FormatError(f"entry {name!r}: mode {mode:#o} has bits beyond permissions")
             entry = Entry(name=name, type=typ, mode=mode, uid=uid, gid=gid, mtime_ns=mtime)
             self._kind(entry, size, tar_offset, major, minor)
@@ -453,7 +443,7 @@ class _Decoder:
                 entry.digest = entry.chunks[0].digest if len(entry.chunks) == 1 else ""
                 self.tar_offsets[name] = tar_offset
             elif typ is EntryType.REG:
-                entry.digest = _EMPTY_DIGEST
+                entry.digest = EMPTY_DIGEST
             self.entries[name] = entry
         if next_digest * DIGEST_SIZE != len(digests):
             raise FormatError(
@@ -491,7 +481,7 @@ class _Decoder:
             entry.size = size
         elif size or tar_offset:
             raise FormatError(f"entry {name!r}: a {entry.type.value} with a size or content offset")
-        if entry.type in _DEVICES:
+        if entry.type in DEVICE_TYPES:
             entry.dev_major, entry.dev_minor = major, minor
         elif major or minor:
             raise FormatError(f"entry {name!r}: a {entry.type.value} with device numbers")

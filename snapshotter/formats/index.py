@@ -7,6 +7,7 @@ The index is the source of truth for a lazily mounted layer; nothing else about 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -32,6 +33,25 @@ class EntryType(Enum):
     CHAR = "char"
     BLOCK = "block"
     FIFO = "fifo"
+
+
+# The entry type codes of lazysnap's binary indexes (the Nydus-like bootstrap, the gzip index;
+# docs/FORMAT.md, docs/GZIP-INDEX.md), and what their mode fields may hold.
+TYPE_CODES: Mapping[EntryType, int] = MappingProxyType(
+    {
+        EntryType.REG: 1,
+        EntryType.DIR: 2,
+        EntryType.SYMLINK: 3,
+        EntryType.HARDLINK: 4,
+        EntryType.CHAR: 5,
+        EntryType.BLOCK: 6,
+        EntryType.FIFO: 7,
+    }
+)
+TYPES_BY_CODE: Mapping[int, EntryType] = MappingProxyType({code: t for t, code in TYPE_CODES.items()})
+DEVICE_TYPES = (EntryType.CHAR, EntryType.BLOCK)
+MODE_BITS = 0o7777
+EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()  # what an empty file's chunk digest is
 
 
 class Compression(Enum):

@@ -19,7 +19,11 @@ from typing import Any
 import zstandard
 
 from snapshotter.formats.index import (
+    DEVICE_TYPES,
+    EMPTY_DIGEST,
+    MODE_BITS,
     NO_XATTRS,
+    TYPES_BY_CODE,
     Chunk,
     Compression,
     Entry,
@@ -91,20 +95,7 @@ TABLE_NAMES = ("entry", "chunk", "chunk-ref", "xattr", "blob", "prefetch", "stri
 TABLE_LIMITS = (MAX_RECORDS, MAX_RECORDS, MAX_RECORDS, MAX_RECORDS, MAX_BLOBS, MAX_RECORDS, None)
 _T_ENTRIES, _T_CHUNKS, _T_REFS, _T_XATTRS, _T_BLOBS, _T_PREFETCH, _T_STRINGS = range(7)
 
-TYPE_CODES: dict[EntryType, int] = {
-    EntryType.REG: 1,
-    EntryType.DIR: 2,
-    EntryType.SYMLINK: 3,
-    EntryType.HARDLINK: 4,
-    EntryType.CHAR: 5,
-    EntryType.BLOCK: 6,
-    EntryType.FIFO: 7,
-}
-_TYPES_BY_CODE = {code: t for t, code in TYPE_CODES.items()}
 _ZERO_DIGEST = bytes(32)
-EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
-_DEVICES = (EntryType.CHAR, EntryType.BLOCK)
-_MODE_BITS = 0o7777
 # A zstd frame is at most its content plus 1/128 and a few headers (ZSTD_compressBound is
 # lower); anything above is not a frame we wrote and would make a reader fetch too much.
 _FRAME_SLACK = 1024
@@ -493,14 +484,14 @@ class _Decoder:
         (noff, nlen, loff, llen, code, flags, reserved, mode, uid, gid, mtime, size,
          major, minor, rfirst, rcount, xfirst, xcount, raw_digest) = rec  # fmt: skip
         name = self._name(i, noff, nlen)
-        typ = _TYPES_BY_CODE.get(code)
+        typ = TYPES_BY_CODE.get(code)
         if typ is None:
             raise FormatError(f"entry {name!r}: unknown entry type {code}")
         if i == 0 and typ is not EntryType.DIR:
             raise FormatError("entry '': the layer root must be a directory")
         if flags or reserved:
             raise FormatError(f"entry {name!r}: unknown flags {flags} or non-zero reserved field")
-        if mode & ~_MODE_BITS:
+        if mode & ~MODE_BITS:
             raise FormatError(
                 f"entry {name!r}: mode {mode:#o} has bits beyond permissions and suid/sgid/sticky"
             )
@@ -523,7 +514,7 @@ class _Decoder:
             entry.size = size
         elif size or raw_digest != _ZERO_DIGEST:
             raise FormatError(f"entry {name!r}: a {entry.type.value} with a size or content digest")
-        if entry.type in _DEVICES:
+        if entry.type in DEVICE_TYPES:
             entry.dev_major, entry.dev_minor = major, minor
         elif major or minor:
             raise FormatError(f"entry {name!r}: a {entry.type.value} with device numbers")

@@ -29,6 +29,7 @@ from tests.e2e.conftest import AUTH_PASSWORD, AUTH_USER
 from tests.support.daemon import SNAPSHOTTER, LazysnapDaemon, write_config
 from tests.support.lazy import wait_until
 from tests.support.mounts import lazy_layer_mounts
+from tests.support.oci import PushedImage
 from tests.support.proxy import CountingProxy
 from tests.support.scratch import make_tmpdir, remove_tmpdir, tmpdir
 from tests.support.services import (
@@ -118,7 +119,7 @@ def cri_stack() -> Iterator[MakeStack]:
     first, so containerd's first dial finds it."""
     started: list[tuple[CriStack, Path, Path]] = []
 
-    def make(hosts: list[str], *, persist_credentials: bool = False) -> CriStack:
+    def make(hosts: list[str], *, persist_credentials: bool = False, fallback: str = "off") -> CriStack:
         require_privileges()
         workdir, cd_workdir = make_tmpdir(), make_tmpdir()  # its own name: it names a cgroup parent
         certs_d = workdir / "certs.d"
@@ -150,6 +151,7 @@ def cri_stack() -> Iterator[MakeStack]:
                     "containerd_socket": cd.address,
                     "persist_credentials": persist_credentials,
                 },
+                "fallback": {"mode": fallback},
             },
         )
         stack = CriStack(daemon, cd, [])
@@ -233,6 +235,20 @@ def test_cri_pull_image_is_lazy_and_the_image_service_works(
     assert image_id not in [i.id for i in cri_api.ListImages(cri.ListImagesRequest(), timeout=30).images]
     # containerd's garbage collector removes the snapshots; lazysnap unmounts their layers.
     assert wait_until(lambda: stack.lazy_mounts() == [], timeout=30), stack.lazy_mounts()
+
+
+def test_cri_pull_of_a_plain_image_is_unpacked_by_the_eager_fallback(
+    base_image: PushedImage, registry: Registry, cri_stack: MakeStack
+) -> None:
+    """A plain gzip image nobody converted, pulled through CRI PullImage (the labels the CRI
+    plugin sends name the manifest by digest): every layer unpacked by lazysnap."""
+    stack = cri_stack([registry.host], fallback="eager")
+    ref = base_image.ref
+    assert pull(stack.containerd_cri, ref).startswith("sha256:")
+    st = stack.daemon.stats()
+    layers = len(base_image.image.layers)
+    assert st["eager"]["fills"] == layers and st["lazy_mounts"] == 0 and not st["not_lazy"], st
+    assert verify_container_fs(stack.containerd, ref, base_image.expected, snapshotter=SNAPSHOTTER) == []
 
 
 def test_pull_secret_through_the_cri_proxy_makes_private_layers_lazy(

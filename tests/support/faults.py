@@ -41,6 +41,9 @@ round-robin over the enabled kinds that apply to the request (weights = the per-
 rotation for registry requests and one for ``/_store`` requests, so that every kind of a mix comes
 up once per rotation. ``enable(kind, False)`` switches one kind off at runtime.
 
+``path_contains``, when set, makes only requests whose path contains it eligible (say, one blob's
+digest: a registry that fails for one layer).
+
 ``away(seconds)`` refuses every connection (stops listening and aborts open connections) for a
 while, then listens again on the same port; ``go_away()`` / ``come_back()`` do it by hand.
 
@@ -185,6 +188,7 @@ class FaultProxy:
         self.include_manifests = include_manifests
         self.redirect = redirect
         self.stall_seconds = stall_seconds
+        self.path_contains = ""  # when set, only requests whose path contains it are eligible
         self.min_credential_age = min_credential_age
         self.codes_5xx: tuple[int, ...] = (500, 502, 503)  # what ``http_5xx`` answers, drawn by the RNG
         self.port = 0
@@ -387,6 +391,8 @@ class FaultProxy:
             or _STORE_PATH.match(path)
             or (self.include_manifests and _MANIFEST_PATH.match(path))
         ):
+            return False
+        if self.path_contains and self.path_contains not in path:
             return False
         ua = request.headers.get("User-Agent", "")
         return self.target_user_agent is None or self.target_user_agent in ua

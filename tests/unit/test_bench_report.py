@@ -116,10 +116,12 @@ def test_cli_modes_and_peers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         ("lazysnap-zstdchunked", "zstdchunked", "lazysnap"),
         ("lazysnap-gzip-index", "gzip-index", "lazysnap"),
         ("lazysnap-estargz-profiled", "estargz-profiled", "lazysnap"),
+        ("lazysnap-eager", "gzip", "lazysnap"),
         ("a", "estargz", "peer"),
         ("b", "zstdchunked", "peer"),
     ]
-    assert modes[6].config == "root = '{root}'\n" and modes[6].snapshotter == "b"
+    assert modes[7].config == "root = '{root}'\n" and modes[7].snapshotter == "b"
+    assert modes[5].lazysnap_overrides == {"fallback": {"mode": "eager"}}  # the plain image, eagerly
     assert "lazysnap-nydus skipped" in notes[0]
     # The built-in peer could not be built: said once, for both of its modes.
     assert notes[1:] == ["stargz peer skipped: golang-go not installed"]

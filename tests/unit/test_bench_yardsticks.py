@@ -29,7 +29,12 @@ def test_stargz_modes_use_the_built_peer(tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(stargz_peer, "build", fake_build)
     args = run.parse_args(
-        ["--modes", "overlayfs,stargz,stargz-profiled,lazysnap-estargz", "--fs-backend", "fuse"]
+        [
+            "--modes",
+            "overlayfs,stargz,stargz-profiled,lazysnap-estargz,lazysnap-eager",
+            "--fs-backend",
+            "fuse",
+        ]
     )
     notes: list[str] = []
     modes = {m.name: m for m in run.build_modes(args, notes)}
@@ -44,6 +49,10 @@ def test_stargz_modes_use_the_built_peer(tmp_path: Path, monkeypatch: pytest.Mon
         "-log-level", "info",
     ]  # fmt: skip
     assert modes["lazysnap-estargz"].lazysnap_overrides == {"fs": {"backend": "fuse"}}
+    assert modes["lazysnap-eager"].lazysnap_overrides == {
+        "fs": {"backend": "fuse"},
+        "fallback": {"mode": "eager"},
+    }
     unset = run.build_modes(run.parse_args(["--modes", "lazysnap-estargz"]), [])
     assert unset[0].lazysnap_overrides == {}
 

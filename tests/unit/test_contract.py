@@ -5,8 +5,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
-from snapshotter.contract import NotLazyError, neighbour_digests, parse_mount_request
+import pytest
+
+from snapshotter.contract import (
+    NotLazyError,
+    Served,
+    mount_request,
+    neighbour_digests,
+    parse_mount_request,
+    served_from_answer,
+)
 
 LAZY_SIDE = (
     "mfusepy",
@@ -14,6 +24,7 @@ LAZY_SIDE = (
     "snapshotter.remote",
     "snapshotter.reader",
     "snapshotter.fuse.",
+    "snapshotter.eager",
 )
 BUILDERS = ("snapshotter.fetcher.push", "snapshotter.formats.build", "snapshotter.formats.build_nydus")
 
@@ -46,14 +57,31 @@ def test_not_lazy_survives_the_wire() -> None:
 
 
 def test_mount_requests_are_checked() -> None:
-    labels, mountpoint = parse_mount_request({"labels": {"a": "b"}, "mountpoint": "/x/fs"})
-    assert labels == {"a": "b"} and str(mountpoint) == "/x/fs"
-    for bad in (None, [], {"labels": {}}, {"labels": {}, "mountpoint": "relative"}, {"mountpoint": "/x"}):
+    labels, mountpoint, lowerdirs = parse_mount_request({"labels": {"a": "b"}, "mountpoint": "/x/fs"})
+    assert labels == {"a": "b"} and str(mountpoint) == "/x/fs" and lowerdirs == []
+    request = mount_request({"a": "b"}, Path("/x/fs"), [Path("/p/2/fs"), Path("/p/1/fs")])
+    assert parse_mount_request(request) == ({"a": "b"}, Path("/x/fs"), [Path("/p/2/fs"), Path("/p/1/fs")])
+    relative_lower = {"labels": {}, "mountpoint": "/x", "lowerdirs": ["rel"]}
+    for bad in (
+        None,
+        [],
+        {"labels": {}},
+        {"labels": {}, "mountpoint": "relative"},
+        {"mountpoint": "/x"},
+        relative_lower,
+    ):
         try:
             parse_mount_request(bad)
         except ValueError:
             continue
         raise AssertionError(f"accepted {bad!r}")
+
+
+def test_mount_answers_say_how_the_layer_was_served() -> None:
+    assert served_from_answer({}) is Served.MOUNTED  # a manager of an earlier version
+    assert served_from_answer({"served": "filled"}) is Served.FILLED
+    with pytest.raises(ValueError):
+        served_from_answer({"served": "teleported"})
 
 
 def test_neighbour_digests_keep_only_digests_up_to_the_limit() -> None:

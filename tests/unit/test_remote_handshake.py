@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ from snapshotter.contract import (
     REMOTE_LABEL_VALUE,
     TARGET_REF_LABEL,
     NotLazyError,
+    Served,
     layer_ref,
 )
 from snapshotter.errors import AlreadyExistsError, FailedPreconditionError, UnavailableError
@@ -31,18 +32,25 @@ class FakeRemote:
     """Mounts by writing a marker file; ``refuse`` makes every layer fall back (or, with
     ``required``, fail as a Nydus-like layer does)."""
 
-    def __init__(self, refuse: str = "", *, required: bool = False) -> None:
+    def __init__(self, refuse: str = "", *, required: bool = False, fill: bool = False) -> None:
         self.refuse = refuse
         self.required = required
+        self.fill = fill  # answer as the eager fallback: the directory filled, nothing mounted
         self.mounted: set[Path] = set()
+        self.lowerdirs: list[list[Path]] = []
         self.healthy = True
 
-    def mount(self, labels: Mapping[str, str], mountpoint: Path) -> None:
+    def mount(self, labels: Mapping[str, str], mountpoint: Path, lowerdirs: Sequence[Path] = ()) -> Served:
         if self.refuse:
             raise NotLazyError(self.refuse, "refused by the test", required=self.required)
         layer_ref(labels)
+        self.lowerdirs.append(list(lowerdirs))
+        if self.fill:
+            (mountpoint / "unpacked").write_bytes(b"x" * 10000)
+            return Served.FILLED
         (mountpoint / "lazy-marker").write_text(labels[TARGET_REF_LABEL])
         self.mounted.add(mountpoint)
+        return Served.MOUNTED
 
     def check(self, mountpoint: Path) -> bool:
         return self.healthy and mountpoint in self.mounted
@@ -78,6 +86,27 @@ def test_lazy_layer_is_committed_under_the_chain_id(tmp_path: Path) -> None:
         snap.prepare("default/3/extract-3 sha256:chain2", "sha256:chain1", upper)
     (mount,) = snap.prepare("container", "sha256:chain2", {})
     assert mount.type == "overlay"
+
+
+def test_filled_layer_is_committed_as_a_plain_snapshot(tmp_path: Path) -> None:
+    """The eager fallback filled the directory: committed under the chain ID without the remote
+    label (nothing to mount again), with its usage, and containerd told it exists."""
+    remote = FakeRemote(fill=True)
+    snap = snapshotter(tmp_path, remote)
+    first = {**LABELS, TARGET_REF_LABEL: "sha256:chain1"}
+    second = {**LABELS, TARGET_REF_LABEL: "sha256:chain2"}
+    with pytest.raises(AlreadyExistsError, match="unpacked by lazysnap"):
+        snap.prepare("default/1/extract-1 sha256:chain1", "", first)
+    with pytest.raises(AlreadyExistsError):
+        snap.prepare("default/2/extract-2 sha256:chain2", "sha256:chain1", second)
+    one, two = snap.stat("sha256:chain1"), snap.stat("sha256:chain2")
+    assert one.kind == Kind.COMMITTED and one.labels == first and two.parent == "sha256:chain1"
+    assert snap.usage("sha256:chain2").size >= 10000 and snap.usage("sha256:chain2").inodes == 2
+    assert [i.name for i in snap.infos()] == ["sha256:chain1", "sha256:chain2"]
+    assert remote.lowerdirs == [[], [snap.fs_path(one.id)]]  # the parent chain, nearest first
+    assert snap.remote_snapshots() == 0
+    (mount,) = snap.prepare("container", "sha256:chain2", {})
+    assert mount.type == "overlay" and str(snap.fs_path(two.id)) in mount.options[-1]
 
 
 def test_layer_that_cannot_be_lazy_is_prepared_normally(tmp_path: Path) -> None:

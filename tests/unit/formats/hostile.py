@@ -16,14 +16,13 @@ import zlib
 import zstandard
 
 from snapshotter.formats.build import estargz_toc_and_footer, zstdchunked_toc_and_footer
-from snapshotter.formats.index import Compression, EntryType
+from snapshotter.formats.index import TYPE_CODES, Compression, EntryType
 from snapshotter.formats.nydus import (
     BOOTSTRAP_MAGIC,
     CHUNK,
     ENTRY,
     HEADER,
     HEADER_SIZE,
-    TYPE_CODES,
     VERSION,
     XATTR,
     pack_footer,
