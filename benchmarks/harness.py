@@ -69,6 +69,10 @@ PER_WORKLOAD_VARIANTS = (PROFILED, OPTIMIZED)
 # The gzip image unchanged, with gzip indexes attached as a referrer (`lazysnap index --push`):
 # the same manifest under a tag of its own, indexed afresh in every benchmark's registry.
 GZIP_INDEX = "gzip-index"
+# The plain eStargz image, with the workload's startup profile (recorded by lazysnap, as for
+# PROFILED) attached in the registry as a referrer (`lazysnap profile push`), pulled by a lazysnap
+# daemon with its default config ([profile] shared = true); see benchmarks.profiled.
+SHARED = "lazysnap-estargz-shared"
 
 
 # --- workloads --------------------------------------------------------------------------------
@@ -366,6 +370,9 @@ class Mode:
     config: str = ""  # peer: text of the file at {config}; lazysnap: unused
     lazysnap_overrides: dict[str, dict[str, object]] = field(default_factory=dict)
     stop_signal: str = "SIGTERM"  # peer: how it is asked to stop (SIGKILL 20 s later)
+    # lazysnap: the run must have mounted the image with the startup profile attached to it in
+    # the registry (the harness attaches the workload's first; checked in the daemon's stats).
+    shared_profile: bool = False
 
     @property
     def snapshotter(self) -> str | None:
@@ -387,6 +394,11 @@ def eager_mode(**overrides: dict[str, object]) -> Mode:
     parallel and unpacked by lazysnap as it arrives."""
     sections = {**overrides, "fallback": {**overrides.get("fallback", {}), "mode": "eager"}}
     return Mode(EAGER, "gzip", "lazysnap", lazysnap_overrides=sections)
+
+
+def shared_profile_mode(**overrides: dict[str, object]) -> Mode:
+    """lazysnap pulling the plain eStargz image whose startup profile is attached in the registry."""
+    return Mode(SHARED, "estargz", "lazysnap", lazysnap_overrides=dict(overrides), shared_profile=True)
 
 
 class SnapshotterProcess(Protocol):
@@ -685,8 +697,27 @@ def _lazy_summary(stats: Mapping[str, Any]) -> dict[str, object]:
         "not_lazy": stats.get("not_lazy"),
         "fetched_by_reason": fetched,
         **({"eager": stats["eager"]} if "eager" in stats else {}),
+        **({"profiles": stats["profiles"]} if "profiles" in stats else {}),
         "links": stats.get("links"),
     }
+
+
+def shared_profile_used(stats: Mapping[str, Any]) -> str | None:
+    """None when the daemon found the image's shared startup profile and mounted layers with it;
+    else what went wrong (from its ``profiles`` statistics)."""
+    profiles = stats.get("profiles")
+    if not isinstance(profiles, Mapping):
+        return "the daemon's statistics have no 'profiles' section"
+    found = int(profiles.get("shared_found") or 0)
+    by_source = profiles.get("layers_by_source") or {}
+    shared_layers = int(by_source.get("shared", 0)) if isinstance(by_source, Mapping) else 0
+    if found >= 1 and shared_layers >= 1:
+        return None
+    return (
+        f"the shared startup profile was not used: shared_found {found}, layers by source {by_source},"
+        f" rejected {profiles.get('shared_rejected')}, look-up errors {profiles.get('shared_errors')},"
+        f" shared {profiles.get('shared')}"
+    )
 
 
 @contextlib.contextmanager
@@ -752,6 +783,11 @@ def cold_run(
         cpu = None
         if process is not None:
             cpu = sum(t - cpu_before.get(pid, 0.0) for pid, t in snapshotter_cpu(process).items())
+        stats = process.stats() if process is not None else {}
+        if mode.shared_profile:
+            problem = shared_profile_used(stats)
+            if problem is not None:
+                raise RuntimeError(f"{workload.name} in {mode.name}: {problem}")
         return RunResult(
             image=workload.name,
             mode=mode.name,
@@ -762,7 +798,7 @@ def cold_run(
             bytes_fetched_ready=at_ready[0] if at_ready else down,
             rep=rep,
             profile=profile,
-            lazy_stats=_lazy_summary(process.stats()) if process is not None else {},
+            lazy_stats=_lazy_summary(stats),
             cpu_s=cpu,
         )
 

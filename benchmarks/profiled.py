@@ -9,10 +9,15 @@ profile, the way a user optimizes an image after running it once.
   a container from the gzip image, records the files it accesses (fanotify) and converts to
   eStargz with those files first and a landmark after them, as stargz users do.
 
+* ``lazysnap-estargz-shared`` (:data:`benchmarks.harness.SHARED`): the plain ``estargz`` image,
+  not converted again; the list lazysnap recorded (the one ``estargz-profiled`` is converted
+  with) is attached to it in the registry with ``lazysnap profile push --files`` before the
+  workload's runs (:func:`attach_profile`), and a daemon with its default config finds it there.
+
 A profile belongs to a workload, not to an image (model and model-full share one image), so the
 tag is ``<variant>.<workload>`` (:func:`benchmarks.harness.image_tag`). Converted tags are cached
 in the image's layout with a stamp naming the converter and the workload's command; the recorded
-lists are kept beside the layout, under ``profiles/``.
+lists are kept beside the layout, under ``profiles/`` (stamped as ``profile.<workload>``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +45,8 @@ from benchmarks.harness import (
     run_workload,
 )
 from benchmarks.images import locked, set_variant_stamp, variant_stamps
+from snapshotter.fetcher.manifest import referrers_tag
+from snapshotter.image import OciLayout
 from tests.support import oci
 from tests.support.daemon import LazysnapDaemon, write_config
 from tests.support.scratch import remove_tmpdir
@@ -88,14 +96,14 @@ def ensure(images: ImageSet, workload: Workload, variants: Sequence[str]) -> Non
             wanted = stamp(variant, workload)
             if tag in have and stamps.get(tag) == wanted:
                 continue
-            work = images.workdir / "prof"
-            try:
-                if variant == PROFILED:
-                    _record_and_convert(images, workload, layout, tag, work)
-                else:
+            if variant == PROFILED:
+                _convert(layout, _recorded(images, workload, layout), tag)
+            else:
+                work = images.workdir / "prof"
+                try:
                     _optimize(images, workload, layout, tag, work)
-            finally:
-                remove_tmpdir(work)
+                finally:
+                    remove_tmpdir(work)
             set_variant_stamp(layout, tag, wanted)
     for variant in variants:
         tag = image_tag(variant, workload)
@@ -108,12 +116,47 @@ def profile_path(layout: Path, tag: str) -> Path:
     return layout.parent / "profiles" / f"{tag}.txt"
 
 
-def _record_and_convert(images: ImageSet, workload: Workload, layout: Path, tag: str, work: Path) -> None:
+def recorded_profile(layout: Path, workload: Workload) -> Path:
+    """Where the list of files lazysnap recorded for ``workload`` is kept (:func:`ensure_profile`)."""
+    return profile_path(layout, image_tag(PROFILED, workload))
+
+
+def ensure_profile(images: ImageSet, workload: Workload) -> Path:
+    """The list of files lazysnap records as ``workload``'s startup profile, from the cache or
+    recorded now (``images`` was built with the ``estargz`` tag)."""
+    if images.layout is None:
+        raise RuntimeError("ImageSet.build() first")
+    with locked(images.cache):
+        return _recorded(images, workload, images.layout)
+
+
+def _recorded(images: ImageSet, workload: Workload, layout: Path) -> Path:
+    """``ensure_profile`` with the cache lock held. The list is current when stamped by this
+    recorder, or when the ``estargz-profiled`` tag converted from it is."""
+    listing = recorded_profile(layout, workload)
+    wanted = stamp(PROFILED, workload)
+    stamps = variant_stamps(layout)
+    key = f"profile.{workload.name}"
+    if listing.exists() and wanted in (stamps.get(key), stamps.get(image_tag(PROFILED, workload))):
+        return listing
+    work = images.workdir / "prof"
+    try:
+        _record(images, workload, listing, work)
+    finally:
+        remove_tmpdir(work)
+    set_variant_stamp(layout, key, wanted)
+    return listing
+
+
+def _profile_files(listing: Path) -> list[str]:
+    return [ln for ln in listing.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def _record(images: ImageSet, workload: Workload, listing: Path, work: Path) -> None:
     work.mkdir(parents=True)
     config = write_config(work / "lazysnap.toml", {"profile": {"record": True}})
     daemon = LazysnapDaemon(work / "s", config=config, extra_args=["--log-level", "info"])
     containerd = Containerd(work / "cd", {SNAPSHOTTER: str(daemon.address)})
-    listing = profile_path(layout, tag)
     listing.parent.mkdir(exist_ok=True)
     ref = images.ref(images.registry.host, "estargz")
     print(f"[images] {workload.name}: recording its startup profile with lazysnap ...", flush=True)
@@ -130,15 +173,65 @@ def _record_and_convert(images: ImageSet, workload: Workload, layout: Path, tag:
         with contextlib.suppress(Exception):
             containerd.stop()
         daemon.stop()
-    files = [ln for ln in listing.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    files = _profile_files(listing)
     if not files:
         raise RuntimeError(f"{workload.name}: the recorded startup profile is empty")
-    print(f"[images] {workload.name}: {len(files)} files in the profile; converting ...", flush=True)
+    print(f"[images] {workload.name}: {len(files)} files in the profile", flush=True)
+
+
+def _convert(layout: Path, listing: Path, tag: str) -> None:
+    print(f"[images] converting {tag} with {listing.name} ...", flush=True)
     convert = [sys.executable, "-m", "snapshotter", "convert", "--format", "estargz", "--quiet"]
     convert += ["--prefetch-files", str(listing), f"oci:{layout}:gzip", f"oci:{layout}:{tag}"]
     proc = subprocess.run(convert, capture_output=True, text=True, timeout=7200, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"lazysnap convert exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+
+
+def attach_profile(images: ImageSet, workload: Workload) -> str:
+    """Attach ``workload``'s recorded profile (:func:`ensure_profile`) to the ``estargz`` image in
+    the benchmark's registry as its only startup profile, with ``lazysnap profile push``; what
+    that printed. RuntimeError, saying why, when the profile is missing or the push fails.
+
+    model and model-full share the image, so one profile replaces the other: the registry has no
+    referrers API (distribution 2.8), its referrers tag lists the artifacts, the newest is used,
+    and a re-pushed artifact keeps its place in the list; so the list is emptied first."""
+    layout = images.layout
+    if layout is None:
+        raise RuntimeError("ImageSet.build() first")
+    listing = recorded_profile(layout, workload)
+    if not listing.exists() or not _profile_files(listing):
+        raise RuntimeError(
+            f"{workload.name}: no recorded startup profile to attach ({listing} is missing or empty)"
+        )
+    subject = OciLayout(layout).tagged("estargz")
+    if subject.media_type != "application/vnd.oci.image.manifest.v1+json":
+        raise RuntimeError(
+            f"{workload.name}: the estargz tag is a {subject.media_type}, not an image manifest"
+        )
+    _empty_referrers(images, subject.digest)
+    ref = images.ref(images.registry.host, "estargz")
+    push = [sys.executable, "-m", "snapshotter", "profile", "push", ref, "--files", str(listing)]
+    push += ["--manifest", subject.digest, "--hosts-dir", str(images.workdir)]
+    proc = subprocess.run(push, capture_output=True, text=True, timeout=600, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{workload.name}: lazysnap profile push exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"
+        )
+    return proc.stdout.strip()
+
+
+def _empty_referrers(images: ImageSet, subject: str) -> None:
+    """Point the referrers tag of manifest ``subject`` at an empty list."""
+    url = f"http://{images.registry.host}/v2/{images.repo}/manifests/{referrers_tag(subject)}"
+    body = json.dumps({"schemaVersion": 2, "mediaType": _OCI_INDEX, "manifests": []}).encode()
+    request = urllib.request.Request(url, data=body, method="PUT", headers={"Content-Type": _OCI_INDEX})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        if response.status != 201:
+            raise RuntimeError(f"emptying the referrers tag of {subject}: HTTP {response.status}")
+
+
+_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
 def _optimize(images: ImageSet, workload: Workload, layout: Path, tag: str, work: Path) -> None:

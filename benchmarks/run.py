@@ -15,6 +15,12 @@ dropped), modes interleaved within a repetition:
                         lazysnap, eStargz converted by `lazysnap convert --prefetch-files` with
                         the workload's startup profile, recorded by lazysnap in a first run
                         (`[profile] record = true`, `lazysnap profile export`)
+  lazysnap-estargz-shared
+                        lazysnap with its default config, the plain eStargz image (not converted
+                        again) with that same recorded profile attached in the registry as a
+                        referrer (`lazysnap profile push --files`, before the workload's runs);
+                        a run that did not mount the image with it ([profile] shared, the daemon's
+                        `profiles` statistics) is recorded as failed
   stargz                the stargz-snapshotter 0.12, built from Debian's packaged Go sources
                         (benchmarks.stargz_peer; the first run installs golang-go and
                         golang-github-containerd-stargz-snapshotter-dev with apt and builds it,
@@ -93,6 +99,7 @@ from benchmarks.harness import (
     OVERLAYFS,
     PER_WORKLOAD_VARIANTS,
     PROFILED,
+    SHARED,
     ImageSet,
     Mode,
     RunResult,
@@ -111,6 +118,7 @@ from benchmarks.harness import (
     redis_workload,
     serve_registry,
     shaped,
+    shared_profile_mode,
     sympy_workload,
     warm_runs,
 )
@@ -122,7 +130,7 @@ RESULTS = Path(__file__).parent / "results"
 IMAGES = ("model", "model-full", "python", "gcc", "redis", "sympy")
 LAZY_VARIANTS = ("estargz", "zstdchunked", "nydus", GZIP_INDEX, PROFILED)
 STARGZ_MODES = {stargz_peer.NAME: "estargz", f"{stargz_peer.NAME}-profiled": OPTIMIZED}
-MODES = ("overlayfs", *(f"lazysnap-{v}" for v in LAZY_VARIANTS), EAGER, *STARGZ_MODES)
+MODES = ("overlayfs", *(f"lazysnap-{v}" for v in LAZY_VARIANTS), SHARED, EAGER, *STARGZ_MODES)
 PEER_FORMATS = ("estargz", "zstdchunked", "nydus", "gzip")
 BIG_SHARD_MIB = 2048
 
@@ -167,7 +175,16 @@ def fresh_stem(out: Path, name: str) -> Path:
 def modes_for(w: Workload, modes: list[Mode]) -> list[Mode]:
     """All modes, but the 8 GiB image has no Nydus-like variant (the builder works in memory)
     and no profiled ones (a profile would prefetch whole 2 GiB shards)."""
-    return [m for m in modes if not (w.big and m.variant in ("nydus", *PER_WORKLOAD_VARIANTS))]
+    return [
+        m
+        for m in modes
+        if not (w.big and (m.variant in ("nydus", *PER_WORKLOAD_VARIANTS) or m.shared_profile))
+    ]
+
+
+def wants_shared_profile(w: Workload, modes: list[Mode]) -> bool:
+    """Whether ``w`` runs a mode that pulls with its startup profile attached in the registry."""
+    return any(m.shared_profile for m in modes_for(w, modes))
 
 
 def base_variants(w: Workload, modes: list[Mode]) -> list[str]:
@@ -215,6 +232,9 @@ def build_modes(args: argparse.Namespace, notes: list[str]) -> list[Mode]:
             continue
         if name == EAGER:
             modes.append(eager_mode(**lazysnap_overrides))
+            continue
+        if name == SHARED:
+            modes.append(shared_profile_mode(**lazysnap_overrides))
             continue
         if name in STARGZ_MODES:
             if not peer_tried:
@@ -383,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                 wanted = [v for v in PER_WORKLOAD_VARIANTS if v in {m.variant for m in modes_for(w, modes)}]
                 try:
                     profiled.ensure(image_sets[slug], w, wanted)
+                    if wants_shared_profile(w, modes):
+                        profiled.ensure_profile(image_sets[slug], w)
                 except Exception as exc:  # its runs fail too (no such tag); the other modes go on
                     traceback.print_exc()
                     print(f"[images] {w.name}: profiled variants FAILED: {exc}", flush=True)
@@ -424,9 +446,24 @@ def main(argv: list[str] | None = None) -> int:
                 results: list[RunResult] = []
                 with shaped(registry, profile) as proxy:
                     for w in chosen:
+                        unattached = attach_shared_profile(image_sets[w.source.slug], w, modes)
                         for rep in range(args.reps):
                             for mode in modes_for(w, modes):
                                 if w.big and mode.kind == "overlayfs" and rep > 0:
+                                    continue
+                                if mode.shared_profile and unattached:
+                                    print(
+                                        f"[{profile}] {w.name} {mode.name} #{rep + 1}: FAILED: {unattached}"
+                                    )
+                                    failures.append(
+                                        {
+                                            "profile": profile,
+                                            "image": w.name,
+                                            "mode": mode.name,
+                                            "rep": rep,
+                                            "error": unattached,
+                                        }
+                                    )
                                     continue
                                 run_started = time.monotonic()
                                 try:
@@ -476,6 +513,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(failures)} run(s) failed; see the JSON's 'failures'", file=sys.stderr)
         return 1
     return 0
+
+
+def attach_shared_profile(images: ImageSet, w: Workload, modes: list[Mode]) -> str:
+    """Attach ``w``'s recorded startup profile to its image in the registry when one of its modes
+    wants it (model's replaces model-full's: they share the image); why it could not be, or ""."""
+    if not wants_shared_profile(w, modes):
+        return ""
+    try:
+        said = profiled.attach_profile(images, w)
+    except Exception as exc:
+        traceback.print_exc()
+        return f"startup profile not attached: {str(exc)[-2000:]}"
+    print(f"[profile] {w.name}: {' / '.join(said.splitlines())}", flush=True)
+    return ""
 
 
 def write_profile(

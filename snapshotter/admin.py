@@ -56,7 +56,8 @@ class LazyBackend(Protocol):
     """Where the lazy-layer answers come from: the FUSE manager (in-process, or over its socket)."""
 
     def stats(self) -> dict[str, Any]: ...
-    def profile(self, image: str) -> list[str]: ...  # AdminError(404) when none was recorded
+    # {"image", "manifest" (digest or ""), "files"}; AdminError(404) when none was recorded
+    def profile(self, image: str) -> dict[str, Any]: ...
     def prune(self, keep_bytes: int) -> dict[str, Any]: ...
     def set_log_level(self, level: str) -> None: ...
     def metrics_text(self) -> str: ...
@@ -81,7 +82,7 @@ def admin_app(backend: LazyBackend | None, metrics: Metrics | None) -> web.Appli
         if backend is None:
             return lazy_off()
         image = request.query.get("image", "")
-        return await call(lambda: {"image": image, "files": backend.profile(image)})
+        return await call(lambda: backend.profile(image))
 
     async def prune(request: web.Request) -> web.Response:
         if backend is None:
@@ -246,8 +247,13 @@ def fetch_stats(address: Path, timeout: float = 10.0) -> dict[str, Any]:
 
 def fetch_profile(address: Path, image: str, timeout: float = 10.0) -> list[str]:
     """The startup profile of ``image`` from a running daemon; AdminError says why not."""
-    result = admin_get(address, "/profile?" + urllib.parse.urlencode({"image": image}), timeout)
-    return [str(f) for f in result["files"]]
+    return [str(f) for f in fetch_profile_doc(address, image, timeout)["files"]]
+
+
+def fetch_profile_doc(address: Path, image: str, timeout: float = 10.0) -> dict[str, Any]:
+    """The startup profile of ``image`` as the daemon answers it: ``image``, ``manifest`` (the
+    digest it was recorded with, "" when unknown) and ``files``; AdminError says why not."""
+    return admin_get(address, "/profile?" + urllib.parse.urlencode({"image": image}), timeout)
 
 
 def set_log_level(address: Path, level: str, timeout: float = 10.0) -> None:

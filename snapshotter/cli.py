@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from snapshotter import __version__
-from snapshotter.cli_admin import add_admin_parsers, run_admin
+from snapshotter.cli_admin import add_admin_parsers, registry_options, run_admin
 from snapshotter.config import FS_BACKENDS, LOG_LEVELS, deprecation_warnings, load, with_backend
 from snapshotter.errors import ConfigError
 from snapshotter.logsetup import setup as setup_logging
@@ -113,28 +113,6 @@ def _add_convert_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     )
 
 
-def _registry_options(parser: argparse.ArgumentParser) -> None:
-    from snapshotter.fetcher import DEFAULT_CONFIG_DIR, default_docker_config
-
-    parser.add_argument(
-        "--hosts-dir",
-        metavar="DIR",
-        type=Path,
-        default=DEFAULT_CONFIG_DIR,
-        help=f"containerd hosts.toml directory (default {DEFAULT_CONFIG_DIR})",
-    )
-    parser.add_argument(
-        "--docker-config",
-        metavar="FILE",
-        type=Path,
-        default=default_docker_config(),
-        help="docker config.json with registry credentials (default: $DOCKER_CONFIG or ~/.docker)",
-    )
-    parser.add_argument(
-        "--plain-http", action="store_true", help="speak plain HTTP to the registry (loopback always is)"
-    )
-
-
 def _add_index_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     index = commands.add_parser(
         "index",
@@ -154,7 +132,7 @@ def _add_index_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
         help="uncompressed bytes between checkpoints, e.g. 1M or 4MiB (default 4MiB): smaller spans "
         "fetch less per read and make bigger indexes",
     )
-    _registry_options(index)
+    registry_options(index)
     index.add_argument("--quiet", "-q", action="store_true", help="print only the artifact digest")
 
 

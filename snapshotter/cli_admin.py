@@ -1,5 +1,6 @@
-"""Subcommands that talk to a running daemon over its root-only admin socket (ROOT/admin.sock), and
-``restart-manager``, which hands the FUSE manager of a root over to a successor process."""
+"""Subcommands that talk to a running daemon over its root-only admin socket (ROOT/admin.sock),
+``restart-manager``, which hands the FUSE manager of a root over to a successor process, and
+``profile push``, which attaches a profile the daemon recorded to its image in the registry."""
 
 from __future__ import annotations
 
@@ -26,6 +27,28 @@ def _daemon_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def registry_options(parser: argparse.ArgumentParser) -> None:
+    from snapshotter.fetcher import DEFAULT_CONFIG_DIR, default_docker_config
+
+    parser.add_argument(
+        "--hosts-dir",
+        metavar="DIR",
+        type=Path,
+        default=DEFAULT_CONFIG_DIR,
+        help=f"containerd hosts.toml directory (default {DEFAULT_CONFIG_DIR})",
+    )
+    parser.add_argument(
+        "--docker-config",
+        metavar="FILE",
+        type=Path,
+        default=default_docker_config(),
+        help="docker config.json with registry credentials (default: $DOCKER_CONFIG or ~/.docker)",
+    )
+    parser.add_argument(
+        "--plain-http", action="store_true", help="speak plain HTTP to the registry (loopback always is)"
+    )
+
+
 def add_admin_parsers(commands: Parsers) -> None:
     _daemon_args(commands.add_parser("stats", help="print a running daemon's lazy-pull statistics (JSON)"))
     _daemon_args(
@@ -36,14 +59,31 @@ def add_admin_parsers(commands: Parsers) -> None:
     profile = _daemon_args(
         commands.add_parser(
             "profile",
-            help="export an image's recorded startup profile (needs [profile] record = true)",
-            description="Print the files IMAGE's containers read first after its layers were mounted, "
-            "in first-read order: the list `lazysnap convert --prefetch-files` takes.",
+            help="export an image's recorded startup profile, or push it to the registry for other nodes",
+            description="export: print the files IMAGE's containers read first after its layers were "
+            "mounted, in first-read order (needs [profile] record = true): the list `lazysnap convert "
+            "--prefetch-files` takes. push: attach that profile (or the list in --files) to IMAGE's "
+            "manifest in the registry as an OCI referrer artifact; every lazysnap node pulling that "
+            "manifest lazily then fetches those files first (docs/PROFILES.md).",
         )
     )
-    profile.add_argument("action", choices=("export",))
+    profile.add_argument("action", choices=("export", "push"))
     profile.add_argument("image", metavar="IMAGE", help="the image reference, as it was pulled")
-    profile.add_argument("-o", "--output", type=Path, help="write the list here instead of stdout")
+    profile.add_argument("-o", "--output", type=Path, help="export: write the list here instead of stdout")
+    profile.add_argument(
+        "-f",
+        "--files",
+        type=Path,
+        metavar="FILE",
+        help="push: the paths to push, one per line ('#' comments), instead of the daemon's recorded profile",
+    )
+    profile.add_argument(
+        "--manifest",
+        metavar="DIGEST",
+        help="push: attach to this manifest digest (default: the one the profile was recorded with, "
+        "else what IMAGE resolves to)",
+    )
+    registry_options(profile)
     cache = _daemon_args(commands.add_parser("cache", help="show the chunk cache's size, or prune it"))
     cache.add_argument("action", nargs="?", choices=("show", "prune"), default="show")
     cache.add_argument(
@@ -108,6 +148,8 @@ def _status(address: Path, _: argparse.Namespace) -> int:
 
 
 def _profile(address: Path, args: argparse.Namespace) -> int:
+    if args.action == "push":
+        return _profile_push(address, args)
     files = admin.fetch_profile(address, args.image)
     text = "".join(f"{f}\n" for f in files)
     if args.output is None:
@@ -115,6 +157,49 @@ def _profile(address: Path, args: argparse.Namespace) -> int:
     else:
         args.output.write_text(text)
         print(f"{len(files)} files written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _profile_push(address: Path, args: argparse.Namespace) -> int:
+    """Exit 0 when attached, 2 for a profile that would not be used, 1 when the push failed."""
+    import asyncio
+
+    from snapshotter.fetcher import FetchError, InvalidReferenceError
+    from snapshotter.referrers import AttachError
+    from snapshotter.sharedprofile import BadProfileError, push_recorded
+
+    manifest = args.manifest or ""
+    if args.files is not None:
+        try:
+            lines = [line.strip() for line in args.files.read_text().splitlines()]
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"lazysnap: cannot read {args.files}: {exc}", file=sys.stderr)
+            return 2
+        files = [line for line in lines if line and not line.startswith("#")]
+    else:
+        recorded = admin.fetch_profile_doc(address, args.image)
+        files = [str(f) for f in recorded["files"]]
+        manifest = manifest or str(recorded.get("manifest") or "")
+    try:
+        pushed = asyncio.run(
+            push_recorded(
+                args.image,
+                files,
+                manifest,
+                hosts_dir=args.hosts_dir,
+                docker_config=args.docker_config,
+                plain_http=args.plain_http,
+            )
+        )
+    except (BadProfileError, InvalidReferenceError) as exc:
+        print(f"lazysnap: profile not pushed: {exc}", file=sys.stderr)
+        return 2
+    except (FetchError, AttachError) as exc:
+        print(f"lazysnap: profile push failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"{pushed.files} files attached to {pushed.manifest} as referrer {pushed.artifact}")
+    if pushed.referrers_tag:
+        print(f"  listed under the referrers tag {pushed.referrers_tag} (no referrers API)")
     return 0
 
 

@@ -125,6 +125,9 @@ class ProfileConfig:
     # Record, per image, the files its container reads first (`lazysnap profile export`).
     record: bool = False
     window_seconds: float = 60.0  # record first reads during this long after each layer mount
+    # Look for a startup profile attached to the pulled manifest in the registry (docs/PROFILES.md)
+    # when no profile was recorded here; `lazysnap profile push` attaches one.
+    shared: bool = True
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from snapshotter.admin import (
     AdminError,
     admin_get,
     fetch_metrics,
-    fetch_profile,
+    fetch_profile_doc,
     fetch_stats,
     prune_cache,
     set_log_level,
@@ -231,8 +231,8 @@ class FuseManagerClient:
     def stats(self) -> dict[str, Any]:
         return fetch_stats(self.address)
 
-    def profile(self, image: str) -> list[str]:
-        return fetch_profile(self.address, image)
+    def profile(self, image: str) -> dict[str, Any]:
+        return fetch_profile_doc(self.address, image)
 
     def prune(self, keep_bytes: int) -> dict[str, Any]:
         return prune_cache(self.address, keep_bytes)

@@ -128,12 +128,13 @@ class LocalBackend:
     def stats(self) -> dict[str, Any]:
         return self.remote.stats()
 
-    def profile(self, image: str) -> list[str]:
+    def profile(self, image: str) -> dict[str, Any]:
         recorder = self.remote.recorder
         if recorder is None:
             raise AdminError("profile recording is off: set [profile] record = true and restart", 409)
         try:
-            return recorder.export(image)
+            files = recorder.export(image)
+            return {"image": image, "manifest": recorder.manifest_of(image), "files": files}
         except ProfileNotFoundError:
             known = ", ".join(recorder.images()) or "none"
             raise AdminError(f"no startup profile for {image!r} (profiles: {known})", 404) from None
@@ -264,6 +265,7 @@ def build_remote(
         max_toc_bytes=config.remote.max_toc_bytes,
         mount_timeout=config.remote.mount_timeout_seconds,
         gzip_index=config.remote.gzip_index,
+        shared_profiles=config.profile.shared,
         recorder=(
             StartupRecorder(config.root / "profiles", config.profile.window_seconds)
             if config.profile.record

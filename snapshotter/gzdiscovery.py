@@ -2,12 +2,12 @@
 
 ``lazysnap index --push`` attaches to an image manifest a referrer artifact (artifactType
 ``gzindex.ARTIFACT_TYPE``) holding one index blob per layer (docs/GZIP-INDEX.md). Here the daemon
-finds it again: the manifest's referrers are listed (referrers API, else the referrers tag schema),
-the artifacts of that type are fetched by digest, and only one whose ``subject`` is the pulled
-manifest's digest counts. Its layer descriptors give, per layer digest, the index blob's digest
-and size: that digest pins the index (``gzindex.parse_index`` verifies the blob against it) and
-the index names its layer's digest and size again. Registry documents are bounded in size and
-count before they are read.
+finds it again (``snapshotter.referrers``): the manifest's referrers are listed (referrers API,
+else the referrers tag schema), the artifacts of that type are fetched by digest, and only one
+whose ``subject`` is the pulled manifest's digest counts. Its layer descriptors give, per layer
+digest, the index blob's digest and size: that digest pins the index (``gzindex.parse_index``
+verifies the blob against it) and the index names its layer's digest and size again. Registry
+documents are bounded in size and count before they are read.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from snapshotter.digest import InvalidDigestError, validate_digest
-from snapshotter.fetcher import OCI_MANIFEST, ManifestError, RegistryClient, parse_descriptor
+from snapshotter.fetcher import Descriptor, RegistryClient
 from snapshotter.formats import gzindex
+from snapshotter.referrers import BadArtifactError, artifact_layers, fetch_artifact, newest_of_type
 
 MAX_ARTIFACTS = 4  # index artifacts of one image fetched (the newest pushes are listed last)
 
@@ -41,25 +42,16 @@ class FoundIndex:
         }
 
 
-class BadIndexArtifactError(ValueError):
-    """A referrer artifact of the index type that cannot be used (the message says why)."""
+BadIndexArtifactError = BadArtifactError  # an index artifact that cannot be used
 
 
 def indexes_in_artifact(doc: Mapping[str, object], subject: str) -> dict[str, tuple[str, int]]:
     """Layer digest -> (index blob digest, size) of one referrer artifact's manifest, checked to
     be an index artifact whose subject is ``subject``; BadIndexArtifactError otherwise."""
-    if doc.get("artifactType") != gzindex.ARTIFACT_TYPE:
-        raise BadIndexArtifactError(f"artifactType is {doc.get('artifactType')!r}")
-    try:
-        pointed = parse_descriptor(doc.get("subject"), "subject")
-        layers = doc.get("layers")
-        if not isinstance(layers, list):
-            raise ManifestError("no 'layers' list")
-        descriptors = [parse_descriptor(value, f"layers[{i}]") for i, value in enumerate(layers)]
-    except ManifestError as exc:
-        raise BadIndexArtifactError(str(exc)) from None
-    if pointed.digest != subject:
-        raise BadIndexArtifactError(f"its subject is {pointed.digest}, not the pulled manifest {subject}")
+    return _indexes(artifact_layers(doc, subject, gzindex.ARTIFACT_TYPE))
+
+
+def _indexes(descriptors: list[Descriptor]) -> dict[str, tuple[str, int]]:
     out: dict[str, tuple[str, int]] = {}
     for desc in descriptors:
         if desc.media_type != gzindex.INDEX_MEDIA_TYPE:
@@ -79,19 +71,15 @@ async def find_indexes(
     layer digest, and why artifacts of the index type were skipped. The registry's errors
     (FetchError) propagate: the caller decides what an unreachable registry means."""
     listed = await client.referrers(reference, manifest_digest)
-    artifacts = [
-        d for d in listed if d.artifact_type == gzindex.ARTIFACT_TYPE and d.media_type == OCI_MANIFEST
-    ]
     found: dict[str, FoundIndex] = {}
     skipped: list[str] = []
-    # The newest first: referrers lists append, so a re-indexed image's latest artifact wins.
-    for desc in list(reversed(artifacts))[:MAX_ARTIFACTS]:
+    # The newest first: a re-indexed image's latest artifact wins.
+    for desc in newest_of_type(listed, gzindex.ARTIFACT_TYPE, MAX_ARTIFACTS):
         try:
-            kind, doc, _ = await client.manifest(reference, desc.digest)
-            if kind != OCI_MANIFEST:
-                raise BadIndexArtifactError(f"it is a {kind}")
-            layers = indexes_in_artifact(doc, manifest_digest)
-        except BadIndexArtifactError as exc:
+            layers = _indexes(
+                await fetch_artifact(client, reference, desc.digest, manifest_digest, gzindex.ARTIFACT_TYPE)
+            )
+        except BadArtifactError as exc:
             skipped.append(f"referrer {desc.digest}: {exc}")
             continue
         for layer, (digest, size) in layers.items():

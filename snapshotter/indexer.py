@@ -15,28 +15,23 @@ docs/GZIP-INDEX.md describes the artifact. Layers are indexed at most ``parallel
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from snapshotter import referrers
 from snapshotter.convert import ConvertError, _all, _load_config
 from snapshotter.fetcher import (
     DEFAULT_CONFIG_DIR,
     MANIFEST_TYPES,
-    OCI_INDEX,
     OCI_MANIFEST,
     CredentialStore,
     Descriptor,
     HostsConfig,
-    ManifestNotFoundError,
-    Pusher,
     Reference,
     RegistryClient,
 )
-from snapshotter.fetcher.manifest import ManifestError, digest_of, parse_referrers, referrers_tag
 from snapshotter.formats import FormatError, gzindex, registry
 from snapshotter.image import (
     ImageSource,
@@ -45,14 +40,11 @@ from snapshotter.image import (
     OciLayout,
     RegistryLocation,
     SourceImage,
-    canonical_json,
     open_source,
 )
+from snapshotter.referrers import with_referrer  # exported: the tag schema's list, for callers
 
-EMPTY_CONFIG_TYPE = "application/vnd.oci.empty.v1+json"
-EMPTY_CONFIG = b"{}"
 DEFAULT_PARALLEL_LAYERS = 2
-PUSH_CHUNK_SIZE = 8 << 20
 
 
 class IndexingError(Exception):
@@ -171,75 +163,19 @@ def artifact_manifest(image: SourceImage, indexes: list[tuple[LayerOutcome, byte
         for outcome, _ in indexes
         if outcome.index_digest
     ]
-    doc = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "artifactType": gzindex.ARTIFACT_TYPE,
-        "config": {
-            "mediaType": EMPTY_CONFIG_TYPE,
-            "digest": digest_of(EMPTY_CONFIG),
-            "size": len(EMPTY_CONFIG),
-            "data": base64.b64encode(EMPTY_CONFIG).decode(),
-        },
-        "layers": layers,
-        "subject": {"mediaType": image.media_type, "digest": image.digest, "size": image.size},
-    }
-    return canonical_json(doc)
-
-
-def with_referrer(index_doc: dict[str, Any] | None, artifact: bytes) -> bytes | None:
-    """The referrers tag schema's image index with ``artifact`` listed (the spec's rules: the
-    descriptor carries the artifact's artifactType and annotations, no duplicates); None when it
-    is listed already."""
-    digest = digest_of(artifact)
-    manifests: list[Any] = list(index_doc.get("manifests", [])) if index_doc else []
-    if any(isinstance(m, dict) and m.get("digest") == digest for m in manifests):
-        return None
-    doc = json.loads(artifact)
-    entry: dict[str, Any] = {
-        "mediaType": OCI_MANIFEST,
-        "digest": digest,
-        "size": len(artifact),
-        "artifactType": doc["artifactType"],
-    }
-    if doc.get("annotations"):
-        entry["annotations"] = doc["annotations"]
-    out = dict(index_doc or {})
-    out.update({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [*manifests, entry]})
-    return canonical_json(out)
+    subject = {"mediaType": image.media_type, "digest": image.digest, "size": image.size}
+    return referrers.artifact_manifest(gzindex.ARTIFACT_TYPE, layers, subject)
 
 
 async def push_to_registry(
     client: RegistryClient, ref: Reference, image: SourceImage, indexes: list[tuple[LayerOutcome, bytes]]
 ) -> tuple[str, str]:
     """Push the index blobs and the artifact; (its digest, the referrers tag if one was needed)."""
-    pusher = Pusher(client, chunk_size=PUSH_CHUNK_SIZE)
-    repo = Reference(ref.host, ref.repository)
-    for outcome, data in indexes:
-        if outcome.index_digest:
-            await pusher.push_blob(repo, outcome.index_digest, data)
-    await pusher.push_blob(repo, digest_of(EMPTY_CONFIG), EMPTY_CONFIG)
-    artifact = artifact_manifest(image, indexes)
-    digest, subject = await pusher.put_manifest_subject(repo, artifact, OCI_MANIFEST)
-    if subject == image.digest:
-        return digest, ""
-    # No referrers API: keep the referrers tag schema's list (pull, append, push).
-    tag = referrers_tag(image.digest)
-    current: dict[str, Any] | None = None
+    blobs = [(outcome.index_digest, data) for outcome, data in indexes if outcome.index_digest]
     try:
-        kind, doc, _ = await client.manifest(Reference(ref.host, ref.repository, tag=tag))
-        if kind != OCI_INDEX:
-            raise IndexingError(f"the referrers tag {tag} names a {kind}, not an image index: not touched")
-        parse_referrers(doc)
-        current = doc
-    except ManifestNotFoundError:
-        current = None
-    except ManifestError as exc:
-        raise IndexingError(f"the referrers tag {tag} holds no referrers list: {exc}") from None
-    updated = with_referrer(current, artifact)
-    if updated is not None:
-        await pusher.put_manifest(Reference(ref.host, ref.repository, tag=tag), updated, OCI_INDEX)
-    return digest, tag
+        return await referrers.attach(client, ref, image.digest, blobs, artifact_manifest(image, indexes))
+    except referrers.AttachError as exc:
+        raise IndexingError(str(exc)) from None
 
 
 def store_in_layout(path: Path, image: SourceImage, indexes: list[tuple[LayerOutcome, bytes]]) -> str:
@@ -249,7 +185,7 @@ def store_in_layout(path: Path, image: SourceImage, indexes: list[tuple[LayerOut
     for outcome, data in indexes:
         if outcome.index_digest:
             layout.write_blob(data)
-    layout.write_blob(EMPTY_CONFIG)
+    layout.write_blob(referrers.EMPTY_CONFIG)
     artifact = artifact_manifest(image, indexes)
     digest = layout.write_blob(artifact)
     layout.add_referrer(

@@ -7,7 +7,9 @@ image, run it once, and convert it again with the list of what its startup reall
 shared with an image mounted earlier is not mounted again, so its reads count for that image.
 
 Profiles live in memory and in ``ROOT/profiles/`` (one JSON file per image, written when a
-window closes and at shutdown), so that they survive a daemon restart. Thread-safe: reads are
+window closes and at shutdown), so that they survive a daemon restart. Each also keeps the digest
+of the image manifest it was recorded with, when containerd named it, so that ``lazysnap profile
+push`` attaches it to that manifest (``snapshotter.sharedprofile``). Thread-safe: reads are
 reported from FUSE worker threads.
 """
 
@@ -39,14 +41,21 @@ class StartupRecorder:
         self._lock = threading.Lock()
         # image reference -> path -> wall time of its first read (dicts keep first-read order)
         self._profiles: dict[str, dict[str, float]] = {}
+        self._manifests: dict[str, str] = {}  # image reference -> manifest digest, when known
         self._dirty: set[str] = set()
 
     def _path(self, reference: str) -> Path:
         return self.dir / (hashlib.sha256(reference.encode()).hexdigest()[:32] + ".json")
 
-    def layer_mounted(self, reference: str) -> Callable[[str], None]:
-        """A callback for the layer's file system: call it with a file's path at its first read."""
+    def layer_mounted(self, reference: str, manifest_digest: str = "") -> Callable[[str], None]:
+        """A callback for the layer's file system: call it with a file's path at its first read.
+        ``manifest_digest``: the image manifest the layer was pulled with, if known."""
         deadline = time.monotonic() + self.window
+        if manifest_digest:
+            with self._lock:
+                if self._manifests.get(reference) != manifest_digest:
+                    self._manifests[reference] = manifest_digest
+                    self._dirty.add(reference)
 
         def first_read(path: str) -> None:
             if time.monotonic() <= deadline:
@@ -69,6 +78,9 @@ class StartupRecorder:
             doc = json.loads(self._path(reference).read_text())
             if doc.get("image") != reference:
                 return {}
+            manifest = doc.get("manifest")
+            if isinstance(manifest, str) and manifest and reference not in self._manifests:
+                self._manifests[reference] = manifest
             return {str(f["path"]): float(f["first_read"]) for f in doc["files"]}
         except FileNotFoundError:
             return {}
@@ -79,10 +91,17 @@ class StartupRecorder:
     def flush(self) -> None:
         """Write every profile changed since the last flush (atomically, one file per image)."""
         with self._lock:
-            todo = {ref: sorted(self._profiles[ref].items(), key=lambda kv: kv[1]) for ref in self._dirty}
+            todo = {
+                ref: (sorted(self._profiles[ref].items(), key=lambda kv: kv[1]), self._manifests.get(ref, ""))
+                for ref in self._dirty
+                if ref in self._profiles
+            }
             self._dirty.clear()
-        for reference, files in todo.items():
-            doc = {"image": reference, "files": [{"path": p, "first_read": t} for p, t in files]}
+        for reference, (files, manifest) in todo.items():
+            doc: dict[str, object] = {"image": reference}
+            if manifest:
+                doc["manifest"] = manifest
+            doc["files"] = [{"path": p, "first_read": t} for p, t in files]
             path = self._path(reference)
             tmp = path.with_suffix(".tmp")
             try:
@@ -102,6 +121,15 @@ class StartupRecorder:
         if not files:
             raise ProfileNotFoundError(reference)
         return [p for p, _ in sorted(files.items(), key=lambda kv: kv[1])]
+
+    def manifest_of(self, reference: str) -> str:
+        """The digest of the manifest the image's profile was recorded with; "" when unknown."""
+        with self._lock:
+            if reference not in self._profiles:
+                files = self._load(reference)
+                if files:
+                    self._profiles[reference] = files
+            return self._manifests.get(reference, "")
 
     def images(self) -> list[str]:
         """Every image with a profile, in memory or on disk."""

@@ -148,8 +148,12 @@ class LayerReader:
         other_blobs: Mapping[str, BlobSource] | None = None,
         config: ReaderConfig | None = None,
         executor: Executor | None = None,
+        startup_files: Sequence[str] | None = None,
     ) -> None:
         self.index = index
+        # The image's startup profile's files in this layer (index names, first-read order): the
+        # startup set instead of the index's prefetch list. None: the index's list.
+        self.startup_files = startup_files
         self.blob = blob
         # Blobs of other layers of the image that hold some of this layer's chunks, by digest.
         self.blobs: dict[str, BlobSource] = {"": blob, **(other_blobs or {})}
@@ -655,10 +659,18 @@ class LayerReader:
     def _startup_chunks(self) -> list[Chunk]:
         """The layer's startup set in the order it is wanted: the chunks of its prioritized files
         in access order (eStargz: everything before the landmark, which [0, prefetch_end) holds;
-        those in lower layers' blobs, for the Nydus-like format, by the prefetch list)."""
+        those in lower layers' blobs, for the Nydus-like format, by the prefetch list), or those of
+        the startup profile's files."""
+        seen: dict[str, Chunk] = {}
+        if self.startup_files is not None:
+            for name in self.startup_files:
+                entry = self.index.entries.get(name)
+                if entry is not None:
+                    for c in entry.chunks:
+                        seen.setdefault(c.digest, c)
+            return list(seen.values())
         if self.index.no_prefetch:
             return []
-        seen: dict[str, Chunk] = {}
         for name in self.index.prefetch:
             entry = self.index.entries.get(name)
             if entry is not None:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import functools
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,10 +57,13 @@ from snapshotter.formats.registry import LayerFormat, Location
 from snapshotter.fuse.layerfs import FsObserver, LayerFS, MountedLayer
 from snapshotter.gzdiscovery import FoundIndex, find_indexes
 from snapshotter.layertree import LayerTree
+from snapshotter.lookups import Lookups
 from snapshotter.mounts import mount_type, unmount
 from snapshotter.profile import StartupRecorder
 from snapshotter.reader import LayerReader, ReaderConfig
 from snapshotter.scheduler import FetchScheduler, SchedulerConfig
+from snapshotter.startupsets import LAYER as LAYER_STARTUP
+from snapshotter.startupsets import StartupSet, StartupSets
 from snapshotter.tocstore import StoredToc, TocStore
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,12 @@ SPECULATIVE_TTL_SECONDS = 120.0
 SPECULATIVE_BUDGET_BYTES = 256 << 20
 INDEX_BYTES_PER_ENTRY = 2048
 RESOLVE_TTL_SECONDS = 60.0
+# The hole between a data blob's startup files and the rest. The kernel reads a blob ahead by more
+# than its readahead setting past the last startup file (EROFS's readahead and the blob file's
+# add up): with one BLOB_READAHEAD_BYTES of hole, a container that read a startup file to its
+# end still fetched the whole next file on demand (tests/e2e/test_shared_profile.py). A hole is
+# free: it is read as zeros, never fetched.
+STARTUP_SEPARATION_BYTES = 4 * BLOB_READAHEAD_BYTES
 TAIL_FETCH_BYTES = 256 << 10  # footer + TOC of a layer of up to a few thousand files
 
 
@@ -133,6 +142,8 @@ class _Mounted:
     index: LayerIndex
     reader: LayerReader
     mount: LayerMount
+    startup_source: str = LAYER_STARTUP  # what chose the startup set (startupsets.LOCAL, SHARED)
+    startup_files: int = 0  # the profile's files in this layer
 
 
 class RemoteLayers:
@@ -151,6 +162,7 @@ class RemoteLayers:
         erofs: ErofsLayers | None = None,
         scheduler_config: SchedulerConfig | None = None,
         gzip_index: bool = True,
+        shared_profiles: bool = True,
     ) -> None:
         self.client = client
         self.gzip_index = gzip_index  # look for referrer gzip indexes of plain gzip layers
@@ -168,6 +180,10 @@ class RemoteLayers:
         # Pools of their own: mounting waits on the loop, chunk decoding must never queue behind it.
         self.mount_executor = ThreadPoolExecutor(8, thread_name_prefix="lazysnap-mount")
         self.chunk_executor = ThreadPoolExecutor(8, thread_name_prefix="lazysnap-chunk")
+        # Each image's startup working set: a profile recorded here, else one shared in the registry.
+        self.startup_sets = StartupSets(
+            client, loop, self.mount_executor, recorder=recorder, shared=shared_profiles
+        )
         # One fetch scheduler per registry host, shared by every layer and image fetched from it.
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self.schedulers: dict[str, FetchScheduler] = {}
@@ -176,12 +192,10 @@ class RemoteLayers:
             threading.Lock
         )
         # containerd prepares an image's layers one after another: resolve its manifest once.
-        self._resolved: dict[str, tuple[float, asyncio.Task[ResolvedImage]]] = {}
+        self._resolved: Lookups[ResolvedImage] = Lookups(loop, RESOLVE_TTL_SECONDS)
         self._indexes: dict[str, asyncio.Task[Indexed]] = {}  # TOCs being fetched, by layer digest
         # The gzip indexes attached to an image, looked up once per pulled manifest digest.
-        self._gzip_indexes: dict[
-            str, tuple[float, asyncio.Task[tuple[dict[str, FoundIndex], list[str]]]]
-        ] = {}
+        self._gzip_indexes: Lookups[Discovered] = Lookups(loop, RESOLVE_TTL_SECONDS)
         # Of those, the ones fetched ahead for a neighbour: digest -> when the fetch started.
         self._speculative: dict[str, float] = {}
         # The blob tails fetched with each layer's metadata (its last chunks come with the footer
@@ -323,6 +337,7 @@ class RemoteLayers:
             **blobs,  # the blob server's counters (EROFS backend): reads in flight, resent requests
             "lazy_mounts": self.lazy_mounts,
             "not_lazy": dict(self.not_lazy),
+            "profiles": self.startup_sets.stats(),  # the startup sets layers were mounted with
             **({"eager": self.eager.stats()} if self.eager is not None else {}),
             "registry": dict(self.client.transport.counters),
             "links": {host: scheduler.snapshot() for host, scheduler in self.schedulers.items()},
@@ -343,6 +358,9 @@ class RemoteLayers:
                     "blob_size": m.index.blob_size,
                     "files": len(m.index.entries),
                     "prefetch_files": len(m.index.prefetch),
+                    # local / shared: an image profile chose startup_files; layer: the format's list
+                    "startup_source": m.startup_source,
+                    "startup_files": m.startup_files,
                     "read_errors": m.mount.read_errors,
                     "local_blob": m.mount.local,  # served by the kernel from a local copy alone
                     **m.reader.stats.snapshot(),
@@ -356,14 +374,29 @@ class RemoteLayers:
     async def _mount(self, labels: Mapping[str, str], mountpoint: Path) -> None:
         ref = layer_ref(labels)
         self._fetch_neighbours(ref, labels)
-        fmt, index = await self._index(ref, labels)
+        startup: StartupSet | None = None
+        # A layer whose metadata this node kept was mounted here before (a restart, a remount, an
+        # image sharing it): its startup set was fetched then, and the registry must not be
+        # needed to mount it again.
+        wanted = self.recorder is not None or self.startup_sets.shared
+        mounted_before = ref.digest not in self._indexes and self.tocs.has(ref.digest)  # not fetched ahead
+        if wanted and self.reader_config.prefetch and not mounted_before:
+            (fmt, index), startup = await self.startup_sets.for_image(
+                ref.reference, lambda: self._manifest_digest(ref), self._index(ref, labels)
+            )
+        else:
+            fmt, index = await self._index(ref, labels)
         try:
-            await self._mount_index(ref, index, mountpoint, labels)
+            await self._mount_index(ref, index, mountpoint, labels, startup)
         except NotLazyError as exc:
             exc.required = fmt.lazy_only
             raise
 
-    def _reader(self, ref: LayerRef, index: LayerIndex) -> LayerReader:
+    async def _manifest_digest(self, ref: LayerRef) -> str:
+        """The digest of the image manifest the layer is pulled with."""
+        return ref.manifest_digest or (await self._resolve(ref)).manifest_digest
+
+    def _reader(self, ref: LayerRef, index: LayerIndex, startup: list[str] | None = None) -> LayerReader:
         oversized = max((c.size for e in index.entries.values() for c in e.chunks), default=0)
         if oversized > self.max_chunk_bytes:
             raise NotLazyError("chunk-too-large", f"{ref.digest}: a chunk of {oversized} bytes")
@@ -377,6 +410,7 @@ class RemoteLayers:
             scheduler=self._scheduler(ref),
             config=self.reader_config,
             executor=self.chunk_executor,
+            startup_files=startup,
         )
 
     def _scheduler(self, ref: LayerRef) -> FetchScheduler:
@@ -394,7 +428,13 @@ class RemoteLayers:
         if self.recorder is None:
             return None
         self.loop.call_later(self.recorder.window + 1, self._flush_profiles)
-        return self.recorder.layer_mounted(ref.reference)
+        manifest = ref.manifest_digest
+        if not manifest:  # resolved by now when the startup set was looked up
+            with contextlib.suppress(InvalidReferenceError):
+                task = self._resolved.peek(str(parse_reference(ref.reference)))
+                if task is not None and task.done() and not task.cancelled() and task.exception() is None:
+                    manifest = task.result().manifest_digest
+        return self.recorder.layer_mounted(ref.reference, manifest)
 
     def _layer_blob(
         self,
@@ -406,11 +446,15 @@ class RemoteLayers:
         on_first_read: Callable[[str], None] | None,
         *,
         adopting: bool = False,
+        startup_files: list[str] | None = None,
     ) -> LayerBlob:
-        """The layer's data blob: prioritized files first, in access order, and a readahead's
-        worth of hole before the rest; or, while mounted images point into an earlier layout of
-        it (``ErofsLayers.blob_layout``), that one."""
-        layout = erofs.blob_layout(ref.digest, tree, lambda: self._plan(tree, index), adopting=adopting)
+        """The layer's data blob: its startup set (the image's profile's files, else its
+        prioritized files) first, in access order, and a readahead's worth of hole before the
+        rest; or, while mounted images point into an earlier layout of it
+        (``ErofsLayers.blob_layout``), that one."""
+        layout = erofs.blob_layout(
+            ref.digest, tree, lambda: self._plan(tree, index, startup_files), adopting=adopting
+        )
         blob = LayerBlob(layout, reader, on_first_read=on_first_read, observer=self.fs_observer)
         blob.local_path = erofs.local_blob(ref.digest, layout)
         return blob
@@ -452,23 +496,34 @@ class RemoteLayers:
             log.exception("failed to keep a complete layer as a local blob", extra={"layer": digest})
 
     @staticmethod
-    def _plan(tree: LayerTree, index: LayerIndex) -> BlobLayout:
+    def _plan(tree: LayerTree, index: LayerIndex, startup_files: list[str] | None = None) -> BlobLayout:
         """A plain tar layer's data blob is its uncompressed tar stream: neighbours in the blob are
-        neighbours in the compressed spans it is fetched by. Else startup files first."""
+        neighbours in the compressed spans it is fetched by. Else startup files first (so that
+        the kernel's readahead past them reads a hole, not files nobody asked for)."""
         if index.tar_size:
             return tar_layout(tree, index.tar_offsets, index.tar_size)
-        return plan_layout(tree, index.prefetch, separation=BLOB_READAHEAD_BYTES)
+        order = startup_files if startup_files is not None else index.prefetch
+        return plan_layout(tree, order, separation=STARTUP_SEPARATION_BYTES)
 
     async def _mount_index(
-        self, ref: LayerRef, index: LayerIndex, mountpoint: Path, labels: Mapping[str, str]
+        self,
+        ref: LayerRef,
+        index: LayerIndex,
+        mountpoint: Path,
+        labels: Mapping[str, str],
+        startup: StartupSet | None = None,
     ) -> None:
-        reader = self._reader(ref, index)
+        # An image profile replaces the layer's own prefetch list: it says what this image reads.
+        startup_files = startup.in_layer(index.entries.__contains__) if startup is not None else None
+        reader = self._reader(ref, index, startup_files)
         tree = await self.loop.run_in_executor(self.mount_executor, LayerTree, index)
         on_first_read = self._first_reads(ref)
         mount: LayerMount
         if self.erofs is not None:
             erofs = self.erofs
-            blob = self._layer_blob(erofs, ref, tree, index, reader, on_first_read)
+            blob = self._layer_blob(
+                erofs, ref, tree, index, reader, on_first_read, startup_files=startup_files
+            )
             mounting = self.loop.run_in_executor(
                 self.mount_executor, erofs.mount, ref.digest, tree, blob, mountpoint, labels
             )
@@ -499,7 +554,9 @@ class RemoteLayers:
             except OSError as exc:
                 raise NotLazyError("fuse-mount-failed", str(exc)) from None
             mount = FuseMount(fuse)
-        self._mounts[mountpoint] = _Mounted(ref, index, reader, mount)
+        source = startup.source if startup is not None else LAYER_STARTUP
+        self._mounts[mountpoint] = _Mounted(ref, index, reader, mount, source, len(startup_files or ()))
+        self.startup_sets.counted(startup)
         self.lazy_mounts += 1
         tail = self._tails.pop(ref.digest, None)
         if tail is not None and not mount.local:
@@ -575,20 +632,9 @@ class RemoteLayers:
             raise NotLazyError("bad-labels", str(exc)) from None
         if ref.manifest_digest:
             parsed = dataclasses.replace(parsed, digest=ref.manifest_digest)
-        key = str(parsed)
-        now = time.monotonic()
-        for old in [r for r, (when, _) in self._resolved.items() if now - when > RESOLVE_TTL_SECONDS]:
-            del self._resolved[old]
-        cached = self._resolved.get(key)
-        if cached is not None:
-            task = cached[1]
-            if task.done() and (task.cancelled() or task.exception() is not None):
-                cached = None
-        if cached is None:
-            cached = (now, self.loop.create_task(self.client.resolve(parsed)))
-            self._resolved[key] = cached
+        task = self._resolved.task(str(parsed), lambda: self.client.resolve(parsed))
         try:
-            return await asyncio.shield(cached[1])
+            return await asyncio.shield(task)
         except FetchError as exc:
             raise NotLazyError(fetch_failure_reason(exc), f"{ref.reference}: {exc}") from None
 
@@ -730,19 +776,11 @@ class RemoteLayers:
     async def _gzip_index_of(self, ref: LayerRef, manifest_digest: str) -> FoundIndex:
         """The gzip index attached to the pulled manifest for this layer (discovery runs once per
         manifest, for all its layers); NotLazyError saying why there is none."""
-        now = time.monotonic()
-        for old in [d for d, (when, _) in self._gzip_indexes.items() if now - when > RESOLVE_TTL_SECONDS]:
-            del self._gzip_indexes[old]
-        cached = self._gzip_indexes.get(manifest_digest)
-        if cached is not None:
-            task = cached[1]
-            if task.done() and (task.cancelled() or task.exception() is not None):
-                cached = None
-        if cached is None:
-            cached = (now, self.loop.create_task(find_indexes(self.client, ref.reference, manifest_digest)))
-            self._gzip_indexes[manifest_digest] = cached
+        task = self._gzip_indexes.task(
+            manifest_digest, lambda: find_indexes(self.client, ref.reference, manifest_digest)
+        )
         try:
-            found, skipped = await asyncio.shield(cached[1])
+            found, skipped = await asyncio.shield(task)
         except FetchError as exc:
             raise NotLazyError(
                 fetch_failure_reason(exc), f"{ref.digest}: looking for a gzip index: {exc}"

@@ -116,12 +116,17 @@ def test_cli_modes_and_peers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         ("lazysnap-zstdchunked", "zstdchunked", "lazysnap"),
         ("lazysnap-gzip-index", "gzip-index", "lazysnap"),
         ("lazysnap-estargz-profiled", "estargz-profiled", "lazysnap"),
+        ("lazysnap-estargz-shared", "estargz", "lazysnap"),
         ("lazysnap-eager", "gzip", "lazysnap"),
         ("a", "estargz", "peer"),
         ("b", "zstdchunked", "peer"),
     ]
-    assert modes[7].config == "root = '{root}'\n" and modes[7].snapshotter == "b"
-    assert modes[5].lazysnap_overrides == {"fallback": {"mode": "eager"}}  # the plain image, eagerly
+    assert modes[8].config == "root = '{root}'\n" and modes[8].snapshotter == "b"
+    assert modes[6].lazysnap_overrides == {"fallback": {"mode": "eager"}}  # the plain image, eagerly
+    # The plain eStargz image with the daemon's default config: only this mode wants the profile
+    # attached in the registry.
+    assert [m.name for m in modes if m.shared_profile] == ["lazysnap-estargz-shared"]
+    assert modes[5].lazysnap_overrides == {}
     assert "lazysnap-nydus skipped" in notes[0]
     # The built-in peer could not be built: said once, for both of its modes.
     assert notes[1:] == ["stargz peer skipped: golang-go not installed"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import harness, report, run, stargz_peer, walk
+from benchmarks import harness, profiled, report, run, stargz_peer, walk
 from benchmarks import layout as oci_layout
 from benchmarks.harness import PeerSnapshotter, RunResult, Workload
 from benchmarks.images import ModelImage
@@ -31,7 +31,7 @@ def test_stargz_modes_use_the_built_peer(tmp_path: Path, monkeypatch: pytest.Mon
     args = run.parse_args(
         [
             "--modes",
-            "overlayfs,stargz,stargz-profiled,lazysnap-estargz,lazysnap-eager",
+            "overlayfs,stargz,stargz-profiled,lazysnap-estargz,lazysnap-eager,lazysnap-estargz-shared",
             "--fs-backend",
             "fuse",
         ]
@@ -53,6 +53,7 @@ def test_stargz_modes_use_the_built_peer(tmp_path: Path, monkeypatch: pytest.Mon
         "fs": {"backend": "fuse"},
         "fallback": {"mode": "eager"},
     }
+    assert modes["lazysnap-estargz-shared"].lazysnap_overrides == {"fs": {"backend": "fuse"}}
     unset = run.build_modes(run.parse_args(["--modes", "lazysnap-estargz"]), [])
     assert unset[0].lazysnap_overrides == {}
 
@@ -115,6 +116,44 @@ def test_profiled_variants_are_tagged_per_workload(tmp_path: Path) -> None:
     assert run.image_sizes(images, model) == {"gzip": 1, "estargz-profiled": 2}
     big = Workload("model-8g", ModelImage(1, 1), ("/bin/true",), big=True)
     assert run.modes_for(big, modes) == [harness.OVERLAYFS]
+    shared = [harness.OVERLAYFS, harness.shared_profile_mode()]
+    # The shared-profile mode pulls the plain eStargz image, under no tag of the workload's own;
+    # the 8 GiB image has no profile to share either.
+    assert run.base_variants(model, shared) == ["estargz", "gzip"]
+    assert harness.image_tag(shared[1].variant, model) == "estargz"
+    assert run.wants_shared_profile(model, shared) and not run.wants_shared_profile(model, modes)
+    assert run.modes_for(big, shared) == [harness.OVERLAYFS] and not run.wants_shared_profile(big, shared)
+    # model and model-full keep their recorded lists apart.
+    layout = tmp_path / "layout"
+    assert profiled.recorded_profile(layout, model) != profiled.recorded_profile(layout, full)
+
+
+def test_shared_profile_mode_checks_the_daemon_used_the_profile() -> None:
+    used = {"profiles": {"shared": True, "shared_found": 1, "layers_by_source": {"shared": 3, "layer": 1}}}
+    assert harness.shared_profile_used(used) is None
+    looked_up_not_found = {
+        "profiles": {"shared": True, "shared_found": 0, "shared_errors": 2, "layers_by_source": {"layer": 4}}
+    }
+    problem = harness.shared_profile_used(looked_up_not_found)
+    assert problem is not None and "shared_found 0" in problem and "look-up errors 2" in problem
+    found_too_late = {"profiles": {"shared_found": 1, "layers_by_source": {"layer": 4}}}
+    assert harness.shared_profile_used(found_too_late) is not None
+    assert harness.shared_profile_used({}) == "the daemon's statistics have no 'profiles' section"
+    summary = harness._lazy_summary({"lazy_mounts": 1, **used})
+    assert summary["profiles"] == used["profiles"]  # kept with the run
+
+
+def test_missing_shared_profile_is_a_recorded_failure(tmp_path: Path) -> None:
+    images: Any = type("Images", (), {"layout": tmp_path / "layout"})()
+    model = _workload("model")
+    modes = [harness.shared_profile_mode()]
+    said = run.attach_shared_profile(images, model, modes)
+    assert said.startswith("startup profile not attached:") and "no recorded startup profile" in said
+    listing = profiled.recorded_profile(images.layout, model)
+    listing.parent.mkdir(parents=True)
+    listing.write_text("# only comments\n\n")
+    assert "missing or empty" in run.attach_shared_profile(images, model, modes)
+    assert run.attach_shared_profile(images, model, [harness.OVERLAYFS]) == ""  # not wanted: nothing to do
 
 
 def _row(image: str, mode: str, total: float) -> RunResult:

@@ -49,6 +49,7 @@ def test_overrides_from_flags_win(tmp_path: Path) -> None:
         ("[remote]\nenabled = 'yes'\n", "remote.enabled: expected true or false"),
         ("[fetch]\nidle_seconds = true\n", "idle_seconds: expected a number"),
         ('[fetch]\nrest = "sometimes"\n', "fetch.rest: 'sometimes' is not one of eager, idle-only, off"),
+        ('[profile]\nshared = "no"\n', "profile.shared: expected true or false"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:

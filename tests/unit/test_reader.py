@@ -55,6 +55,7 @@ class Layer:
         rest: RestPolicy = RestPolicy.OFF,
         start: bool = False,
         link_rtt: float = 0.010,
+        startup_files: list[str] | None = None,
         **config: object,
     ) -> LayerReader:
         """A reader whose registry scheduler fetches the rest of the layer per ``rest`` (by
@@ -62,13 +63,28 @@ class Layer:
         The scheduler assumes a 1 Gbit/s link of ``link_rtt`` (memory blobs say nothing)."""
         cfg = ReaderConfig(**{"prefetch": False, **config})  # type: ignore[arg-type]
         scheduler_config = SchedulerConfig(rest=rest, initial_rtt=link_rtt)
-        future = asyncio.run_coroutine_threadsafe(self._make(cfg, scheduler_config, start), self.loop)
+        future = asyncio.run_coroutine_threadsafe(
+            self._make(cfg, scheduler_config, start, startup_files), self.loop
+        )
         return future.result(5)
 
-    async def _make(self, cfg: ReaderConfig, scheduler_config: SchedulerConfig, start: bool) -> LayerReader:
+    async def _make(
+        self,
+        cfg: ReaderConfig,
+        scheduler_config: SchedulerConfig,
+        start: bool,
+        startup_files: list[str] | None = None,
+    ) -> LayerReader:
         scheduler = FetchScheduler(self.loop, scheduler_config)
         reader = LayerReader(
-            self.index, self.blob, self.cache, self.loop, layer="sha256:test", scheduler=scheduler, config=cfg
+            self.index,
+            self.blob,
+            self.cache,
+            self.loop,
+            layer="sha256:test",
+            scheduler=scheduler,
+            config=cfg,
+            startup_files=startup_files,
         )
         if start:
             reader.start()
@@ -157,6 +173,21 @@ def test_prefetch_fetches_prioritized_files_in_one_request(layer: Layer) -> None
         assert layer.read_file(reader, name) == FILES[name]
     assert len(layer.blob.requests) == 1  # served from what prefetch cached
     assert reader.stats.bytes["on_demand"] == 0 and reader.stats.bytes["prefetch"] > 0
+
+
+def test_a_startup_profile_replaces_the_prioritized_files(layer: Layer) -> None:
+    """An image's startup profile (recorded, or shared through the registry) names what to fetch
+    first: its files in this layer, in its order; the layer's own prefetch list is not fetched."""
+    reader = layer.reader(prefetch=True, start=True, startup_files=["lib/b.so", "etc/config.json"])
+    assert wait_until(lambda: reader.stats.prefetch_done and not reader._inflight)
+    fetched = reader.stats.bytes["prefetch"]
+    wanted = layer.index.entries["lib/b.so"].chunks + layer.index.entries["etc/config.json"].chunks
+    assert fetched >= sum(c.compressed_size for c in wanted)
+    assert all(c.digest in layer.cache for c in wanted)
+    assert not any(c.digest in layer.cache for c in layer.index.entries["app/main.py"].chunks)
+    served = len(layer.blob.requests)
+    assert layer.read_file(reader, "lib/b.so") == FILES["lib/b.so"]
+    assert len(layer.blob.requests) == served and reader.stats.bytes["on_demand"] == 0
 
 
 def test_the_rest_of_the_layer_is_fetched_eagerly_unless_told_otherwise(layer: Layer) -> None:
