@@ -391,8 +391,13 @@ EAGER = "lazysnap-eager"
 
 def eager_mode(**overrides: dict[str, object]) -> Mode:
     """lazysnap pulling the plain gzip image with the eager fallback: every layer fetched in
-    parallel and unpacked by lazysnap as it arrives."""
-    sections = {**overrides, "fallback": {**overrides.get("fallback", {}), "mode": "eager"}}
+    parallel and unpacked by lazysnap as it arrives. Gzip index discovery is off: the
+    ``gzip-index`` mode attaches indexes to this very manifest in the same registry."""
+    sections = {
+        **overrides,
+        "fallback": {**overrides.get("fallback", {}), "mode": "eager"},
+        "remote": {**overrides.get("remote", {}), "gzip_index": False},
+    }
     return Mode(EAGER, "gzip", "lazysnap", lazysnap_overrides=sections)
 
 

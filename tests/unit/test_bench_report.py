@@ -122,7 +122,7 @@ def test_cli_modes_and_peers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         ("b", "zstdchunked", "peer"),
     ]
     assert modes[8].config == "root = '{root}'\n" and modes[8].snapshotter == "b"
-    assert modes[6].lazysnap_overrides == {"fallback": {"mode": "eager"}}  # the plain image, eagerly
+    assert modes[6].lazysnap_overrides == {"fallback": {"mode": "eager"}, "remote": {"gzip_index": False}}
     # The plain eStargz image with the daemon's default config: only this mode wants the profile
     # attached in the registry.
     assert [m.name for m in modes if m.shared_profile] == ["lazysnap-estargz-shared"]

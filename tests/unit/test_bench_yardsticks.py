@@ -52,6 +52,7 @@ def test_stargz_modes_use_the_built_peer(tmp_path: Path, monkeypatch: pytest.Mon
     assert modes["lazysnap-eager"].lazysnap_overrides == {
         "fs": {"backend": "fuse"},
         "fallback": {"mode": "eager"},
+        "remote": {"gzip_index": False},  # the gzip-index mode attaches indexes to the same manifest
     }
     assert modes["lazysnap-estargz-shared"].lazysnap_overrides == {"fs": {"backend": "fuse"}}
     unset = run.build_modes(run.parse_args(["--modes", "lazysnap-estargz"]), [])
