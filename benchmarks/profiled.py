@@ -12,7 +12,7 @@ profile, the way a user optimizes an image after running it once.
 * ``lazysnap-estargz-shared`` (:data:`benchmarks.harness.SHARED`): the plain ``estargz`` image,
   not converted again; the list lazysnap recorded (the one ``estargz-profiled`` is converted
   with) is attached to it in the registry with ``lazysnap profile push --files`` before the
-  workload's runs (:func:`attach_profile`), and a daemon with its default config finds it there.
+  run (:func:`profile_attached`; detached after it), and a daemon with its default config finds it there.
 
 A profile belongs to a workload, not to an image (model and model-full share one image), so the
 tag is ``<variant>.<workload>`` (:func:`benchmarks.harness.image_tag`). Converted tags are cached
@@ -28,7 +28,7 @@ import json
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import snapshotter
@@ -188,14 +188,16 @@ def _convert(layout: Path, listing: Path, tag: str) -> None:
         raise RuntimeError(f"lazysnap convert exited {proc.returncode}:\n{proc.stderr[-3000:]}")
 
 
-def attach_profile(images: ImageSet, workload: Workload) -> str:
-    """Attach ``workload``'s recorded profile (:func:`ensure_profile`) to the ``estargz`` image in
-    the benchmark's registry as its only startup profile, with ``lazysnap profile push``; what
-    that printed. RuntimeError, saying why, when the profile is missing or the push fails.
+@contextlib.contextmanager
+def profile_attached(images: ImageSet, workload: Workload) -> Iterator[str]:
+    """``workload``'s recorded profile (:func:`ensure_profile`) attached to the ``estargz`` image
+    in the benchmark's registry, with ``lazysnap profile push``, as the image's only startup
+    profile while the block runs (it gives what the push printed), and none after it: the other
+    modes pull the same image and must not find it, and model's profile is not model-full's.
+    RuntimeError, saying why, when the profile is missing or the push fails.
 
-    model and model-full share the image, so one profile replaces the other: the registry has no
-    referrers API (distribution 2.8), its referrers tag lists the artifacts, the newest is used,
-    and a re-pushed artifact keeps its place in the list; so the list is emptied first."""
+    The registry has no referrers API (distribution 2.8): the image's referrers tag lists the
+    artifacts, so pointing it at an empty list detaches them."""
     layout = images.layout
     if layout is None:
         raise RuntimeError("ImageSet.build() first")
@@ -205,20 +207,25 @@ def attach_profile(images: ImageSet, workload: Workload) -> str:
             f"{workload.name}: no recorded startup profile to attach ({listing} is missing or empty)"
         )
     subject = OciLayout(layout).tagged("estargz")
-    if subject.media_type != "application/vnd.oci.image.manifest.v1+json":
-        raise RuntimeError(
-            f"{workload.name}: the estargz tag is a {subject.media_type}, not an image manifest"
-        )
+    if subject.media_type != _OCI_MANIFEST:
+        raise RuntimeError(f"{workload.name}: the estargz tag is a {subject.media_type}, not a manifest")
     _empty_referrers(images, subject.digest)
-    ref = images.ref(images.registry.host, "estargz")
-    push = [sys.executable, "-m", "snapshotter", "profile", "push", ref, "--files", str(listing)]
-    push += ["--manifest", subject.digest, "--hosts-dir", str(images.workdir)]
-    proc = subprocess.run(push, capture_output=True, text=True, timeout=600, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{workload.name}: lazysnap profile push exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"
-        )
-    return proc.stdout.strip()
+    try:
+        ref = images.ref(images.registry.host, "estargz")
+        push = [sys.executable, "-m", "snapshotter", "profile", "push", ref, "--files", str(listing)]
+        push += ["--manifest", subject.digest, "--hosts-dir", str(images.workdir)]
+        try:
+            proc = subprocess.run(push, capture_output=True, text=True, timeout=600, check=False)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{workload.name}: lazysnap profile push did not finish in 600 s") from None
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"{workload.name}: lazysnap profile push exited {proc.returncode}: "
+                f"{proc.stderr.strip()[-2000:]}"
+            )
+        yield proc.stdout.strip()
+    finally:
+        _empty_referrers(images, subject.digest)
 
 
 def _empty_referrers(images: ImageSet, subject: str) -> None:
@@ -226,11 +233,16 @@ def _empty_referrers(images: ImageSet, subject: str) -> None:
     url = f"http://{images.registry.host}/v2/{images.repo}/manifests/{referrers_tag(subject)}"
     body = json.dumps({"schemaVersion": 2, "mediaType": _OCI_INDEX, "manifests": []}).encode()
     request = urllib.request.Request(url, data=body, method="PUT", headers={"Content-Type": _OCI_INDEX})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        if response.status != 201:
-            raise RuntimeError(f"emptying the referrers tag of {subject}: HTTP {response.status}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status = response.status
+    except OSError as exc:  # HTTPError and URLError too
+        raise RuntimeError(f"emptying the referrers tag of {subject} in the registry: {exc}") from None
+    if status != 201:
+        raise RuntimeError(f"emptying the referrers tag of {subject} in the registry: HTTP {status}")
 
 
+_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 _OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 

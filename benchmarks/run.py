@@ -123,7 +123,7 @@ from benchmarks.harness import (
     warm_runs,
 )
 from benchmarks.images import DEFAULT_CACHE, cached_tags
-from benchmarks.shaping_proxy import PROFILES
+from benchmarks.shaping_proxy import PROFILES, ShapingProxy
 from tests.support.scratch import make_tmpdir, remove_tmpdir
 
 RESULTS = Path(__file__).parent / "results"
@@ -446,28 +446,13 @@ def main(argv: list[str] | None = None) -> int:
                 results: list[RunResult] = []
                 with shaped(registry, profile) as proxy:
                     for w in chosen:
-                        unattached = attach_shared_profile(image_sets[w.source.slug], w, modes)
                         for rep in range(args.reps):
                             for mode in modes_for(w, modes):
                                 if w.big and mode.kind == "overlayfs" and rep > 0:
                                     continue
-                                if mode.shared_profile and unattached:
-                                    print(
-                                        f"[{profile}] {w.name} {mode.name} #{rep + 1}: FAILED: {unattached}"
-                                    )
-                                    failures.append(
-                                        {
-                                            "profile": profile,
-                                            "image": w.name,
-                                            "mode": mode.name,
-                                            "rep": rep,
-                                            "error": unattached,
-                                        }
-                                    )
-                                    continue
                                 run_started = time.monotonic()
                                 try:
-                                    result = cold_run(
+                                    result = measured_run(
                                         image_sets[w.source.slug],
                                         w,
                                         proxy,
@@ -515,18 +500,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def attach_shared_profile(images: ImageSet, w: Workload, modes: list[Mode]) -> str:
-    """Attach ``w``'s recorded startup profile to its image in the registry when one of its modes
-    wants it (model's replaces model-full's: they share the image); why it could not be, or ""."""
-    if not wants_shared_profile(w, modes):
-        return ""
-    try:
-        said = profiled.attach_profile(images, w)
-    except Exception as exc:
-        traceback.print_exc()
-        return f"startup profile not attached: {str(exc)[-2000:]}"
-    print(f"[profile] {w.name}: {' / '.join(said.splitlines())}", flush=True)
-    return ""
+def measured_run(
+    images: ImageSet, w: Workload, proxy: ShapingProxy, mode: Mode, *, rep: int, profile: str
+) -> RunResult:
+    """``cold_run``; a mode that wants ``w``'s startup profile in the registry gets it attached to
+    the image for its run only (the other modes pull the same image without it)."""
+    if not mode.shared_profile:
+        return cold_run(images, w, proxy, mode, rep=rep, profile=profile)
+    with profiled.profile_attached(images, w) as said:
+        print(f"[profile] {w.name}: {' / '.join(said.splitlines())}", flush=True)
+        return cold_run(images, w, proxy, mode, rep=rep, profile=profile)
 
 
 def write_profile(

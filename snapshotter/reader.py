@@ -417,7 +417,11 @@ class LayerReader:
     def _job(self, chunks: list[Chunk], work: WorkClass) -> Job:
         streams = self._register(chunks)
         blob = streams[0].blob
-        ranges = coalesce(streams, 1 << 62, 1 << 62)  # lower-class pieces are sized by the scheduler
+        # Lower-class pieces are sized by the scheduler. Their chunks need not lie together in the
+        # blob (an image profile's files in an image not converted with it; the rest around what
+        # was read or prefetched): a gap wider than merge_gap_bytes is not fetched, as it would be
+        # fetched twice (or before the workload is ready, for nothing).
+        ranges = coalesce(streams, self.config.merge_gap_bytes, 1 << 62)
         reserved = sum(c.size for c in chunks) if work in AHEAD else 0
 
         async def deliver(result: list[bytes] | BaseException) -> None:

@@ -144,17 +144,19 @@ def test_shared_profile_mode_checks_the_daemon_used_the_profile() -> None:
     assert summary["profiles"] == used["profiles"]  # kept with the run
 
 
-def test_missing_shared_profile_is_a_recorded_failure(tmp_path: Path) -> None:
+def test_missing_shared_profile_fails_the_run_clearly(tmp_path: Path) -> None:
+    """No recorded profile: the shared-profile mode's run raises (recorded as that run's failure
+    by benchmarks.run) before anything is pushed or pulled."""
     images: Any = type("Images", (), {"layout": tmp_path / "layout"})()
     model = _workload("model")
-    modes = [harness.shared_profile_mode()]
-    said = run.attach_shared_profile(images, model, modes)
-    assert said.startswith("startup profile not attached:") and "no recorded startup profile" in said
+    mode = harness.shared_profile_mode()
+    with pytest.raises(RuntimeError, match=r"model: no recorded startup profile to attach \("):
+        run.measured_run(images, model, None, mode, rep=0, profile="cloud")  # type: ignore[arg-type]
     listing = profiled.recorded_profile(images.layout, model)
     listing.parent.mkdir(parents=True)
     listing.write_text("# only comments\n\n")
-    assert "missing or empty" in run.attach_shared_profile(images, model, modes)
-    assert run.attach_shared_profile(images, model, [harness.OVERLAYFS]) == ""  # not wanted: nothing to do
+    with pytest.raises(RuntimeError, match="missing or empty"):
+        run.measured_run(images, model, None, mode, rep=0, profile="cloud")  # type: ignore[arg-type]
 
 
 def _row(image: str, mode: str, total: float) -> RunResult:

@@ -190,6 +190,25 @@ def test_a_startup_profile_replaces_the_prioritized_files(layer: Layer) -> None:
     assert len(layer.blob.requests) == served and reader.stats.bytes["on_demand"] == 0
 
 
+def test_a_startup_profile_scattered_over_the_blob_fetches_its_files_not_the_gaps(layer: Layer) -> None:
+    """A profile shared for an image not converted with it names files far apart in the blob:
+    prefetch fetches their streams (not the files between), and the rest then fetches each byte
+    of the blob at most once."""
+    names = ["lib/b.so", "etc/config.json"]  # app/big.bin and lib/a.so lie between them
+    wanted = {(c.compressed_offset, c.compressed_size) for n in names for c in layer.index.entries[n].chunks}
+    between = sum(
+        c.compressed_size for n in ("app/big.bin", "lib/a.so") for c in layer.index.entries[n].chunks
+    )
+    slack = 2 * ReaderConfig().merge_gap_bytes
+    reader = layer.reader(prefetch=True, start=True, startup_files=names, rest=RestPolicy.EAGER)
+    assert wait_until(lambda: reader.stats.background_done and not reader._inflight)
+    assert reader.stats.bytes["prefetch"] <= sum(size for _, size in wanted) + slack < between
+    assert layer.blob.bytes_served <= len(layer.blob.data)  # each byte at most once
+    for name, data in FILES.items():
+        assert layer.read_file(reader, name) == data
+    assert reader.stats.bytes["on_demand"] == 0
+
+
 def test_the_rest_of_the_layer_is_fetched_eagerly_unless_told_otherwise(layer: Layer) -> None:
     reader = layer.reader(rest=RestPolicy.EAGER, start=True)
     assert wait_until(lambda: reader.stats.background_done)
