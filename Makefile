@@ -70,8 +70,8 @@ test: setup proto-check lint
 demo: setup
 	$(PY) -m benchmarks.demo
 
-# Default: profile cloud, all images, 3 reps, FUSE micro-benchmarks (~10 min once the images are
-# cached in /var/tmp/lazysnap-bench, ~16 the first time). More: BENCH_ARGS="--profiles all" (~50 min),
+# Default: profile cloud, all images and modes, 3 reps, micro-benchmarks (~20 min once the images
+# are cached in /var/tmp/lazysnap-bench, ~35 the first time). More: BENCH_ARGS="--profiles all" (~90 min),
 # "--big", "--peer NAME=CMD"; see `$(PY) -m benchmarks.run --help`.
 BENCH_ARGS ?=
 bench: setup

@@ -66,7 +66,7 @@ small-file walk through overlayfs, lazysnap and the stargz peer): <date>-micro.j
 Results of an earlier run of the same day are kept: the new ones get a suffix (-2, -3, ...).
 One progress line per run on the terminal.
 
-Duration on a 2-core VM: the default (profile cloud, all six images, all seven modes, 3 reps,
+Duration on a 2-core VM: the default (profile cloud, all six images, all ten modes, 3 reps,
 micro-benchmarks) about 20 minutes with the images cached; the first run also builds, converts
 and profiles them and builds the peer (about 15 minutes more). --profiles slow adds about 25
 minutes, far about 45 (at 150 ms RTT each of the sympy start's many small first reads waits on
