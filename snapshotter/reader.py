@@ -365,14 +365,16 @@ class LayerReader:
     def _take_stream(self, max_bytes: int) -> list[Chunk]:
         """Chunks ahead of the most recently read stream that still has some within its window:
         at least ``readahead_bytes`` ahead, and as much as the stream has read and the link holds
-        (two bandwidth-delay products), so a file read front to back arrives at link speed."""
-        link_ahead = int(2 * self.scheduler.link.bdp)
+        (two bandwidth-delay products), so a file read front to back arrives at link speed; never
+        more than ``8 * readahead_bytes`` (a link measured wrong must not fetch a whole file)."""
+        limit = 8 * self.config.readahead_bytes
+        link_ahead = min(int(2 * self.scheduler.link.bdp), limit)
         with self._streams_lock:
             for stream in reversed(self._streams.values()):
                 if not stream.streaming:
                     continue
                 entry = stream.entry
-                window = max(self.config.readahead_bytes, min(stream.run, 8 * self.config.readahead_bytes))
+                window = max(self.config.readahead_bytes, min(stream.run, limit))
                 horizon = stream.position + max(window, link_ahead)
                 ahead = [c for c in entry.chunks[stream.next_chunk :] if c.file_offset < horizon]
                 taken, used = self._take(ahead, 0, max_bytes)
