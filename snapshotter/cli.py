@@ -61,7 +61,6 @@ def _size(text: str) -> int:
 
 
 def _add_convert_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from snapshotter.fetcher import DEFAULT_CONFIG_DIR, default_docker_config
 
     convert = commands.add_parser(
         "convert",
@@ -89,24 +88,9 @@ def _add_convert_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     convert.add_argument(
         "--compression-level", metavar="N", type=int, help="gzip 0-9 (default 9) or zstd 1-22 (default 3)"
     )
-    convert.add_argument(
-        "--hosts-dir",
-        metavar="DIR",
-        type=Path,
-        default=DEFAULT_CONFIG_DIR,
-        help=f"containerd hosts.toml directory (default {DEFAULT_CONFIG_DIR})",
-    )
-    convert.add_argument(
-        "--docker-config",
-        metavar="FILE",
-        type=Path,
-        default=default_docker_config(),
-        help="docker config.json with registry credentials (default: $DOCKER_CONFIG or ~/.docker)",
-    )
-    convert.add_argument(
-        "--plain-http",
-        action="store_true",
-        help="speak plain HTTP to the SRC and DST registries (loopback registries always are)",
+    registry_options(
+        convert,
+        plain_http_help="speak plain HTTP to the SRC and DST registries (loopback registries always are)",
     )
     convert.add_argument(
         "--quiet", "-q", action="store_true", help="no progress or summary; print only the result's name"

@@ -27,7 +27,11 @@ def _daemon_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def registry_options(parser: argparse.ArgumentParser) -> None:
+def registry_options(
+    parser: argparse.ArgumentParser,
+    plain_http_help: str = "speak plain HTTP to the registry (loopback always is)",
+) -> None:
+    """--hosts-dir, --docker-config and --plain-http: how a command reaches registries."""
     from snapshotter.fetcher import DEFAULT_CONFIG_DIR, default_docker_config
 
     parser.add_argument(
@@ -44,9 +48,7 @@ def registry_options(parser: argparse.ArgumentParser) -> None:
         default=default_docker_config(),
         help="docker config.json with registry credentials (default: $DOCKER_CONFIG or ~/.docker)",
     )
-    parser.add_argument(
-        "--plain-http", action="store_true", help="speak plain HTTP to the registry (loopback always is)"
-    )
+    parser.add_argument("--plain-http", action="store_true", help=plain_http_help)
 
 
 def add_admin_parsers(commands: Parsers) -> None:
