@@ -562,38 +562,57 @@ class LayerReader:
             i = bisect.bisect_right(starts, s.offset) - 1
             start = s.offset - ranges[i][0]
             jobs.append((s, result[i][start : start + s.size]))
-        await asyncio.gather(*(self._decode(s, raw, speculative=work in AHEAD) for s, raw in jobs))
+        await self._decode(jobs, speculative=work in AHEAD)
 
     def _fail_streams(self, streams: list[_Stream], exc: BaseException) -> None:
         for s in streams:
             self._fail(s.chunks, exc)
 
-    async def _decode(self, stream: _Stream, raw: bytes, *, speculative: bool = False) -> None:
-        """Decode and verify in a worker thread, hand the bytes to the readers waiting for them,
-        then store them in the cache. Until stored, the chunks stay in flight (with their result
-        set), so a read arriving meanwhile takes the bytes from there instead of fetching again."""
-        try:
-            decoded = await self.loop.run_in_executor(self.executor, self._decode_stream, stream, raw)
-        except Exception as exc:
-            if isinstance(exc, FormatError):
-                self.stats.verify_failures += 1
-            self._fail(stream.chunks, exc)
+    async def _decode(self, jobs: list[tuple[_Stream, bytes]], *, speculative: bool = False) -> None:
+        """Decode and verify the streams of one fetch in a worker thread (one job, not one per
+        stream: a fetch of small files holds hundreds, and each hand-off to a thread costs more
+        than decoding a small file), hand the bytes to the readers waiting for them, then store
+        them in the cache. Until stored, the chunks stay in flight (with their result set), so a
+        read arriving meanwhile takes the bytes from there instead of fetching again."""
+        outcomes = await self.loop.run_in_executor(self.executor, self._decode_streams, jobs)
+        decoded: dict[str, bytes] = {}
+        along: set[str] = set()
+        for stream, outcome in outcomes:
+            if isinstance(outcome, Exception):
+                if isinstance(outcome, FormatError):
+                    self.stats.verify_failures += 1
+                self._fail(stream.chunks, outcome)
+                continue
+            decoded.update(outcome)
+            along.update(stream.along)
+            for c in stream.chunks:  # readers go on now, not after the cache write
+                fut = self._inflight.get(c.digest)
+                if fut is not None and not fut.done():
+                    fut.set_result(outcome[c.digest])
+        if not decoded:
             return
         self.stats.chunks_fetched += len(decoded)
-        refetched = self._fetched.intersection(decoded)
-        self.stats.chunk_refetches += len(refetched)
+        self.stats.chunk_refetches += len(self._fetched.intersection(decoded))
         self._fetched.update(decoded)
-        for c in stream.chunks:  # readers go on now, not after the cache write
-            fut = self._inflight.get(c.digest)
-            if fut is not None and not fut.done():
-                fut.set_result(decoded[c.digest])
         try:
             self.stats.cache_write_failures += await self.loop.run_in_executor(
-                self.executor, self._store, decoded, speculative, stream.along
+                self.executor, self._store, decoded, speculative, frozenset(along)
             )
         finally:
-            for c in stream.chunks:
-                self._resolve(c.digest, decoded[c.digest])
+            for digest, data in decoded.items():
+                self._resolve(digest, data)
+
+    def _decode_streams(
+        self, jobs: list[tuple[_Stream, bytes]]
+    ) -> list[tuple[_Stream, dict[str, bytes] | Exception]]:
+        """Each stream's chunks, verified, or the error that fails that stream alone."""
+        outcomes: list[tuple[_Stream, dict[str, bytes] | Exception]] = []
+        for stream, raw in jobs:
+            try:
+                outcomes.append((stream, self._decode_stream(stream, raw)))
+            except Exception as exc:
+                outcomes.append((stream, exc))
+        return outcomes
 
     def _decode_stream(self, stream: _Stream, raw: bytes) -> dict[str, bytes]:
         """Every chunk of the stream, verified, from one pass over it (not one per chunk: many
@@ -700,9 +719,9 @@ class LayerReader:
             if not c.blob and offset <= c.compressed_offset and c.compressed_offset + c.compressed_size <= end
         ]
         streams = self._register(c for c in inside if c.digest not in self.cache)
-        for stream in streams:
-            raw = data[stream.offset - offset : stream.offset - offset + stream.size]
-            task = self.loop.create_task(self._decode(stream, raw))
+        jobs = [(st, data[st.offset - offset : st.offset - offset + st.size]) for st in streams]
+        if jobs:
+            task = self.loop.create_task(self._decode(jobs))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

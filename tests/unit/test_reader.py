@@ -234,6 +234,28 @@ def test_chunk_with_wrong_digest_is_never_served_or_cached(layer: Layer) -> None
     assert reader.read(entry, 0, 100) == FILES["lib/a.so"][:100]  # other chunks still serve
 
 
+def test_a_bad_chunk_among_many_fetched_together_fails_only_itself(layer: Layer) -> None:
+    """The rest of the layer arrives in a few big fetches, each decoded as one batch: a chunk that
+    fails verification fails its own reads and is not cached; every other chunk of the same
+    fetches is served and cached."""
+    entry = layer.index.entries["lib/a.so"]
+    bad = entry.chunks[1]
+    entry.chunks[1] = dataclasses.replace(bad, digest="sha256:" + hashlib.sha256(b"other").hexdigest())
+    bad = entry.chunks[1]
+    reader = layer.reader(rest=RestPolicy.EAGER, start=True)
+    assert wait_until(lambda: reader.stats.verify_failures >= 1)
+    assert bad.digest not in layer.cache
+    good = [c for e in layer.index.entries.values() for c in e.chunks if c.digest != bad.digest]
+    assert wait_until(lambda: all(c.digest in layer.cache for c in good))
+    served = layer.blob.bytes_served
+    for name, data in FILES.items():
+        if name != "lib/a.so":
+            assert layer.read_file(reader, name) == data
+    assert layer.blob.bytes_served == served  # all of it from the cache
+    with pytest.raises(ReadError):
+        reader.read(entry, bad.file_offset, 10)
+
+
 def test_registry_failure_then_recovery(layer: Layer) -> None:
     reader = layer.reader()
     entry = layer.index.entries["lib/b.so"]
