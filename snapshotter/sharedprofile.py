@@ -164,7 +164,10 @@ async def push_profile(
     not be used; FetchError and referrers.AttachError from the registry."""
     ref = parse_reference(reference)
     if manifest_digest:
-        ref = dataclasses.replace(ref, digest=manifest_digest)
+        try:
+            ref = dataclasses.replace(ref, digest=validate_digest(manifest_digest))
+        except InvalidDigestError as exc:
+            raise BadProfileError(f"manifest digest {manifest_digest!r}: {exc}") from None
     cleaned = _clean_files(files)
     if not cleaned:
         raise BadProfileError("the profile lists no files")
