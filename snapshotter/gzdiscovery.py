@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from snapshotter.digest import InvalidDigestError, validate_digest
 from snapshotter.fetcher import Descriptor, RegistryClient
 from snapshotter.formats import gzindex
-from snapshotter.referrers import BadArtifactError, fetch_artifact, newest_of_type
+from snapshotter.referrers import BadArtifactError, ListReferrers, fetch_artifact, newest_of_type
 
 MAX_ARTIFACTS = 4  # index artifacts of one image fetched (the newest pushes are listed last)
 
@@ -55,12 +55,15 @@ def _indexes(descriptors: list[Descriptor]) -> dict[str, tuple[str, int]]:
 
 
 async def find_indexes(
-    client: RegistryClient, reference: str, manifest_digest: str
+    client: RegistryClient,
+    reference: str,
+    manifest_digest: str,
+    list_referrers: ListReferrers | None = None,
 ) -> tuple[dict[str, FoundIndex], list[str]]:
     """The indexes attached to manifest ``manifest_digest`` of ``reference``'s repository, by
     layer digest, and why artifacts of the index type were skipped. The registry's errors
     (FetchError) propagate: the caller decides what an unreachable registry means."""
-    listed = await client.referrers(reference, manifest_digest)
+    listed = await (list_referrers or client.referrers)(reference, manifest_digest)
     found: dict[str, FoundIndex] = {}
     skipped: list[str] = []
     # The newest first: a re-indexed image's latest artifact wins.
