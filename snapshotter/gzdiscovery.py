@@ -12,13 +12,12 @@ documents are bounded in size and count before they are read.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from snapshotter.digest import InvalidDigestError, validate_digest
 from snapshotter.fetcher import Descriptor, RegistryClient
 from snapshotter.formats import gzindex
-from snapshotter.referrers import BadArtifactError, artifact_layers, fetch_artifact, newest_of_type
+from snapshotter.referrers import BadArtifactError, ListReferrers, fetch_artifact, newest_of_type
 
 MAX_ARTIFACTS = 4  # index artifacts of one image fetched (the newest pushes are listed last)
 
@@ -42,15 +41,6 @@ class FoundIndex:
         }
 
 
-BadIndexArtifactError = BadArtifactError  # an index artifact that cannot be used
-
-
-def indexes_in_artifact(doc: Mapping[str, object], subject: str) -> dict[str, tuple[str, int]]:
-    """Layer digest -> (index blob digest, size) of one referrer artifact's manifest, checked to
-    be an index artifact whose subject is ``subject``; BadIndexArtifactError otherwise."""
-    return _indexes(artifact_layers(doc, subject, gzindex.ARTIFACT_TYPE))
-
-
 def _indexes(descriptors: list[Descriptor]) -> dict[str, tuple[str, int]]:
     out: dict[str, tuple[str, int]] = {}
     for desc in descriptors:
@@ -60,17 +50,20 @@ def _indexes(descriptors: list[Descriptor]) -> dict[str, tuple[str, int]]:
             layer = validate_digest(desc.annotations.get(gzindex.LAYER_ANNOTATION, ""))
             out.setdefault(layer, (validate_digest(desc.digest), desc.size))
         except InvalidDigestError as exc:
-            raise BadIndexArtifactError(f"index blob {desc.digest}: {exc}") from None
+            raise BadArtifactError(f"index blob {desc.digest}: {exc}") from None
     return out
 
 
 async def find_indexes(
-    client: RegistryClient, reference: str, manifest_digest: str
+    client: RegistryClient,
+    reference: str,
+    manifest_digest: str,
+    list_referrers: ListReferrers | None = None,
 ) -> tuple[dict[str, FoundIndex], list[str]]:
     """The indexes attached to manifest ``manifest_digest`` of ``reference``'s repository, by
     layer digest, and why artifacts of the index type were skipped. The registry's errors
     (FetchError) propagate: the caller decides what an unreachable registry means."""
-    listed = await client.referrers(reference, manifest_digest)
+    listed = await (list_referrers or client.referrers)(reference, manifest_digest)
     found: dict[str, FoundIndex] = {}
     skipped: list[str] = []
     # The newest first: a re-indexed image's latest artifact wins.

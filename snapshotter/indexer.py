@@ -42,7 +42,6 @@ from snapshotter.image import (
     SourceImage,
     open_source,
 )
-from snapshotter.referrers import with_referrer  # exported: the tag schema's list, for callers
 
 DEFAULT_PARALLEL_LAYERS = 2
 
@@ -274,5 +273,4 @@ __all__ = [
     "artifact_manifest",
     "index_image",
     "index_location",
-    "with_referrer",
 ]

@@ -53,7 +53,12 @@ class StartupRecorder:
         deadline = time.monotonic() + self.window
         if manifest_digest:
             with self._lock:
-                if self._manifests.get(reference) != manifest_digest:
+                if reference not in self._profiles:
+                    self._profiles[reference] = self._load(reference)
+                known = self._manifests.get(reference)
+                if known != manifest_digest:
+                    if known:  # the tag moved to another image: its reads make a new profile
+                        self._profiles[reference] = {}
                     self._manifests[reference] = manifest_digest
                     self._dirty.add(reference)
 

@@ -574,7 +574,11 @@ class LayerReader:
         than decoding a small file), hand the bytes to the readers waiting for them, then store
         them in the cache. Until stored, the chunks stay in flight (with their result set), so a
         read arriving meanwhile takes the bytes from there instead of fetching again."""
-        outcomes = await self.loop.run_in_executor(self.executor, self._decode_streams, jobs)
+        try:
+            outcomes = await self.loop.run_in_executor(self.executor, self._decode_streams, jobs)
+        except Exception as exc:  # no thread to decode in (the pool is shutting down): fail, never hang
+            self._fail_streams([stream for stream, _ in jobs], exc)
+            return
         decoded: dict[str, bytes] = {}
         along: set[str] = set()
         for stream, outcome in outcomes:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from snapshotter.fetcher import (
@@ -127,6 +127,11 @@ async def attach(
     if updated is not None:
         await pusher.put_manifest(Reference(ref.host, ref.repository, tag=tag), updated, OCI_INDEX)
     return digest, tag
+
+
+# How a discovery lists a manifest's referrers: ``client.referrers`` itself, or a caller's shared
+# listing (the daemon lists each pulled manifest once for every kind of artifact it looks for).
+ListReferrers = Callable[[str, str], Awaitable[list[Descriptor]]]
 
 
 def newest_of_type(listed: Sequence[Descriptor], artifact_type: str, limit: int) -> list[Descriptor]:

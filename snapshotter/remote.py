@@ -182,7 +182,12 @@ class RemoteLayers:
         self.chunk_executor = ThreadPoolExecutor(8, thread_name_prefix="lazysnap-chunk")
         # Each image's startup working set: a profile recorded here, else one shared in the registry.
         self.startup_sets = StartupSets(
-            client, loop, self.mount_executor, recorder=recorder, shared=shared_profiles
+            client,
+            loop,
+            self.mount_executor,
+            recorder=recorder,
+            shared=shared_profiles,
+            list_referrers=self._referrers,
         )
         # One fetch scheduler per registry host, shared by every layer and image fetched from it.
         self.scheduler_config = scheduler_config or SchedulerConfig()
@@ -191,8 +196,10 @@ class RemoteLayers:
         self._mount_locks: collections.defaultdict[Path, threading.Lock] = collections.defaultdict(
             threading.Lock
         )
-        # containerd prepares an image's layers one after another: resolve its manifest once.
+        # containerd prepares an image's layers one after another: resolve its manifest once, and
+        # list its referrers once for both discoveries (gzip indexes, a shared startup profile).
         self._resolved: Lookups[ResolvedImage] = Lookups(loop, RESOLVE_TTL_SECONDS)
+        self._referrer_lists: Lookups[list[Descriptor]] = Lookups(loop, RESOLVE_TTL_SECONDS)
         self._indexes: dict[str, asyncio.Task[Indexed]] = {}  # TOCs being fetched, by layer digest
         # The gzip indexes attached to an image, looked up once per pulled manifest digest.
         self._gzip_indexes: Lookups[Discovered] = Lookups(loop, RESOLVE_TTL_SECONDS)
@@ -773,11 +780,20 @@ class RemoteLayers:
             raise
         return Indexed(fmt, index)
 
+    async def _referrers(self, reference: str, manifest_digest: str) -> list[Descriptor]:
+        """The referrers of manifest ``manifest_digest`` in ``reference``'s repository, listed once
+        per RESOLVE_TTL_SECONDS for every discovery that asks."""
+        parsed = parse_reference(reference)
+        key = f"{parsed.host}/{parsed.repository}@{manifest_digest}"
+        task = self._referrer_lists.task(key, lambda: self.client.referrers(parsed, manifest_digest))
+        return await asyncio.shield(task)
+
     async def _gzip_index_of(self, ref: LayerRef, manifest_digest: str) -> FoundIndex:
         """The gzip index attached to the pulled manifest for this layer (discovery runs once per
         manifest, for all its layers); NotLazyError saying why there is none."""
         task = self._gzip_indexes.task(
-            manifest_digest, lambda: find_indexes(self.client, ref.reference, manifest_digest)
+            manifest_digest,
+            lambda: find_indexes(self.client, ref.reference, manifest_digest, self._referrers),
         )
         try:
             found, skipped = await asyncio.shield(task)

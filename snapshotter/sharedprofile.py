@@ -128,12 +128,15 @@ def profile_artifact(blob: bytes, subject_media_type: str, subject_digest: str, 
 
 
 async def find_profile(
-    client: RegistryClient, reference: str, manifest_digest: str
+    client: RegistryClient,
+    reference: str,
+    manifest_digest: str,
+    list_referrers: referrers.ListReferrers | None = None,
 ) -> tuple[SharedProfile | None, list[str]]:
     """The newest usable profile attached to manifest ``manifest_digest`` of ``reference``'s
     repository (None when there is none) and why profile artifacts were skipped. Listing the
     referrers may raise FetchError; an artifact that fails to fetch or verify is skipped."""
-    listed = await client.referrers(reference, manifest_digest)
+    listed = await (list_referrers or client.referrers)(reference, manifest_digest)
     skipped: list[str] = []
     for desc in referrers.newest_of_type(listed, ARTIFACT_TYPE, MAX_ARTIFACTS):
         try:
@@ -164,7 +167,10 @@ async def push_profile(
     not be used; FetchError and referrers.AttachError from the registry."""
     ref = parse_reference(reference)
     if manifest_digest:
-        ref = dataclasses.replace(ref, digest=manifest_digest)
+        try:
+            ref = dataclasses.replace(ref, digest=validate_digest(manifest_digest))
+        except InvalidDigestError as exc:
+            raise BadProfileError(f"manifest digest {manifest_digest!r}: {exc}") from None
     cleaned = _clean_files(files)
     if not cleaned:
         raise BadProfileError("the profile lists no files")

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from snapshotter.fetcher import FetchError, RegistryClient
 from snapshotter.lookups import Lookups
 from snapshotter.profile import ProfileNotFoundError, StartupRecorder
+from snapshotter.referrers import ListReferrers
 from snapshotter.sharedprofile import SharedProfile, find_profile
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,10 @@ class StartupSets:
         recorder: StartupRecorder | None = None,
         shared: bool = True,
         wait_seconds: float = WAIT_SECONDS,
+        list_referrers: ListReferrers | None = None,
     ) -> None:
         self.client = client
+        self.list_referrers = list_referrers
         self.loop = loop
         self.executor = executor
         self.recorder = recorder
@@ -138,7 +141,7 @@ class StartupSets:
     async def _discover(self, reference: str, manifest: str) -> SharedProfile | None:
         """The shared profile of one manifest (once per LOOKUP_TTL_SECONDS); logs what it found."""
         try:
-            found, skipped = await find_profile(self.client, reference, manifest)
+            found, skipped = await find_profile(self.client, reference, manifest, self.list_referrers)
         except FetchError as exc:
             self.shared_errors += 1
             log.info(

@@ -63,7 +63,6 @@ MAX_RECORDS = 1 << 20
 # a few KB. With this total a layer costs at most what one without overlaps can.
 MAX_RUN_RECORDS = MAX_RECORDS
 COMPRESSION_ZSTD = 1
-INT64_MIN = -(1 << 63)
 
 FOOTER_MAGIC = b"LZNYFOOT"
 BOOTSTRAP_MAGIC = b"LZNYBOOT"

@@ -10,8 +10,7 @@ from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 
 from snapshotter.formats.index import Entry, EntryType, FormatError
-from snapshotter.formats.nydus import INT64_MIN
-from snapshotter.formats.toc import INT64_MAX, normalize_name
+from snapshotter.formats.toc import INT64_MAX, INT64_MIN, normalize_name
 
 U32_MAX = (1 << 32) - 1
 XATTR_PREFIX = "SCHILY.xattr."

@@ -37,6 +37,7 @@ LANDMARK_NAMES = frozenset({PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
 LANDMARK_CONTENTS = b"\x0f"
 TOC_VERSION = 1
 INT64_MAX = (1 << 63) - 1
+INT64_MIN = -(1 << 63)
 _ID_MAX = (1 << 32) - 1
 
 _TYPES: dict[str, EntryType] = {t.value: t for t in EntryType}

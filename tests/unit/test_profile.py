@@ -74,6 +74,20 @@ def test_profiles_survive_a_restart_and_merge_with_new_reads(tmp_path: Path) -> 
     assert StartupRecorder(tmp_path / "profiles", window_seconds=60).export(IMAGE) == ["/usr/a", "/usr/b"]
 
 
+def test_a_tag_moved_to_another_manifest_starts_a_new_profile(tmp_path: Path) -> None:
+    """The reads of the image a tag named before must not become the new image's profile, in
+    this process or after a restart (the profile is pushed as the new manifest's)."""
+    recorder = StartupRecorder(tmp_path / "profiles", window_seconds=60)
+    recorder.layer_mounted(IMAGE, "sha256:" + "a" * 64)("usr/old")
+    recorder.flush()
+    restarted = StartupRecorder(tmp_path / "profiles", window_seconds=60)
+    restarted.layer_mounted(IMAGE, "sha256:" + "b" * 64)("usr/new")
+    assert restarted.export(IMAGE) == ["/usr/new"]
+    assert restarted.manifest_of(IMAGE) == "sha256:" + "b" * 64
+    restarted.layer_mounted(IMAGE, "sha256:" + "b" * 64)("usr/more")  # the same image: kept
+    assert restarted.export(IMAGE) == ["/usr/new", "/usr/more"]
+
+
 def test_a_corrupt_profile_file_is_ignored(tmp_path: Path) -> None:
     recorder = StartupRecorder(tmp_path / "profiles", window_seconds=60)
     layer_fs(recorder, IMAGE, ["usr/a"]).read("/usr/a", 10, 0, 0)

@@ -16,7 +16,8 @@ from snapshotter.fetcher.manifest import MAX_REFERRERS, referrers_tag
 from snapshotter.formats import gzindex
 from snapshotter.gzdiscovery import find_indexes
 from snapshotter.image import SourceImage
-from snapshotter.indexer import LayerOutcome, artifact_manifest, with_referrer
+from snapshotter.indexer import LayerOutcome, artifact_manifest
+from snapshotter.referrers import with_referrer
 from tests.unit.fetcher.conftest import FakeRegistry, make_client, sha256
 
 REPO = "lz/app"

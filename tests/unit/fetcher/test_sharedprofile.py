@@ -24,6 +24,7 @@ from snapshotter.sharedprofile import (
     encode_profile,
     find_profile,
     profile_artifact,
+    push_profile,
 )
 from snapshotter.startupsets import LOCAL, SHARED, StartupSets
 from tests.unit.fetcher.conftest import FakeRegistry, make_client, sha256
@@ -147,6 +148,15 @@ async def test_an_oversized_profile_is_refused_before_it_is_fetched(
     assert registry.blob_requests() == []
 
 
+async def test_push_refuses_a_malformed_manifest_digest_before_asking_the_registry(
+    registry: FakeRegistry,
+) -> None:
+    async with make_client() as client:
+        with pytest.raises(BadProfileError, match="manifest digest"):
+            await push_profile(client, f"{registry.host}/{REPO}:1", FILES, manifest_digest="sha256:../x")
+    assert registry.requests == []
+
+
 async def test_no_referrers_means_no_profile(registry: FakeRegistry) -> None:
     async with make_client() as client:
         assert await find_profile(client, f"{registry.host}/{REPO}:1", MANIFEST) == (None, [])
@@ -173,7 +183,7 @@ async def test_startup_sets_prefer_a_local_profile_then_a_shared_one(
     loop = asyncio.get_running_loop()
     with ThreadPoolExecutor(2) as pool:
         async with make_client() as client:
-            sets = StartupSets(client, loop, pool, recorder=recorder)
+            sets = StartupSets(client, loop, pool, recorder=recorder, wait_seconds=60)
             shared = await _pick(sets, image, MANIFEST)
             assert shared.source == SHARED and shared.files == tuple(FILES)
             assert shared.in_layer({"app/main.py", "usr/bin/python3"}.__contains__) == [
@@ -187,7 +197,7 @@ async def test_startup_sets_prefer_a_local_profile_then_a_shared_one(
             # Recorded with an older manifest of the tag: the shared one of the pulled manifest.
             recorder.layer_mounted(image, OTHER)
             assert (await _pick(sets, image, MANIFEST)).source == SHARED
-            off = StartupSets(client, loop, pool, recorder=None, shared=False)
+            off = StartupSets(client, loop, pool, recorder=None, shared=False, wait_seconds=60)
             assert await _pick(off, image, MANIFEST) is None
             assert sets.stats()["shared_found"] == 1  # looked up once per manifest
 
@@ -197,7 +207,7 @@ async def test_a_registry_error_means_no_profile_and_is_counted(registry: FakeRe
     loop = asyncio.get_running_loop()
     with ThreadPoolExecutor(1) as pool:
         async with make_client(max_retries=0) as client:
-            sets = StartupSets(client, loop, pool)
+            sets = StartupSets(client, loop, pool, wait_seconds=60)  # never by chance too slow
             assert await _pick(sets, f"{registry.host}/{REPO}:1", MANIFEST) is None
     assert sets.stats()["shared_errors"] == 1
 
