@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 
 from snapshotter.formats.index import Entry, EntryType, FormatError
-from snapshotter.formats.toc import INT64_MAX, INT64_MIN, normalize_name
+from snapshotter.formats.toc import INT64_MAX, INT64_MIN, hardlink_target
 
 U32_MAX = (1 << 32) - 1
 XATTR_PREFIX = "SCHILY.xattr."
@@ -66,24 +66,6 @@ def xattrs(info: tarfile.TarInfo, name: str) -> dict[str, bytes]:
     return out
 
 
-def hardlink_target(info: tarfile.TarInfo, name: str, done: Mapping[str, Entry]) -> str:
-    """The regular file a hardlink names; like the TOC, chains resolve to the file."""
-    if not info.linkname:
-        raise FormatError(f"entry {name!r}: hardlink without linkName")
-    target = done.get(normalize_name(text(info.linkname)))
-    if target is None:
-        raise FormatError(
-            f"entry {name!r}: hardlink to {info.linkname!r}, which is missing or later in the layer"
-        )
-    if target.type is EntryType.HARDLINK:
-        return target.link_name
-    if target.type is not EntryType.REG:
-        raise FormatError(
-            f"entry {name!r}: hardlink to {info.linkname!r}, which is a {target.type.value}, not a file"
-        )
-    return target.name
-
-
 def entry_from_tar(info: tarfile.TarInfo, name: str, done: Mapping[str, Entry]) -> Entry:
     """The index entry of tar member ``info`` named ``name`` (normalized); ``done`` holds the
     entries before it, for hardlinks. The caller checks what its format adds (payload sizes)."""
@@ -107,5 +89,5 @@ def entry_from_tar(info: tarfile.TarInfo, name: str, done: Mapping[str, Entry]) 
         if not entry.link_name:
             raise FormatError(f"entry {name!r}: symlink without linkName")
     elif typ is EntryType.HARDLINK:
-        entry.link_name = hardlink_target(info, name, done)
+        entry.link_name = hardlink_target(name, text(info.linkname), done, "the layer")
     return entry

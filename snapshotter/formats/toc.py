@@ -175,6 +175,24 @@ class _OpenFile:
     chunks: list[_RawChunk] = field(default_factory=list)
 
 
+def hardlink_target(name: str, link_name: str, earlier: Mapping[str, Entry], source: str) -> str:
+    """The regular file that hardlink ``name`` (to ``link_name``) names. ``earlier``: the entries
+    before it, their hardlinks already resolved to a file, so one hop suffices; ``source`` names
+    where they come from in messages ("the TOC", "the layer")."""
+    if not link_name:
+        raise FormatError(f"entry {name!r}: hardlink without linkName")
+    target = earlier.get(normalize_name(link_name))
+    if target is None:
+        raise FormatError(f"entry {name!r}: hardlink to {link_name!r}, which is missing or later in {source}")
+    if target.type is EntryType.HARDLINK:
+        return target.link_name
+    if target.type is not EntryType.REG:
+        raise FormatError(
+            f"entry {name!r}: hardlink to {link_name!r}, which is a {target.type.value}, not a file"
+        )
+    return target.name
+
+
 class _TocBuilder:
     """Walks the TOC entries once, validating as it goes."""
 
@@ -256,22 +274,7 @@ class _TocBuilder:
         return ns
 
     def _hardlink_target(self, raw: Mapping[str, object], name: str) -> str:
-        target_raw = _str_field(raw, "linkName", name)
-        if not target_raw:
-            raise FormatError(f"entry {name!r}: hardlink without linkName")
-        target = self.entries.get(normalize_name(target_raw))
-        if target is None:
-            raise FormatError(
-                f"entry {name!r}: hardlink to {target_raw!r}, which is missing or later in the TOC"
-            )
-        # Earlier hardlinks were already resolved to their regular file, so one hop suffices.
-        if target.type is EntryType.HARDLINK:
-            return target.link_name
-        if target.type is not EntryType.REG:
-            raise FormatError(
-                f"entry {name!r}: hardlink to {target_raw!r}, which is a {target.type.value}, not a file"
-            )
-        return target.name
+        return hardlink_target(name, _str_field(raw, "linkName", name), self.entries, "the TOC")
 
     # -- chunks ----------------------------------------------------------------------------
 
