@@ -46,7 +46,7 @@ from snapshotter.formats.gzindex import (
 )
 from snapshotter.formats.index import TYPE_CODES, Entry, EntryType, FormatError
 from snapshotter.formats.tarentry import TAR_TYPES, entry_from_tar, text
-from snapshotter.formats.toc import normalize_name, parent_name
+from snapshotter.formats.toc import missing_ancestors, normalize_name, parent_name
 
 WINDOW_ZSTD_LEVEL = 12  # 32 KiB windows, mostly zeros: 19 is 10x slower for 1% less
 BODY_ZSTD_LEVEL = 19
@@ -266,13 +266,7 @@ def _ordered(members: dict[str, _Member]) -> list[_Member]:
     out: dict[str, _Member] = {}
 
     def place(name: str) -> None:
-        chain: list[str] = []
-        while name not in out:
-            chain.append(name)
-            if not name:
-                break
-            name = parent_name(name)
-        for n in reversed(chain):
+        for n in missing_ancestors(name, out):
             member = members.get(n)
             if member is None:
                 member = _Member(n, Entry(name=n, type=EntryType.DIR, mode=0o755), 0)

@@ -40,7 +40,7 @@ from snapshotter.formats.nydus import (
     pack_footer,
 )
 from snapshotter.formats.tarentry import entry_from_tar, text
-from snapshotter.formats.toc import normalize_name, parent_name
+from snapshotter.formats.toc import missing_ancestors, normalize_name, parent_name
 
 DEFAULT_ZSTD_LEVEL = 3
 _EMPTY = memoryview(b"")
@@ -83,13 +83,7 @@ def _read_layer(tar: bytes) -> _Layer:
 def _place(layer: _Layer, name: str, members: Mapping[str, _Member]) -> None:
     """Add ``name`` after any of its ancestors not yet added (from the tar, else implied dirs
     like the TOC parser synthesizes), so that every parent precedes its children."""
-    chain: list[str] = []
-    while name not in layer.entries:
-        chain.append(name)
-        if not name:
-            break
-        name = parent_name(name)
-    for n in reversed(chain):
+    for n in missing_ancestors(name, layer.entries):
         m = members.get(n)
         if m is None:
             layer.entries[n] = Entry(name=n, type=EntryType.DIR, mode=0o755)

@@ -15,7 +15,7 @@ import binascii
 import itertools
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -75,6 +75,18 @@ def normalize_name(raw: object) -> str:
 def parent_name(name: str) -> str:
     """Parent of a normalized name ("" for top-level entries)."""
     return name.rpartition("/")[0]
+
+
+def missing_ancestors(name: str, present: Container[str]) -> list[str]:
+    """``name`` and those of its ancestors (up to the root, "") not in ``present``, root-most
+    first: what a writer adds, in order, so that every parent precedes its children."""
+    chain: list[str] = []
+    while name not in present:
+        chain.append(name)
+        if not name:
+            break
+        name = parent_name(name)
+    return chain[::-1]
 
 
 def check_digest(value: object, what: str) -> str:

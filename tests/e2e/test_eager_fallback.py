@@ -43,7 +43,7 @@ from tests.support.treecompare import differences, listed_dirs, tree
 
 OCI_TAR = "application/vnd.oci.image.layer.v1.tar"
 MTIME = 1577836800
-BIG = oci._pseudo_random(3 << 20, b"eager-big")  # several fetch pieces, incompressible
+BIG = oci.pseudo_random(3 << 20, b"eager-big")  # several fetch pieces, incompressible
 LONG_PAX = "data/" + "p" * 120 + "/leaf.txt"
 LONG_GNU = "data/" + "g" * 120 + ".txt"
 EAGER = {"fallback": {"mode": "eager", "unclaimed_seconds": 2.0}, "fetch": {"max_retries": 1}}

@@ -108,7 +108,7 @@ def indexed(registry: Registry) -> Iterator[IndexedImage]:
         extra = (
             oci.Dir("/data"),
             oci.File("/data/text.txt", text),
-            oci.File("/data/random.bin", oci._pseudo_random(512 << 10, b"gzindex")),
+            oci.File("/data/random.bin", oci.pseudo_random(512 << 10, b"gzindex")),
         )
         layers = (*spec.layers, extra)
         image = oci.build_layout(workdir / "layout", layers, tag=TAG, cmd=list(spec.cmd))

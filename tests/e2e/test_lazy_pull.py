@@ -72,7 +72,7 @@ def lazy_images(registry: Registry) -> Iterator[LazyImages]:
     require_privileges(binaries=("containerd", "ctr", "ctr-remote", "docker-registry", "skopeo"))
     with tmpdir() as workdir, Containerd(workdir / "cd") as cd:
         spec = oci.test_image_layers()
-        large = oci._pseudo_random(LARGE_SIZE, b"lazysnap-large")  # incompressible
+        large = oci.pseudo_random(LARGE_SIZE, b"lazysnap-large")  # incompressible
         layers = (*spec.layers, (oci.Dir("/data"), oci.File("/data/large.bin", large)))
         image = oci.build_layout(workdir / "layout", layers, tag="gzip", cmd=list(spec.cmd))
         host = registry.host

@@ -104,9 +104,9 @@ def image(registry: Registry) -> Iterator[RestartImage]:
         oci.Dir("/tmp", mode=0o1777),
         oci.Dir("/out"),
     ]
-    large = oci._pseudo_random(LARGE_SIZE, b"lazysnap-manager-restart")
+    large = oci.pseudo_random(LARGE_SIZE, b"lazysnap-manager-restart")
     small = {
-        f"/data/small/f{i:03d}": oci._pseudo_random(1024 + (i * 7919) % (15 << 10), f"s{i}".encode())
+        f"/data/small/f{i:03d}": oci.pseudo_random(1024 + (i * 7919) % (15 << 10), f"s{i}".encode())
         for i in range(SMALL_FILES)
     }
     data: list[oci.Entry] = [oci.Dir("/data"), oci.Dir("/data/small"), oci.File("/data/large.bin", large)]

@@ -21,7 +21,7 @@ from tests.support.scratch import tmpdir
 from tests.support.services import Containerd, Registry, require_privileges, run_in_container
 
 SHARED_SIZE = 8 << 20  # eight 1 MiB chunks
-SHARED = oci._pseudo_random(SHARED_SIZE, b"lazysnap-shared")
+SHARED = oci.pseudo_random(SHARED_SIZE, b"lazysnap-shared")
 STARTUP = ("/data/{name}.txt", "/data/shared.bin")  # what each image's command reads, in order
 
 

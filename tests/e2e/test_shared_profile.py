@@ -28,9 +28,9 @@ from tests.support.services import Registry, require_privileges, run_in_containe
 
 READ = {
     "/data/config.txt": b"threads = 4\n",
-    "/data/model.bin": oci._pseudo_random(3 << 20, b"lazysnap-profile-model"),
+    "/data/model.bin": oci.pseudo_random(3 << 20, b"lazysnap-profile-model"),
 }
-UNREAD = oci._pseudo_random(4 << 20, b"lazysnap-profile-unread")  # never read: never prefetched
+UNREAD = oci.pseudo_random(4 << 20, b"lazysnap-profile-unread")  # never read: never prefetched
 SCRIPT = "cat /data/config.txt && sha256sum /data/model.bin"
 
 

@@ -792,10 +792,10 @@ def _build(registry_host: str) -> FaultImage:
         for i in range(SMALL_FILES):
             path = f"/l{n}/s{i:03d}"
             size = 4096 + (i * 7919 + n * 104729) % (36 << 10)
-            contents[path] = oci._pseudo_random(size, path.encode())
+            contents[path] = oci.pseudo_random(size, path.encode())
             files.append(path)
         big = f"/l{n}/big.bin"
-        contents[big] = oci._pseudo_random(big_sizes[n], big.encode())
+        contents[big] = oci.pseudo_random(big_sizes[n], big.encode())
         files.append(big)
         layer += [oci.File(p, contents[p]) for p in files]
         layers.append(layer)

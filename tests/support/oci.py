@@ -465,7 +465,7 @@ def busybox_entries(
     return [Dir("/bin"), File("/bin/busybox", Path(busybox).read_bytes(), mode=0o755), *links]
 
 
-def _pseudo_random(n: int, seed: bytes) -> bytes:
+def pseudo_random(n: int, seed: bytes) -> bytes:
     """Deterministic incompressible bytes."""
     out = bytearray()
     counter = 0
@@ -509,7 +509,7 @@ def test_image_layers(busybox: str | os.PathLike[str] = "/bin/busybox") -> TestI
         Dir("/data"),
         File("/data/hello.txt", b"hello from layer 2\n"),
         File("/data/gone.txt", b"this file is deleted by layer 3\n"),
-        File("/data/big.bin", _pseudo_random(BIG_FILE_SIZE, b"lazysnap-big")),
+        File("/data/big.bin", pseudo_random(BIG_FILE_SIZE, b"lazysnap-big")),
         Dir("/data/olddir"),
         File("/data/olddir/a.txt", b"old a\n"),
         File("/data/olddir/b.txt", b"old b\n"),

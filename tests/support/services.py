@@ -832,7 +832,7 @@ def build_estargz_image(
     ``target_host/repo_tag`` (with ``--user push_user`` for a registry that wants credentials).
     """
     spec = oci.test_image_layers()
-    large = oci._pseudo_random(large_size, repo_tag.encode())
+    large = oci.pseudo_random(large_size, repo_tag.encode())
     layers = (*spec.layers, (oci.Dir("/data"), oci.File("/data/large.bin", large)))
     repo = repo_tag.partition(":")[0]
     image = oci.build_layout(workdir / "layout", layers, tag="gzip", cmd=list(spec.cmd))

@@ -32,6 +32,7 @@ from snapshotter.formats.gzindex import HEADER, HEADER_SIZE, IndexLocation, pars
 from snapshotter.formats.index import Compression, EntryType, LayerIndex
 from snapshotter.layertree import LayerTree
 from tests.support.gzindex import decode, encode, parsed, rewrite, span_of
+from tests.support.oci import pseudo_random
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SPAN = 64 << 10
@@ -40,15 +41,6 @@ SPAN = 64 << 10
 def _text(n: int, seed: int) -> bytes:
     lines = (f"{seed}:{i:06d} {'lorem ipsum dolor ' * (i % 7)}{i * 7919 % 104729}\n" for i in range(n))
     return "".join(lines).encode()
-
-
-def _random(n: int, seed: bytes) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < n:
-        out += hashlib.sha256(seed + counter.to_bytes(8, "little")).digest()
-        counter += 1
-    return bytes(out[:n])
 
 
 def layer_tar() -> bytes:
@@ -67,7 +59,7 @@ def layer_tar() -> bytes:
 
         add("etc", type=tarfile.DIRTYPE, mode=0o755)
         add("etc/text.txt", _text(9000, 1), mode=0o644, mtime=1700000000)
-        add("etc/random.bin", _random(300 << 10, b"r"), mode=0o600, uid=1000, gid=1000)
+        add("etc/random.bin", pseudo_random(300 << 10, b"r"), mode=0o600, uid=1000, gid=1000)
         add("etc/zeros.bin", bytes(200 << 10))
         add("etc/empty", b"")
         add("etc/link", type=tarfile.LNKTYPE, linkname="etc/text.txt")
